@@ -1,0 +1,720 @@
+"""arena: one shared-memory segment with its locks, CPU slots, zones and kegs.
+
+``Arena.create`` formats a segment; ``Arena.attach`` maps it from another
+process.  Every attachment is a *CPU*: it takes a CPU slot (pid and process
+start time) and keeps private bucket caches for the zones it uses.
+
+The allocator core runs on any writable buffer plus lock objects: ``_Core``
+holds the views, and a backend supplies the buffer and the locks, either POSIX
+(``ipc``: shared memory and named semaphores) or in-process (a ``bytearray`` and
+``threading`` locks, for fast single-process tests: ``Arena.create_local``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import weakref
+from array import array
+from threading import get_ident
+
+import psutil
+
+from . import layout as L
+from .errors import (ArenaClosedError, LayoutError, ShmallocError, TooManyCpusError,
+                     ZoneError)
+from .ipc import naming
+from .ipc.lock import LocalLock, SemLock
+from .ipc.segment import Segment
+from .ipc.semaphore import LocalWakeSemaphore, WakeSemaphore
+from .keg import Keg
+from .vm import Vm
+from .zone import BUCKET_MAX, Zone, bucket_select
+
+_H, _Z, _C, _K = L.HDR, L.ZONE, L.CPU, L.KEG
+DEFAULT_SIZE = 64 << 20
+DEPOT_CAP = 1024
+
+
+def _start_time(pid: int) -> int:
+    """Process start time in microseconds (pid + start time names a process)."""
+    try:
+        return int(psutil.Process(pid).create_time() * 1e6)
+    except psutil.Error:
+        return 0
+
+
+# ============================================================================ backends
+class _PosixBackend:
+    """Shared memory and named semaphores: the production backend."""
+
+    local = False
+
+    def __init__(self, name: str, segment: Segment):
+        self.name = name
+        self.segment = segment
+        self.buf = segment.buf
+
+    def lock_name(self, idx: int) -> str:
+        return naming.object_name(self.name, f"l{idx}")
+
+    def create_lock(self, idx: int, words):
+        SemLock.unlink(self.lock_name(idx))
+        return SemLock.create(self.lock_name(idx), words)
+
+    def open_lock(self, idx: int, words):
+        return SemLock.open(self.lock_name(idx), words)
+
+    def wake_name(self, cpu: int) -> str:
+        return naming.object_name(self.name, f"w{cpu}")
+
+    def create_wake(self, cpu: int):
+        WakeSemaphore.unlink(self.wake_name(cpu))
+        return WakeSemaphore.create(self.wake_name(cpu))
+
+    def open_wake(self, cpu: int):
+        return WakeSemaphore.open(self.wake_name(cpu))
+
+    def unlink_wake(self, cpu: int):
+        WakeSemaphore.unlink(self.wake_name(cpu))
+
+    def unlink_all(self):
+        for kind, obj in naming.list_objects(self.name):
+            naming.remove_object(kind, obj)
+        Segment.unlink(naming.object_name(self.name, "arena"))
+
+    def close(self):
+        self.segment.close()
+
+
+class _LocalBackend:
+    """A bytearray and threading locks: the pure core, in one process."""
+
+    local = True
+    _counter = itertools.count()
+
+    def __init__(self, size: int):
+        self.name = f"local{next(self._counter)}"
+        self.segment = Segment.anonymous(size)
+        self.buf = self.segment.buf
+        self.locks: dict[int, LocalLock] = {}
+        self.wakes: dict[int, LocalWakeSemaphore] = {}
+
+    def create_lock(self, idx, words):
+        self.locks[idx] = LocalLock.create(f"l{idx}", words)
+        return self.locks[idx]
+
+    def open_lock(self, idx, words):
+        return self.locks[idx]
+
+    def create_wake(self, cpu):
+        self.wakes[cpu] = LocalWakeSemaphore.create(f"w{cpu}")
+        return self.wakes[cpu]
+
+    def open_wake(self, cpu):
+        return self.wakes[cpu]
+
+    def unlink_wake(self, cpu):
+        self.wakes.pop(cpu, None)
+
+    def unlink_all(self):
+        self.locks.clear()
+        self.wakes.clear()
+
+    def close(self):
+        pass
+
+
+# ============================================================================ core
+class _Core:
+    """Views over one mapping of an arena, shared by the CPUs of one process."""
+
+    def __init__(self, backend, size: int):
+        self.backend = backend
+        self.buf = backend.buf
+        self.mv = memoryview(self.buf)
+        self.w = self.mv.cast("q")
+        self.tags = self.mv.cast("I")
+        self.geometry = L.Geometry(size)
+        g = self.geometry
+        self.pt = self.w[g.pagetab_off // 8:g.pagetab_off // 8 + g.npages]
+        self.vm = Vm(self)
+        self._locks: dict[int, object] = {}
+        self._kegs: dict[int, Keg] = {}
+        self._zeros: dict[int, array] = {}
+
+    def zero_words(self, n: int) -> array:
+        z = self._zeros.get(n)
+        if z is None:
+            z = self._zeros[n] = array("q", [0]) * n
+        return z
+
+    def lock_words(self, idx: int) -> memoryview:
+        lw = L.lock_word(idx)
+        return self.w[lw:lw + L.LOCK_WORDS]
+
+    def lock(self, idx: int):
+        lk = self._locks.get(idx)
+        if lk is None:
+            lk = self._locks[idx] = self.backend.open_lock(idx, self.lock_words(idx))
+        return lk
+
+    def create_lock(self, idx: int):
+        self.w[L.lock_word(idx):L.lock_word(idx) + L.LOCK_WORDS] = self.zero_words(L.LOCK_WORDS)
+        self._locks[idx] = self.backend.create_lock(idx, self.lock_words(idx))
+        return self._locks[idx]
+
+    def keg(self, keg_id: int) -> Keg:
+        k = self._kegs.get(keg_id)
+        if k is None:
+            k = self._kegs[keg_id] = Keg(self, keg_id)
+        return k
+
+    # ---------------------------------------------------------------- table walks
+    def live_zone_ids(self):
+        w = self.w
+        return [z for z in range(self.w[_H["NZONES"]])
+                if w[L.zone_word(z) + _Z["FLAGS"]] & L.ZF_LIVE]
+
+    def zone_name(self, zone_id: int) -> str:
+        return L.read_str(self.mv, L.zone_name_off(zone_id), L.NAME_BYTES)
+
+    def zone_id(self, name: str) -> int:
+        for z in self.live_zone_ids():
+            if self.zone_name(z) == name:
+                return z
+        return -1
+
+    def zones_of_keg(self, keg_id: int):
+        return [z for z in self.live_zone_ids() if self.w[L.zone_word(z) + _Z["KEG"]] == keg_id]
+
+    def zone_names_of_keg(self, keg_id: int) -> str:
+        names = [self.zone_name(z) for z in self.zones_of_keg(keg_id)]
+        return "/".join(repr(n) for n in names) or f"<keg {keg_id}>"
+
+    def zone_name_by_keg_zidx(self, keg_id: int, zidx: int) -> str:
+        for z in self.zones_of_keg(keg_id):
+            if self.w[L.zone_word(z) + _Z["ZIDX"]] == zidx:
+                return self.zone_name(z)
+        return f"<keg {keg_id} zone {zidx}>"
+
+    def live_cpus(self):
+        w = self.w
+        return [c for c in range(L.MAX_CPUS) if w[L.cpu_word(c) + _C["STATE"]] == L.CPU_LIVE]
+
+    def close(self):
+        for lk in self._locks.values():
+            lk.close()
+        self._locks.clear()
+        for v in (self.pt, self.tags, self.w, self.mv):
+            v.release()
+        self.backend.close()
+
+
+# ============================================================================ arena
+_live_arenas: "weakref.WeakSet[Arena]" = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for a in list(_live_arenas):
+        a._on_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Arena:
+    """An attachment to an arena: this process's CPU on it.
+
+    ``Arena.create(name, size)`` makes a new arena (and is its first CPU);
+    ``Arena.attach(name)`` joins one from another process.  ``close()`` gives the
+    CPU slot back (its cached items go to the depot); ``destroy()`` also removes
+    every OS object of the arena.  ``with Arena.create(...)`` destroys on exit,
+    ``with Arena.attach(...)`` closes.
+    """
+
+    def __init__(self, core: _Core, name: str, creator: bool, parent: "Arena | None" = None):
+        self._core = core
+        self.name = name
+        self._creator = creator
+        self._closed = False
+        self._owner_tid = get_ident()
+        self._pid = os.getpid()
+        self._zones: dict[int, Zone] = {}
+        self._thread_arenas: dict[tuple[int, int], Arena] = {}
+        self._parent = parent
+        self._wake = None
+        self.cpu_id = self._take_cpu()
+        _live_arenas.add(self)
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def create(cls, name: str, size: int = DEFAULT_SIZE, *, debug: int | None = None) -> "Arena":
+        """Create arena ``name`` of ``size`` bytes (rounded up to pages)."""
+        name = naming.validate_name(name)
+        size = cls._check_size(size)
+        seg_name = naming.object_name(name, "arena")
+        seg = Segment.create(seg_name, size)
+        try:
+            backend = _PosixBackend(name, seg)
+            core = _Core(backend, size)
+            cls._format(core, debug)
+            return cls(core, name, creator=True)
+        except BaseException:
+            _cleanup_failed_create(name, seg)
+            raise
+
+    @classmethod
+    def create_local(cls, size: int = 8 << 20, *, debug: int | None = None) -> "Arena":
+        """An arena on a bytearray with in-process locks (tests, one process)."""
+        size = cls._check_size(size)
+        backend = _LocalBackend(size)
+        core = _Core(backend, size)
+        cls._format(core, debug)
+        return cls(core, backend.name, creator=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "Arena":
+        """Join an existing arena as a new CPU."""
+        name = naming.validate_name(name)
+        seg = Segment.attach(naming.object_name(name, "arena"))
+        try:
+            size = cls._validate_segment(seg)
+            core = _Core(_PosixBackend(name, seg), size)
+            return cls(core, name, creator=False)
+        except BaseException:
+            seg.close()
+            raise
+
+    def attach_local(self) -> "Arena":
+        """Another CPU on the same in-process arena (local backend only)."""
+        if not self._core.backend.local:
+            raise ShmallocError("attach_local is for arenas made by create_local; "
+                                "use Arena.attach(name) in another process")
+        return Arena(self._core, self.name, creator=False, parent=self)
+
+    @staticmethod
+    def _check_size(size) -> int:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"arena size must be an int, not {type(size).__name__}")
+        if size <= 0:
+            raise ValueError(f"arena size must be positive, not {size}")
+        size = L.round_up(size, L.PAGE_SIZE)
+        if size < L.min_arena_size():
+            raise ValueError(f"arena size {size} is below the minimum {L.min_arena_size()}")
+        if size >= 1 << L.KEG_ID_SHIFT:
+            raise ValueError(f"arena size {size} exceeds {1 << L.KEG_ID_SHIFT}")
+        return size
+
+    @staticmethod
+    def _validate_segment(seg) -> int:
+        size = seg.size
+        if size < L.HDR_WORDS * 8:
+            raise LayoutError(f"segment {seg.name} is {size} bytes: too small to be an arena")
+        w = memoryview(seg.buf).cast("q")
+        try:
+            magic, version = w[_H["MAGIC"]], w[_H["VERSION"]]
+            hsize, psize = w[_H["SIZE"]], w[_H["PAGE_SIZE"]]
+        finally:
+            w.release()
+        if magic != L.MAGIC:
+            raise LayoutError(f"segment {seg.name} is not a shmalloc arena (magic {magic:#x})")
+        if version != L.LAYOUT_VERSION:
+            raise LayoutError(f"segment {seg.name} has layout version {version}; this shmalloc "
+                              f"reads version {L.LAYOUT_VERSION}")
+        if hsize != size or psize != L.PAGE_SIZE:
+            raise LayoutError(f"segment {seg.name} is {size} bytes but its header says {hsize} "
+                              f"(page size {psize}): truncated or corrupt")
+        return size
+
+    @staticmethod
+    def _format(core: _Core, debug) -> None:
+        g, w = core.geometry, core.w
+        w[0:L.HDR_WORDS] = core.zero_words(L.HDR_WORDS)
+        w[_H["VERSION"]] = L.LAYOUT_VERSION
+        w[_H["SIZE"]] = g.size
+        w[_H["PAGE_SIZE"]] = L.PAGE_SIZE
+        w[_H["NPAGES"]] = g.npages
+        w[_H["DATA_OFF"]] = g.data_off
+        w[_H["LOCKS_OFF"]] = L.LOCKS_OFF
+        w[_H["CPUS_OFF"]] = L.CPUS_OFF
+        w[_H["ZONES_OFF"]] = L.ZONES_OFF
+        w[_H["KEGS_OFF"]] = L.KEGS_OFF
+        w[_H["PAGETAB_OFF"]] = g.pagetab_off
+        w[_H["FREEMAP_OFF"]] = g.freemap_off
+        w[_H["MAX_CPUS"]] = L.MAX_CPUS
+        w[_H["MAX_ZONES"]] = L.MAX_ZONES
+        w[_H["MAX_KEGS"]] = L.MAX_KEGS
+        w[_H["MAX_LOCKS"]] = L.MAX_LOCKS
+        w[_H["CREATED_NS"]] = time.time_ns()
+        w[_H["CREATOR_PID"]] = os.getpid()
+        w[_H["DEBUG"]] = _debug_level(debug)
+        end = g.data_off // 8
+        start = L.LOCKS_OFF // 8
+        w[start:end] = core.zero_words(end - start)
+        core.vm.format()
+        core.create_lock(L.VM_LOCK)
+        w[_H["MAGIC"]] = L.MAGIC                  # last: the arena is formatted
+
+    # ------------------------------------------------------------ CPU slots
+    def _take_cpu(self) -> int:
+        core, w = self._core, self._core.w
+        pid = os.getpid()
+        with core.lock(L.VM_LOCK):
+            for cpu in range(L.MAX_CPUS):
+                cw = L.cpu_word(cpu)
+                if w[cw + _C["STATE"]] == L.CPU_FREE:
+                    break
+            else:
+                raise TooManyCpusError(f"arena {self.name!r}: all {L.MAX_CPUS} CPU slots are taken")
+            gen = w[cw + _C["GEN"]] + 1
+            w[cw:cw + L.CPU_WORDS] = core.zero_words(L.CPU_WORDS)
+            w[cw + _C["GEN"]] = gen
+            w[cw + _C["PID"]] = pid
+            w[cw + _C["START"]] = _start_time(pid)
+            w[cw + _C["ATTACHED_NS"]] = time.time_ns()
+            w[cw + _C["STATE"]] = L.CPU_LIVE
+            w[_H["CPU_GEN"]] += 1
+        self._wake = core.backend.create_wake(cpu)
+        return cpu
+
+    def _release_cpu(self):
+        core, w = self._core, self._core.w
+        cpu = self.cpu_id
+        cw = L.cpu_word(cpu)
+        with core.lock(L.VM_LOCK):
+            # fold this CPU's counters into the zones so totals survive it
+            for z in core.live_zone_ids():
+                sw = L.cpu_stat_word(cpu, z)
+                zw = L.zone_word(z)
+                w[zw + _Z["ALLOCS"]] += w[sw + L.CS["ALLOCS"]]
+                w[zw + _Z["FREES"]] += w[sw + L.CS["FREES"]]
+                w[zw + _Z["FAILS"]] += w[sw + L.CS["FAILS"]]
+                w[zw + _Z["DEPOT_GETS"]] += w[sw + L.CS["DEPOT_GETS"]]
+                w[zw + _Z["DEPOT_PUTS"]] += w[sw + L.CS["DEPOT_PUTS"]]
+                w[zw + _Z["XFREES"]] += w[sw + L.CS["XFREES"]]
+            w[cw + _C["STATE"]] = L.CPU_FREE
+            w[cw + _C["PID"]] = 0
+        if self._wake is not None:
+            self._wake.close()
+            core.backend.unlink_wake(cpu)
+            self._wake = None
+
+    def _wake_sem(self):
+        return self._wake
+
+    def _post_wake(self, cpu: int) -> None:
+        """Wake CPU ``cpu`` (a sleeper).  A slot that vanished meanwhile is fine."""
+        if cpu == self.cpu_id:
+            self._wake.post()
+            return
+        try:
+            sem = self._core.backend.open_wake(cpu)
+        except (ShmallocError, KeyError):
+            return
+        try:
+            sem.post()
+        finally:
+            if not self._core.backend.local:
+                sem.close()
+
+    def _wake_sleepers(self, zone_id: int) -> None:
+        """Post every sleeper of a zone (after its limit was raised)."""
+        w = self._core.w
+        zw = L.zone_word(zone_id)
+        q = zw + L.ZONE_SLEEPQ_WORD
+        for pos in range(w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]):
+            cpu = w[q + pos % L.MAX_CPUS]
+            if cpu >= 0:
+                self._post_wake(cpu)
+
+    # ------------------------------------------------------------ threads and fork
+    def _forked(self) -> bool:
+        return self._pid != os.getpid()
+
+    def _on_fork(self):
+        """In a forked child: the parent's caches are the parent's.  Route every
+        call to a fresh CPU of this process (made on first use)."""
+        for z in self._zones.values():
+            z._cache.disable()
+        self._thread_arenas = {}
+
+    def _other_thread_zone(self, zone_id: int) -> Zone:
+        """The zone as seen by the calling thread's own CPU (each thread, and a
+        forked child, gets its own CPU slot on first use)."""
+        if self._closed:
+            raise ArenaClosedError(f"arena {self.name!r} is closed in this process")
+        if self._parent is not None and self._core.backend.local and not self._forked():
+            pass
+        key = (os.getpid(), get_ident())
+        a = self._thread_arenas.get(key)
+        if a is None:
+            if self._core.backend.local:
+                if self._forked():
+                    raise ShmallocError("a local arena cannot be used across fork")
+                a = Arena(self._core, self.name, creator=False, parent=self)
+            else:
+                a = Arena.attach(self.name)
+            a._owner_tid = get_ident()
+            self._thread_arenas[key] = a
+        return a._zone_by_id(zone_id)
+
+    # ------------------------------------------------------------ zones
+    def zcreate(self, name: str, size: int, *, refcnt: bool = False, max_items: int = 0,
+                align: int = 8, bucket_size: int | str | None = None, ctor=None, dtor=None,
+                init=None, fini=None, nofree: bool = False, xfree: str = "local") -> Zone:
+        """Create a zone and its keg.  ``bucket_size``: None/"adaptive" (UMA's
+        choice, grows on contention), 0 (no caching), or a fixed size."""
+        self._check_open()
+        size = _check_int("zone size", size, 1)
+        max_items = _check_int("max_items", max_items, 0)
+        align = _check_int("align", align, 1)
+        if align & (align - 1) or align > L.PAGE_SIZE:
+            raise ZoneError(f"zone {name!r}: align {align} is not a power of two <= page size")
+        align = max(align, 8)
+        from .hooks import name_of
+        hooks = [name_of(h) for h in (ctor, dtor, init, fini)]
+        core, w = self._core, self._core.w
+        with core.lock(L.VM_LOCK):
+            self._check_new_zone_name(name)
+            keg_id = w[_H["NKEGS"]] + 1
+            if keg_id > L.MAX_KEGS:
+                raise ZoneError(f"arena {self.name!r}: all {L.MAX_KEGS} kegs are in use")
+            Keg.format(core, keg_id, size, align, refcnt, nofree)
+            keg = core.keg(keg_id)
+            if keg.slab_bytes > core.geometry.data_pages * L.PAGE_SIZE:
+                w[L.keg_word(keg_id) + _K["FLAGS"]] = 0
+                core._kegs.pop(keg_id, None)
+                raise ZoneError(f"zone {name!r}: one slab of {size}-byte items needs "
+                                f"{keg.slab_bytes} bytes; the arena has "
+                                f"{core.geometry.data_pages * L.PAGE_SIZE}")
+            w[_H["NKEGS"]] = keg_id
+            core.create_lock(L.keg_lock_index(keg_id))
+            zone_id = self._new_zone_record(name, keg_id, 0, size, max_items, bucket_size,
+                                            hooks, refcnt, xfree, secondary=False)
+        return self._zone_by_id(zone_id)
+
+    def zsecond_create(self, name: str, master, *, ctor=None, dtor=None, init=None, fini=None,
+                       max_items: int = 0, bucket_size=None, xfree: str = "local") -> Zone:
+        """A secondary zone on ``master``'s keg, with its own hooks and caches
+        (UMA's ``uma_zsecond_create``; the mbuf packet zone)."""
+        self._check_open()
+        master = self.zone(master) if isinstance(master, str) else master
+        from .hooks import name_of
+        hooks = [name_of(h) for h in (ctor, dtor, init, fini)]
+        core, w = self._core, self._core.w
+        with core.lock(L.VM_LOCK):
+            self._check_new_zone_name(name)
+            kid = master.keg.id
+            zidx = len(core.zones_of_keg(kid))
+            if zidx >= L.MAX_ZONES_PER_KEG:
+                raise ZoneError(f"keg of {master.name!r} already carries {zidx} zones")
+            zone_id = self._new_zone_record(name, kid, zidx, master.size,
+                                            _check_int("max_items", max_items, 0), bucket_size,
+                                            hooks, master.keg.refcnt, xfree, secondary=True)
+        return self._zone_by_id(zone_id)
+
+    def _check_new_zone_name(self, name):
+        if not isinstance(name, str):
+            raise TypeError(f"a zone name is a str, not {type(name).__name__}")
+        if not name or len(name.encode()) >= L.NAME_BYTES or "\0" in name:
+            raise ZoneError(f"zone name {name!r} must be 1..{L.NAME_BYTES - 1} bytes, no NUL")
+        if self._core.zone_id(name) >= 0:
+            raise ZoneError(f"arena {self.name!r} already has a zone {name!r}")
+
+    def _new_zone_record(self, name, keg_id, zidx, size, max_items, bucket_size, hooks,
+                         refcnt, xfree, secondary) -> int:
+        """Lock: vm."""
+        core, w = self._core, self._core.w
+        zone_id = w[_H["NZONES"]]
+        if zone_id >= L.MAX_ZONES:
+            raise ZoneError(f"arena {self.name!r}: all {L.MAX_ZONES} zones are in use")
+        if xfree not in ("local", "message"):
+            raise ZoneError(f"zone {name!r}: xfree must be 'local' or 'message', not {xfree!r}")
+        if bucket_size is None or bucket_size == "adaptive":
+            bmin = bsize = bucket_select(size)
+            bmax = BUCKET_MAX
+        else:
+            bsize = _check_int("bucket_size", bucket_size, 0)
+            if bsize > BUCKET_MAX:
+                raise ZoneError(f"zone {name!r}: bucket_size {bsize} > {BUCKET_MAX}")
+            bmin = bmax = bsize
+        depot_pages = -(-DEPOT_CAP * L.DEPOT_ENTRY_BYTES // L.PAGE_SIZE)
+        depot = core.vm.alloc_run(depot_pages, L.VM_INTERNAL_KEG)
+        if depot < 0:
+            raise ZoneError(f"arena {self.name!r} has no room for the depot of zone {name!r}")
+        zw = L.zone_word(zone_id)
+        w[zw:zw + L.ZONE_WORDS] = core.zero_words(L.ZONE_WORDS)
+        L.write_str(core.mv, L.zone_name_off(zone_id), L.NAME_BYTES, name)
+        for i, h in enumerate(hooks):
+            L.write_str(core.mv, L.zone_hook_off(zone_id, i), L.HOOK_BYTES, h)
+        w[zw + _Z["KEG"]] = keg_id
+        w[zw + _Z["ZIDX"]] = zidx
+        w[zw + _Z["SIZE"]] = size
+        w[zw + _Z["LIMIT"]] = max_items
+        w[zw + _Z["DEPOT_OFF"]] = depot
+        w[zw + _Z["DEPOT_CAP"]] = DEPOT_CAP
+        w[zw + _Z["BUCKET_SIZE"]] = bsize
+        w[zw + _Z["BUCKET_MIN"]] = bmin
+        w[zw + _Z["BUCKET_MAX"]] = bmax
+        w[zw + _Z["XFREE"]] = 1 if xfree == "message" else 0
+        w[zw + _Z["CREATED_NS"]] = time.time_ns()
+        core.create_lock(L.zone_lock_index(zone_id))
+        w[zw + _Z["FLAGS"]] = (L.ZF_LIVE | (L.ZF_SECONDARY if secondary else 0)
+                               | (L.ZF_REFCNT if refcnt else 0))
+        w[L.keg_word(keg_id) + _K["NZONES"]] += 1
+        w[_H["NZONES"]] = zone_id + 1
+        return zone_id
+
+    def zone(self, name: str) -> Zone:
+        """The zone called ``name`` (made by any process)."""
+        self._check_open()
+        zid = self._core.zone_id(name)
+        if zid < 0:
+            raise ZoneError(f"arena {self.name!r} has no zone {name!r}")
+        return self._zone_by_id(zid)
+
+    def _zone_by_id(self, zone_id: int) -> Zone:
+        z = self._zones.get(zone_id)
+        if z is None:
+            z = self._zones[zone_id] = Zone(self, zone_id)
+        return z
+
+    def zones(self) -> list[str]:
+        return [self._core.zone_name(z) for z in self._core.live_zone_ids()]
+
+    # ------------------------------------------------------------ reading
+    @property
+    def size(self) -> int:
+        return self._core.geometry.size
+
+    @property
+    def free_pages(self) -> int:
+        return self._core.w[_H["FREE_PAGES"]]
+
+    def _publish_all(self):
+        for z in self._zones.values():
+            z._cache.publish()
+        for a in self._thread_arenas.values():
+            if not a._closed:
+                a._publish_all()
+
+    def zone_stats(self, name: str):
+        from .stats import zone_stats
+        self._publish_all()
+        return zone_stats(self._core, self._core.zone_id(name) if isinstance(name, str) else name)
+
+    def stats(self):
+        from .stats import arena_stats
+        self._publish_all()
+        return arena_stats(self._core)
+
+    def lock_stats(self):
+        from .stats import lock_stats
+        return lock_stats(self._core)
+
+    def vmstat_z(self) -> str:
+        from .stats import vmstat_z
+        self._publish_all()
+        return vmstat_z(self._core)
+
+    def check(self, level: int = 1) -> None:
+        """Prove conservation and every structural invariant from the tags;
+        raise CorruptionError naming each inconsistency."""
+        from .check import check
+        self._check_open()
+        self._publish_all()
+        check(self, level)
+
+    def reclaim(self) -> int:
+        """Low-memory reclaim for this process: drain this CPU's caches and every
+        zone's depot, give empty slabs back.  Returns slabs released."""
+        self._check_open()
+        released = 0
+        for zid in self._core.live_zone_ids():
+            z = self._zone_by_id(zid)
+            z._cache.drain_cache()
+        for zid in self._core.live_zone_ids():
+            released += self._zone_by_id(zid)._cache.drain_depot()
+        w = self._core.w
+        with self._core.lock(L.VM_LOCK):
+            w[_H["RECLAIMS"]] += 1
+            w[_H["SLABS_RELEASED"]] += released
+        return released
+
+    # ------------------------------------------------------------ lifetime
+    def _check_open(self):
+        if self._closed:
+            raise ArenaClosedError(f"arena {self.name!r} is closed in this process")
+
+    def close(self) -> None:
+        """Give this CPU's cached items back and its slot up; unmap."""
+        if self._closed:
+            return
+        for a in list(self._thread_arenas.values()):
+            if a._pid == os.getpid():
+                a.close()
+        self._thread_arenas.clear()
+        if not self._forked():
+            for z in self._zones.values():
+                z._cache.drain_cache()
+            self._release_cpu()
+        for z in self._zones.values():
+            z._cache.disable()
+        self._closed = True
+        self._zones.clear()
+        _live_arenas.discard(self)
+        if self._parent is None or not self._core.backend.local:
+            if not self._core.backend.local:
+                self._core.close()
+
+    def destroy(self) -> None:
+        """Remove every OS object of the arena (segment, semaphores, queues).
+        Other processes' mappings stay valid until they close."""
+        backend = self._core.backend
+        self.close()
+        backend.unlink_all()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._creator:
+            self.destroy()
+        else:
+            self.close()
+
+    def __repr__(self):
+        state = "closed" if self._closed else f"cpu={self.cpu_id}"
+        return f"<Arena {self.name!r} size={self.size} {state}>"
+
+
+def _cleanup_failed_create(name, seg):
+    try:
+        seg.close()
+    finally:
+        for kind, obj in naming.list_objects(name):
+            naming.remove_object(kind, obj)
+        Segment.unlink(naming.object_name(name, "arena"))
+
+
+def _check_int(what: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{what} must be an int, not {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{what} must be >= {lo}, not {v}")
+    return v
+
+
+def _debug_level(debug) -> int:
+    if debug is None:
+        env = os.environ.get("SHMALLOC_DEBUG", "0") or "0"
+        try:
+            debug = int(env)
+        except ValueError:
+            raise ValueError(f"SHMALLOC_DEBUG must be 0..3, not {env!r}") from None
+    if not 0 <= debug <= 3:
+        raise ValueError(f"debug level must be 0..3, not {debug}")
+    return debug

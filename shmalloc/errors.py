@@ -1,0 +1,58 @@
+"""The exceptions shmalloc raises.
+
+``ShmallocError`` and the OS-facing subclasses are defined in ``ipc`` (the one
+boundary where OS errors are translated); the allocator's own are here.  Each
+message names the zone and the handle it is about.
+"""
+
+from .ipc.errors import (  # noqa: F401  (re-exported)
+    ArenaExistsError,
+    ArenaNotFoundError,
+    ArenaPermissionError,
+    BadNameError,
+    IpcError,
+    IpcLimitError,
+    LockTimeoutError,
+    ShmallocError,
+)
+
+
+class BadHandleError(ShmallocError, ValueError):
+    """A handle that is not an item of this zone: out of range, negative,
+    misaligned, in a free page, or of another zone."""
+
+
+class ForeignHandleError(BadHandleError):
+    """The handle is an item, but of another zone."""
+
+
+class DoubleFreeError(BadHandleError):
+    """The item is already free (in a cache, the depot or its slab)."""
+
+
+class ArenaClosedError(ShmallocError):
+    """The arena (or the Buffer) was closed in this process."""
+
+
+class LayoutError(ShmallocError):
+    """The segment is not an arena of this layout: wrong magic, version or size."""
+
+
+class CorruptionError(ShmallocError):
+    """``check`` found an inconsistency; the message names it."""
+
+
+class UseAfterFreeError(CorruptionError):
+    """Debug mode: a freed item was modified before it was handed out again."""
+
+
+class ZoneError(ShmallocError, ValueError):
+    """A zone cannot be created or configured as asked."""
+
+
+class HookError(ShmallocError):
+    """A named hook cannot be resolved in this process."""
+
+
+class TooManyCpusError(ShmallocError):
+    """Every CPU slot of the arena is taken."""

@@ -1,0 +1,311 @@
+"""keg: slabs of items (search order step 3), and the one module that moves
+slabs between lists.
+
+A keg describes items of one size and layout; one or more zones sit on it (the
+primary zone, then secondary zones such as ``mbuf_packet``).  Its slabs are runs
+of ``ppera`` pages holding ``ipers`` items followed by a header, the item tags
+and, for REFCNT kegs, one 32-bit refcount trailer per item (``layout``).
+
+Slab lists and their transitions (rule numbers are referred to in the code):
+
+    list      invariant                       enters when
+    partial   0 < free < ipers                R1 new slab, first item taken (from free)
+                                              R2 an item comes back to a full slab
+    full      free == 0                       R3 the last free item is taken
+    free      free == ipers                   R4 the last taken item comes back
+    (pages)   -                               R5 drain: free slabs go back to the vm
+
+Allocation takes from the head of the partial list, then the free list, then a
+new slab (UMA's ``keg_fetch_slab``), lowest free index first within a slab.
+
+Lock: every method that touches slabs needs this keg's lock held on entry and on
+return (``Lock: keg``); ``new_slab`` and ``drain`` take the vm lock inside it
+(lock order zone -> keg -> vm).
+"""
+
+from __future__ import annotations
+
+from . import layout as L
+
+_K = L.KEG
+_S = L.SLAB
+_ZERO_TAG = b"\0\0\0\0"
+
+
+class Keg:
+    """This process's view of one keg record."""
+
+    __slots__ = ("core", "id", "kw", "size", "rsize", "ipers", "ppera", "hdroff",
+                 "tagoff", "rcoff", "refcnt", "nofree", "slab_bytes", "offmap", "lock_index",
+                 "kid_bits")
+
+    def __init__(self, core, keg_id: int):
+        self.core = core
+        self.id = keg_id
+        self.kw = L.keg_word(keg_id)
+        w = core.w
+        kw = self.kw
+        self.size = w[kw + _K["SIZE"]]
+        self.rsize = w[kw + _K["RSIZE"]]
+        self.ipers = w[kw + _K["IPERS"]]
+        self.ppera = w[kw + _K["PPERA"]]
+        self.hdroff = w[kw + _K["HDROFF"]]
+        self.tagoff = w[kw + _K["TAGOFF"]]
+        self.rcoff = w[kw + _K["RCOFF"]]
+        flags = w[kw + _K["FLAGS"]]
+        self.refcnt = bool(flags & L.KF_REFCNT)
+        self.nofree = bool(flags & L.KF_NOFREE)
+        self.slab_bytes = self.ppera * L.PAGE_SIZE
+        self.lock_index = L.keg_lock_index(keg_id)
+        self.kid_bits = keg_id << L.KEG_ID_SHIFT
+        # offset of an item in its slab -> index of its tag relative to (slab base >> 2)
+        t0 = self.tagoff >> 2
+        self.offmap = {i * self.rsize: t0 + i for i in range(self.ipers)}
+
+    # ---------------------------------------------------------------- creation
+    @staticmethod
+    def format(core, keg_id: int, size: int, align: int, refcnt: bool, nofree: bool) -> None:
+        """Fill a free keg record.  Lock: vm (the arena's tables)."""
+        rsize = L.round_up(max(size, 1), align)
+        max_pages = max(1, core.geometry.data_pages // 8)
+        ppera, ipers, hdroff = L.keg_layout(rsize, refcnt, max_pages)
+        w = core.w
+        kw = L.keg_word(keg_id)
+        w[kw:kw + L.KEG_WORDS] = core.zero_words(L.KEG_WORDS)
+        tagoff = hdroff + L.SLAB_HDR_BYTES
+        w[kw + _K["SIZE"]] = size
+        w[kw + _K["RSIZE"]] = rsize
+        w[kw + _K["ALIGN"]] = align
+        w[kw + _K["IPERS"]] = ipers
+        w[kw + _K["PPERA"]] = ppera
+        w[kw + _K["HDROFF"]] = hdroff
+        w[kw + _K["TAGOFF"]] = tagoff
+        w[kw + _K["RCOFF"]] = tagoff + 4 * ipers if refcnt else -1
+        for head in L.LIST_HEAD.values():
+            w[kw + head] = L.NIL
+        w[kw + _K["FLAGS"]] = L.KF_LIVE | (L.KF_REFCNT if refcnt else 0) | (
+            L.KF_NOFREE if nofree else 0)
+
+    # ---------------------------------------------------------------- addressing
+    def slab_of(self, h: int) -> int:
+        """Slab base of handle ``h`` if it is an item of this keg, else -1."""
+        if h < 0 or h >= self.core.geometry.size:
+            return -1
+        b = self.core.pt[h >> L.PAGE_SHIFT] ^ self.kid_bits
+        return b if (h - b) in self.offmap else -1
+
+    def tag_index(self, base: int, i: int) -> int:
+        return ((base + self.tagoff) >> 2) + i
+
+    def ref_index(self, h: int) -> int:
+        """Index (in the u32 view) of the refcount trailer of item ``h``."""
+        b = self.core.pt[h >> L.PAGE_SHIFT] ^ self.kid_bits
+        return ((b + self.rcoff) >> 2) + (h - b) // self.rsize
+
+    def item(self, base: int, i: int) -> int:
+        return base + i * self.rsize
+
+    # ---------------------------------------------------------------- lists (rules R1-R5)
+    def _sw(self, base: int) -> int:
+        return (base + self.hdroff) >> 3
+
+    def _unlink(self, base: int) -> None:
+        w = self.core.w
+        sw = self._sw(base)
+        prev, nxt = w[sw + _S["PREV"]], w[sw + _S["NEXT"]]
+        if prev == L.NIL:
+            w[self.kw + L.LIST_HEAD[w[sw + _S["LIST"]]]] = nxt
+        else:
+            w[self._sw(prev) + _S["NEXT"]] = nxt
+        if nxt != L.NIL:
+            w[self._sw(nxt) + _S["PREV"]] = prev
+
+    def _push(self, base: int, lst: int) -> None:
+        w = self.core.w
+        sw = self._sw(base)
+        head = self.kw + L.LIST_HEAD[lst]
+        old = w[head]
+        w[sw + _S["LIST"]] = lst
+        w[sw + _S["PREV"]] = L.NIL
+        w[sw + _S["NEXT"]] = old
+        if old != L.NIL:
+            w[self._sw(old) + _S["PREV"]] = base
+        w[head] = base
+
+    def _move(self, base: int, lst: int) -> None:
+        self._unlink(base)
+        self._push(base, lst)
+
+    def _list_for(self, free: int) -> int:
+        if free == 0:
+            return L.LIST_FULL
+        if free == self.ipers:
+            return L.LIST_FREE
+        return L.LIST_PARTIAL
+
+    def new_slab(self) -> int:
+        """Take pages for a slab and put it on the free list; -1 if the arena is full.
+        Lock: keg (takes vm)."""
+        core = self.core
+        with core.lock(L.VM_LOCK):
+            base = core.vm.alloc_run(self.ppera, self.id)
+        if base < 0:
+            return -1
+        w = core.w
+        sw = self._sw(base)
+        w[sw:sw + L.SLAB_HDR_WORDS] = core.zero_words(L.SLAB_HDR_WORDS)
+        w[sw + _S["KEG"]] = self.id
+        w[sw + _S["FREE"]] = self.ipers
+        t0 = (base + self.tagoff)
+        core.mv[t0:t0 + 4 * self.ipers] = bytes(4 * self.ipers)
+        if self.refcnt:
+            r0 = base + self.rcoff
+            core.mv[r0:r0 + 4 * self.ipers] = bytes(4 * self.ipers)
+        self._push(base, L.LIST_FREE)
+        w[self.kw + _K["PAGES"]] += self.ppera
+        w[self.kw + _K["NSLABS"]] += 1
+        w[self.kw + _K["FREE_ITEMS"]] += self.ipers
+        return base
+
+    def take(self, n: int, tag_word: int, hs: list, ts: list) -> int:
+        """Take up to ``n`` free items, tag them ``tag_word`` and append their
+        handles and tag indexes to ``hs``/``ts``.  Returns how many were taken
+        (fewer when the arena has no pages left).  Lock: keg."""
+        core = self.core
+        w, tags, buf = core.w, core.tags, core.buf
+        kw = self.kw
+        got = 0
+        while got < n:
+            base = w[kw + _K["HEAD_PARTIAL"]]
+            if base == L.NIL:
+                base = w[kw + _K["HEAD_FREE"]]
+                if base == L.NIL:
+                    base = self.new_slab()
+                    if base < 0:
+                        break
+            sw = self._sw(base)
+            free = w[sw + _S["FREE"]]
+            t_lo = base + self.tagoff
+            t_end = t_lo + 4 * self.ipers
+            pos = t_lo + 4 * w[sw + _S["HINT"]]
+            k = min(n - got, free)
+            ti0 = t_lo >> 2
+            for _ in range(k):
+                pos = buf.find(_ZERO_TAG, pos, t_end)
+                pos = t_lo + L.round_up(pos - t_lo, 4)
+                ti = pos >> 2
+                tags[ti] = tag_word
+                hs.append(base + (ti - ti0) * self.rsize)
+                ts.append(ti)
+                pos += 4
+            got += k
+            free -= k
+            w[sw + _S["FREE"]] = free
+            w[sw + _S["HINT"]] = (pos - t_lo) >> 2
+            w[kw + _K["FREE_ITEMS"]] -= k
+            self._move(base, self._list_for(free))      # R1, R3
+        return got
+
+    def give_back(self, hs, ts) -> None:
+        """Return items (handles and their tag indexes) to their slabs.
+        Lock: keg."""
+        core = self.core
+        w, tags, pt = core.w, core.tags, core.pt
+        kid_bits = self.kid_bits
+        for h, ti in zip(hs, ts):
+            base = pt[h >> L.PAGE_SHIFT] ^ kid_bits
+            sw = self._sw(base)
+            tags[ti] = L.TAG_FREE
+            i = (h - base) // self.rsize
+            if i < w[sw + _S["HINT"]]:
+                w[sw + _S["HINT"]] = i
+            free = w[sw + _S["FREE"]] + 1
+            w[sw + _S["FREE"]] = free
+            if free == 1 or free == self.ipers:
+                self._move(base, self._list_for(free))  # R2, R4
+        w[self.kw + _K["FREE_ITEMS"]] += len(hs)
+
+    def drain(self, keep_slabs: int = 0) -> int:
+        """Give free slabs back to the vm, keeping ``keep_slabs``.  Returns slabs
+        released.  Lock: keg (takes vm)."""
+        if self.nofree:
+            return 0
+        core = self.core
+        w, kw = core.w, self.kw
+        victims = []
+        base = w[kw + _K["HEAD_FREE"]]
+        while base != L.NIL:
+            victims.append(base)
+            base = w[self._sw(base) + _S["NEXT"]]
+        victims = victims[keep_slabs:]
+        for base in victims:                            # R5
+            self._unlink(base)
+        if victims:
+            with core.lock(L.VM_LOCK):
+                for base in victims:
+                    core.vm.free_run(base, self.ppera)
+        n = len(victims)
+        w[kw + _K["PAGES"]] -= n * self.ppera
+        w[kw + _K["NSLABS"]] -= n
+        w[kw + _K["FREE_ITEMS"]] -= n * self.ipers
+        w[kw + _K["SLABS_FREED"]] += n
+        return n
+
+    # ---------------------------------------------------------------- walking
+    def slabs(self):
+        """Yield (list, base) for every slab.  Lock: keg."""
+        w = self.core.w
+        for lst, head in L.LIST_HEAD.items():
+            base = w[self.kw + head]
+            seen = 0
+            while base != L.NIL:
+                yield lst, base
+                base = w[self._sw(base) + _S["NEXT"]]
+                seen += 1
+                if seen > self.core.geometry.npages:
+                    raise RuntimeError(f"keg {self.id}: slab list {lst} has a cycle")
+
+    def slab_tags(self, base: int) -> memoryview:
+        t0 = (base + self.tagoff) >> 2
+        return self.core.tags[t0:t0 + self.ipers]
+
+    def slab_free(self, base: int) -> int:
+        return self.core.w[self._sw(base) + _S["FREE"]]
+
+    def slab_list(self, base: int) -> int:
+        return self.core.w[self._sw(base) + _S["LIST"]]
+
+    def slab_prev(self, base: int) -> int:
+        return self.core.w[self._sw(base) + _S["PREV"]]
+
+    def rebuild(self) -> None:
+        """Recompute every slab's free count, hint and list, and the keg's
+        counters, from the tags (the ground truth).  Used by crash recovery when
+        a keg lock's owner died.  Lock: keg (repaired)."""
+        core = self.core
+        w, kw = core.w, self.kw
+        bases = []
+        pt = core.pt
+        first, last = core.geometry.data_off >> L.PAGE_SHIFT, core.geometry.npages
+        page = first
+        while page < last:
+            e = pt[page]
+            if e >> L.KEG_ID_SHIFT == self.id and (e & ((1 << L.KEG_ID_SHIFT) - 1)) == page << L.PAGE_SHIFT:
+                bases.append(page << L.PAGE_SHIFT)
+                page += self.ppera
+            else:
+                page += 1
+        for head in L.LIST_HEAD.values():
+            w[kw + head] = L.NIL
+        free_items = 0
+        for base in bases:
+            tags = self.slab_tags(base)
+            free = sum(1 for t in tags if t == L.TAG_FREE)
+            sw = self._sw(base)
+            w[sw + _S["FREE"]] = free
+            w[sw + _S["HINT"]] = 0
+            self._push(base, self._list_for(free))
+            free_items += free
+        w[kw + _K["NSLABS"]] = len(bases)
+        w[kw + _K["PAGES"]] = len(bases) * self.ppera
+        w[kw + _K["FREE_ITEMS"]] = free_items

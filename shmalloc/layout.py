@@ -1,0 +1,328 @@
+"""The byte layout of an arena: the one module that declares shared memory.
+
+Every byte of the segment is declared here.  No other module computes an offset
+into shared memory except through the names below.  Shared records are arrays of
+little-endian signed 64-bit *words*, read and written through one
+``memoryview.cast('q')`` of the whole segment, so nothing is ever packed by hand;
+item tags and refcounts are 32-bit and go through one ``cast('I')`` view.
+
+Segment::
+
+    0          +-------------------------------------------+
+               | header           HDR_WORDS words          |  magic, version, geometry
+    LOCKS      +-------------------------------------------+
+               | lock table       MAX_LOCKS x LOCK_WORDS   |  owner word + counters per lock
+    CPUS       +-------------------------------------------+
+               | CPU table        MAX_CPUS x CPU_WORDS     |  pid, start time, state, grant,
+               |                  (+ MAX_ZONES x CS_WORDS  |  published per-zone counters
+               |                     stats per CPU)        |
+    ZONES      +-------------------------------------------+
+               | zone table       MAX_ZONES x ZONE_WORDS   |  limits, depot, sleep queue, hooks
+    KEGS       +-------------------------------------------+
+               | keg table        MAX_KEGS x KEG_WORDS     |  geometry, slab lists
+    PAGETAB    +-------------------------------------------+
+               | page table       npages words             |  page -> keg id << 40 | slab base
+    FREEMAP    +-------------------------------------------+
+               | free map         npages bytes             |  1 = page free (searched with find)
+    DATA       +-------------------------------------------+  page aligned
+               | pages: slabs, depots                      |
+    SIZE       +-------------------------------------------+
+
+A slab is a run of ``ppera`` pages; its items come first, its header after them::
+
+    slab base  +--------+--------+-----+--------+---------+-------------+-------------+
+               | item 0 | item 1 | ... | item n | header  | tags u32[n] | refs u32[n] |
+               +--------+--------+-----+--------+---------+-------------+-------------+
+                 rsize each               ^ hdroff (8-aligned)           (REFCNT kegs)
+
+A handle is the byte offset of an item from the start of the segment.  The page
+table maps every page of a slab to ``keg_id << 40 | slab_base``, so
+``page_table[h >> PAGE_SHIFT] ^ (keg_id << 40)`` is the slab base exactly when the
+handle belongs to that keg (UMA's ``vtoslab``).
+
+Item tag (u32): ``state | zidx << 4 | holder << 8 | home << 16``.  ``TAG_FREE`` is
+0.  The tag is the ground truth that ``check`` and crash recovery rebuild every
+other structure from.
+"""
+
+from __future__ import annotations
+
+MAGIC = 0x434F4C4C414D4853          # b"SHMALLOC" read as a little-endian word
+LAYOUT_VERSION = 1
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = PAGE_SIZE - 1
+WORD = 8
+
+MAX_CPUS = 64
+MAX_ZONES = 64
+MAX_KEGS = 64
+MAX_LOCKS = 1 + MAX_KEGS + MAX_ZONES  # vm lock, then one per keg, one per zone
+KEG_ID_SHIFT = 40                    # page-table entry: keg id << 40 | slab base
+VM_INTERNAL_KEG = 0xFFF              # page-table keg id of pages the arena uses itself
+NAME_BYTES = 32
+HOOK_BYTES = 96
+
+
+def _fields(*names: str) -> dict[str, int]:
+    """Name -> word index for a record, in declaration order."""
+    return {n: i for i, n in enumerate(names)}
+
+
+# --- header ------------------------------------------------------------------
+HDR = _fields(
+    "MAGIC", "VERSION", "SIZE", "PAGE_SIZE", "NPAGES", "DATA_OFF", "LOCKS_OFF",
+    "CPUS_OFF", "ZONES_OFF", "KEGS_OFF", "PAGETAB_OFF", "FREEMAP_OFF",
+    "MAX_CPUS", "MAX_ZONES", "MAX_KEGS", "MAX_LOCKS",
+    "NZONES", "NKEGS", "FREE_PAGES", "FREE_HINT", "CREATED_NS", "CREATOR_PID",
+    "DEBUG", "MANAGER_PID", "MANAGER_START", "GENERATION",
+    "RECLAIMS", "SLABS_RELEASED", "CPU_GEN",
+)
+HDR_WORDS = 512                      # one page, the rest reserved
+TUNABLES_WORD = 256                  # words 256..383: tunables of upper layers (mbuf)
+TUNABLES_WORDS = 128
+
+# --- lock record (field order shared with ipc.lock, checked below) ----------------
+LOCK = _fields("OWNER_PID", "OWNER_ID", "ACQUISITIONS", "CONTENDED", "WAIT_NS",
+               "MAX_WAIT_NS", "ACQUIRED_NS", "SPARE")
+LOCK_WORDS = 8
+VM_LOCK = 0
+
+
+def keg_lock_index(keg_id: int) -> int:
+    return keg_id                      # 1..MAX_KEGS
+
+
+def zone_lock_index(zone_id: int) -> int:
+    return 1 + MAX_KEGS + zone_id      # zone ids 0..MAX_ZONES-1
+
+
+# --- CPU slot ------------------------------------------------------------------
+CPU = _fields(
+    "STATE", "PID", "START", "GEN", "GRANT_ZONE", "GRANT_H", "GRANT_T",
+    "WAIT_ZONE", "HEARTBEAT_NS", "ATTACHED_NS", "FLAGS", "WAKE",
+)
+CPU_FIXED_WORDS = 16
+CPU_FREE, CPU_LIVE, CPU_DEAD = 0, 1, 2
+# Per-zone counters a CPU publishes (summed on read); CS_WORDS each, MAX_ZONES of them.
+CS = _fields("ALLOCS", "FREES", "FAILS", "SLEEPS", "CACHED", "DEPOT_GETS", "DEPOT_PUTS",
+             "KEG_IMPORTS", "XFREES")
+CS_WORDS = 12
+CPU_WORDS = CPU_FIXED_WORDS + MAX_ZONES * CS_WORDS
+
+# --- zone record -----------------------------------------------------------------
+ZONE = _fields(
+    "FLAGS", "KEG", "ZIDX", "SIZE", "LIMIT", "ITEMS", "SLEEPERS", "SLEEPS",
+    "ALLOCS", "FREES", "FAILS", "DEPOT_OFF", "DEPOT_CAP", "DEPOT_N",
+    "BUCKET_SIZE", "BUCKET_MIN", "BUCKET_MAX", "IMAX", "IMIN", "WSS",
+    "SQ_HEAD", "SQ_TAIL", "XFREE", "GEN", "DEPOT_GETS", "DEPOT_PUTS", "CREATED_NS",
+    "XFREES",
+)
+ZONE_FIXED_WORDS = 32
+ZONE_NAME_WORD = ZONE_FIXED_WORDS                          # NAME_BYTES
+ZONE_HOOKS_WORD = ZONE_NAME_WORD + NAME_BYTES // WORD      # 4 x HOOK_BYTES: ctor dtor init fini
+ZONE_SLEEPQ_WORD = ZONE_HOOKS_WORD + 4 * HOOK_BYTES // WORD  # ring of MAX_CPUS cpu ids
+ZONE_WORDS = ZONE_SLEEPQ_WORD + MAX_CPUS
+HOOK_NAMES = ("ctor", "dtor", "init", "fini")
+ZF_LIVE, ZF_SECONDARY, ZF_REFCNT, ZF_NOCACHE = 1, 2, 4, 8
+
+# --- keg record --------------------------------------------------------------------
+KEG = _fields(
+    "FLAGS", "SIZE", "RSIZE", "ALIGN", "IPERS", "PPERA", "HDROFF", "TAGOFF", "RCOFF",
+    "PAGES", "FREE_ITEMS", "NSLABS", "HEAD_PARTIAL", "HEAD_FULL", "HEAD_FREE",
+    "NZONES", "FIRST_ZONE", "SLABS_FREED",
+)
+KEG_WORDS = 24
+KF_LIVE, KF_REFCNT, KF_NOFREE = 1, 2, 4
+
+# --- slab header (at slab base + HDROFF) ---------------------------------------------
+SLAB = _fields("KEG", "FREE", "LIST", "PREV", "NEXT", "HINT", "SPARE0", "SPARE1")
+SLAB_HDR_WORDS = 8
+SLAB_HDR_BYTES = SLAB_HDR_WORDS * WORD
+LIST_PARTIAL, LIST_FULL, LIST_FREE = 0, 1, 2
+LIST_HEAD = {LIST_PARTIAL: KEG["HEAD_PARTIAL"], LIST_FULL: KEG["HEAD_FULL"],
+             LIST_FREE: KEG["HEAD_FREE"]}
+NIL = -1                                # end of a slab list
+
+# --- item tags ---------------------------------------------------------------------
+# state: where the item is.  Transitions (who may write the tag):
+#   FREE   -> IMPORT  keg lock held   (taken from a slab; zone init about to run)
+#   IMPORT -> CACHED  holder          (init done)           FREE -> CACHED when no init
+#   CACHED -> ALLOC   holder          (fast path alloc)     ALLOC -> CACHED (fast path free)
+#   CACHED -> DEPOT   zone lock held  (bucket to depot)     DEPOT -> CACHED (bucket from depot)
+#   CACHED -> FINI    holder          (zone fini about to run, item on its way to the slab)
+#   FINI|CACHED|IMPORT -> FREE keg lock held
+#   ALLOC|CACHED -> INFLIGHT holder (handed to another CPU in a message) -> ALLOC|CACHED receiver
+TAG_FREE, TAG_IMPORT, TAG_CACHED, TAG_ALLOC, TAG_DEPOT, TAG_FINI, TAG_INFLIGHT = range(7)
+TAG_STATE_NAMES = ("free", "import", "cached", "alloc", "depot", "fini", "inflight")
+TAG_STATE_MASK = 0xF
+NO_CPU = 0xFF
+
+
+def tag(state: int, zidx: int = 0, holder: int = NO_CPU, home: int = NO_CPU) -> int:
+    return state | zidx << 4 | holder << 8 | home << 16
+
+
+def tag_state(t: int) -> int:
+    return t & 0xF
+
+
+def tag_zidx(t: int) -> int:
+    return (t >> 4) & 0xF
+
+
+def tag_holder(t: int) -> int:
+    return (t >> 8) & 0xFF
+
+
+def tag_home(t: int) -> int:
+    return (t >> 16) & 0xFF
+
+
+MAX_ZONES_PER_KEG = 16                  # zidx is 4 bits
+
+# --- depot (pages from the arena, DEPOT_CAP entries) ------------------------------------
+# handles int64[cap] followed by tag indexes int64[cap]
+DEPOT_ENTRY_BYTES = 16
+
+# --- arena geometry ------------------------------------------------------------------------
+LOCKS_OFF = HDR_WORDS * WORD
+CPUS_OFF = LOCKS_OFF + MAX_LOCKS * LOCK_WORDS * WORD
+ZONES_OFF = CPUS_OFF + MAX_CPUS * CPU_WORDS * WORD
+KEGS_OFF = ZONES_OFF + MAX_ZONES * ZONE_WORDS * WORD
+PAGETAB_OFF = KEGS_OFF + MAX_KEGS * KEG_WORDS * WORD
+MIN_DATA_PAGES = 16
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class Geometry:
+    """Where each region of a segment of ``size`` bytes lies."""
+
+    __slots__ = ("size", "npages", "pagetab_off", "freemap_off", "data_off", "data_pages")
+
+    def __init__(self, size: int):
+        if size % PAGE_SIZE:
+            raise ValueError(f"arena size {size} is not a multiple of the page size {PAGE_SIZE}")
+        self.size = size
+        self.npages = size // PAGE_SIZE
+        self.pagetab_off = PAGETAB_OFF
+        self.freemap_off = self.pagetab_off + self.npages * WORD
+        self.data_off = round_up(self.freemap_off + self.npages, PAGE_SIZE)
+        self.data_pages = self.npages - self.data_off // PAGE_SIZE
+        if self.data_pages < MIN_DATA_PAGES:
+            raise ValueError(f"arena size {size} leaves {self.data_pages} data pages; "
+                             f"at least {MIN_DATA_PAGES} are needed")
+
+
+def min_arena_size() -> int:
+    """Smallest size whose geometry leaves MIN_DATA_PAGES of data."""
+    size = round_up(PAGETAB_OFF, PAGE_SIZE)
+    while True:
+        try:
+            Geometry(size)
+            return size
+        except ValueError:
+            size += PAGE_SIZE
+
+
+# word index helpers ---------------------------------------------------------------------
+def lock_word(idx: int) -> int:
+    return LOCKS_OFF // WORD + idx * LOCK_WORDS
+
+
+def cpu_word(cpu: int) -> int:
+    return CPUS_OFF // WORD + cpu * CPU_WORDS
+
+
+def cpu_stat_word(cpu: int, zone_id: int) -> int:
+    return cpu_word(cpu) + CPU_FIXED_WORDS + zone_id * CS_WORDS
+
+
+def zone_word(zone_id: int) -> int:
+    return ZONES_OFF // WORD + zone_id * ZONE_WORDS
+
+
+def keg_word(keg_id: int) -> int:
+    return KEGS_OFF // WORD + (keg_id - 1) * KEG_WORDS
+
+
+def slab_word(slab_base: int, hdroff: int) -> int:
+    return (slab_base + hdroff) // WORD
+
+
+# strings (names and hook names), the only non-word fields ---------------------------------
+def write_str(mv: memoryview, off: int, nbytes: int, s: str) -> None:
+    b = s.encode()
+    if len(b) >= nbytes:
+        raise ValueError(f"{s!r} is longer than {nbytes - 1} bytes")
+    mv[off:off + nbytes] = b.ljust(nbytes, b"\0")
+
+
+def read_str(mv: memoryview, off: int, nbytes: int) -> str:
+    return bytes(mv[off:off + nbytes]).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def zone_name_off(zone_id: int) -> int:
+    return (zone_word(zone_id) + ZONE_NAME_WORD) * WORD
+
+
+def zone_hook_off(zone_id: int, which: int) -> int:
+    return (zone_word(zone_id) + ZONE_HOOKS_WORD) * WORD + which * HOOK_BYTES
+
+
+# --- slab geometry -----------------------------------------------------------------------
+MAX_WASTE = 0.03          # pick the smallest slab wasting at most 3 %
+MAX_SLAB_PAGES = 64       # unless one item alone needs more
+
+
+def slab_header_bytes(ipers: int, refcnt: bool) -> int:
+    return SLAB_HDR_BYTES + ipers * 4 * (2 if refcnt else 1)
+
+
+def keg_layout(rsize: int, refcnt: bool, max_pages: int) -> tuple[int, int, int]:
+    """Choose (ppera, ipers, hdroff) for items of ``rsize`` bytes.
+
+    Items first, 8-aligned header after them.  The smallest slab whose waste is at
+    most MAX_WASTE wins; failing that, the most efficient up to MAX_SLAB_PAGES (or
+    the one-item slab a big item needs).
+    """
+    def fit(ppera: int) -> int:
+        room = ppera * PAGE_SIZE
+        n = room // rsize
+        while n > 0 and round_up(n * rsize, WORD) + slab_header_bytes(n, refcnt) > room:
+            n -= 1
+        return n
+
+    one = -(-(rsize + slab_header_bytes(1, refcnt)) // PAGE_SIZE)
+    limit = max(one, min(MAX_SLAB_PAGES, max_pages))
+    options = []
+    for ppera in range(one, limit + 1):
+        n = fit(ppera)
+        if n:
+            options.append((n * rsize / (ppera * PAGE_SIZE), ppera, n))
+            if options[-1][0] >= 1 - MAX_WASTE:
+                break
+    best = max(o[0] for o in options)
+    good_enough = 1 - MAX_WASTE if best >= 1 - MAX_WASTE else best - 0.01
+    _, ppera, n = next(o for o in options if o[0] >= good_enough)
+    return ppera, n, round_up(n * rsize, WORD)
+
+
+# --- checks at import -----------------------------------------------------------------------
+assert len(HDR) <= TUNABLES_WORD
+assert len(LOCK) == LOCK_WORDS
+assert len(CPU) <= CPU_FIXED_WORDS
+assert len(CS) <= CS_WORDS
+assert len(ZONE) <= ZONE_FIXED_WORDS
+assert len(KEG) <= KEG_WORDS
+assert len(SLAB) == SLAB_HDR_WORDS
+assert ZONE_WORDS * WORD == ZONE_SLEEPQ_WORD * WORD + MAX_CPUS * WORD
+assert PAGETAB_OFF % WORD == 0 and CPUS_OFF % WORD == 0 and ZONES_OFF % WORD == 0
+assert MAX_CPUS < NO_CPU and MAX_LOCKS == zone_lock_index(MAX_ZONES - 1) + 1
+assert VM_INTERNAL_KEG > MAX_KEGS
+assert MAGIC.to_bytes(8, "little") == b"SHMALLOC"
+assert keg_layout(2048, True, 64)[1] * 2048 / (keg_layout(2048, True, 64)[0] * PAGE_SIZE) >= 0.97

@@ -1,0 +1,148 @@
+"""Statistics: per-CPU counters published on the slow paths, summed on read
+(UMA's ``uma_zone_get_cur`` / libmemstat), returned as frozen snapshots, and
+printed in FreeBSD's ``vmstat -z`` format.
+
+Counters a CPU keeps on its fast path are published when it next takes a slow
+path, and when it closes; a reader in another process may therefore lag a live
+CPU by at most one bucket of operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import layout as L
+
+_Z, _K, _CS, _C, _LK = L.ZONE, L.KEG, L.CS, L.CPU, L.LOCK
+
+
+@dataclass(frozen=True)
+class ZoneStats:
+    name: str
+    size: int
+    limit: int
+    used: int            # allocated to consumers: allocs - frees
+    free: int            # free_cache + free_depot (+ free_keg for a primary zone)
+    free_cache: int      # in CPUs' buckets
+    free_depot: int      # in the zone's depot of full buckets
+    free_keg: int        # free in the keg's slabs (primary zones only)
+    items: int           # taken from the keg, counted against the limit
+    requests: int        # allocations
+    frees: int
+    failures: int
+    sleeps: int
+    sleepers: int
+    xfree: int           # cross-CPU frees (FreeBSD's XDOMAIN column)
+    bucket_size: int
+    depot_gets: int
+    depot_puts: int
+    pages: int           # pages of the keg (primary zones), 0 for secondary
+    secondary: bool
+
+
+@dataclass(frozen=True)
+class LockStats:
+    name: str
+    acquisitions: int
+    contended: int
+    wait_ns: int
+    max_wait_ns: int
+    owner_pid: int
+
+    @property
+    def contended_share(self) -> float:
+        return self.contended / self.acquisitions if self.acquisitions else 0.0
+
+    @property
+    def mean_wait_us(self) -> float:
+        return self.wait_ns / self.contended / 1e3 if self.contended else 0.0
+
+
+@dataclass(frozen=True)
+class ArenaStats:
+    size: int
+    free_pages: int
+    total_pages: int
+    cpus: int
+    zones: tuple
+
+
+def zone_stats(core, zone_id: int) -> ZoneStats:
+    w = core.w
+    zw = L.zone_word(zone_id)
+    kid = w[zw + _Z["KEG"]]
+    kw = L.keg_word(kid)
+    secondary = bool(w[zw + _Z["FLAGS"]] & L.ZF_SECONDARY)
+    allocs, frees, fails = w[zw + _Z["ALLOCS"]], w[zw + _Z["FREES"]], w[zw + _Z["FAILS"]]
+    cached = 0
+    xfree = w[zw + _Z["XFREES"]]
+    dgets, dputs = w[zw + _Z["DEPOT_GETS"]], w[zw + _Z["DEPOT_PUTS"]]
+    for cpu in core.live_cpus():
+        sw = L.cpu_stat_word(cpu, zone_id)
+        allocs += w[sw + _CS["ALLOCS"]]
+        frees += w[sw + _CS["FREES"]]
+        fails += w[sw + _CS["FAILS"]]
+        cached += w[sw + _CS["CACHED"]]
+        dgets += w[sw + _CS["DEPOT_GETS"]]
+        dputs += w[sw + _CS["DEPOT_PUTS"]]
+        xfree += w[sw + _CS["XFREES"]]
+    frees = min(frees, allocs)
+    depot = w[zw + _Z["DEPOT_N"]]
+    keg_free = 0 if secondary else w[kw + _K["FREE_ITEMS"]]
+    return ZoneStats(
+        name=core.zone_name(zone_id), size=w[zw + _Z["SIZE"]], limit=w[zw + _Z["LIMIT"]],
+        used=allocs - frees, free=cached + depot + keg_free, free_cache=cached,
+        free_depot=depot, free_keg=keg_free, items=w[zw + _Z["ITEMS"]], requests=allocs,
+        frees=frees, failures=fails, sleeps=w[zw + _Z["SLEEPS"]],
+        sleepers=w[zw + _Z["SLEEPERS"]], xfree=xfree,
+        bucket_size=w[zw + _Z["BUCKET_SIZE"]], depot_gets=dgets, depot_puts=dputs,
+        pages=0 if secondary else w[kw + _K["PAGES"]], secondary=secondary)
+
+
+def arena_stats(core) -> ArenaStats:
+    w = core.w
+    return ArenaStats(size=core.geometry.size, free_pages=w[L.HDR["FREE_PAGES"]],
+                      total_pages=core.geometry.data_pages, cpus=len(core.live_cpus()),
+                      zones=tuple(zone_stats(core, z) for z in core.live_zone_ids()))
+
+
+def lock_name(core, idx: int) -> str:
+    if idx == L.VM_LOCK:
+        return "vm"
+    if idx <= L.MAX_KEGS:
+        return "keg:" + core.zone_names_of_keg(idx).replace("'", "")
+    return "zone:" + core.zone_name(idx - 1 - L.MAX_KEGS)
+
+
+def lock_stats(core) -> list[LockStats]:
+    w = core.w
+    idxs = [L.VM_LOCK]
+    idxs += [L.keg_lock_index(k) for k in range(1, w[L.HDR["NKEGS"]] + 1)
+             if w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE]
+    idxs += [L.zone_lock_index(z) for z in core.live_zone_ids()]
+    out = []
+    for idx in idxs:
+        lw = L.lock_word(idx)
+        out.append(LockStats(
+            name=lock_name(core, idx), acquisitions=w[lw + _LK["ACQUISITIONS"]],
+            contended=w[lw + _LK["CONTENDED"]], wait_ns=w[lw + _LK["WAIT_NS"]],
+            max_wait_ns=w[lw + _LK["MAX_WAIT_NS"]], owner_pid=w[lw + _LK["OWNER_PID"]]))
+    return out
+
+
+# FreeBSD 13/14 vmstat -z (usr.bin/vmstat/vmstat.c:domemstat_zone)
+VMSTAT_Z_HEADER = "%-20s %6s %6s %8s %8s %8s %8s%4s %4s"
+VMSTAT_Z_ROW = "%-20s %6d, %6d,%8d,%8d,%8d,%4d,%4d,%4d\n"
+
+
+def format_vmstat_z(rows) -> str:
+    out = [VMSTAT_Z_HEADER % ("ITEM", "SIZE", "LIMIT", "USED", "FREE", "REQ", "FAIL",
+                              "SLEEP", "XDOMAIN") + "\n\n"]
+    for s in rows:
+        out.append(VMSTAT_Z_ROW % (s.name + ":", s.size, s.limit, s.used, s.free,
+                                   s.requests, s.failures, s.sleeps, s.xfree))
+    return "".join(out)
+
+
+def vmstat_z(core) -> str:
+    return format_vmstat_z(zone_stats(core, z) for z in core.live_zone_ids())

@@ -1,0 +1,801 @@
+"""zone: typed allocation on a keg, with this CPU's bucket cache (search order
+steps 1 and 2).
+
+Each process (each *CPU*) keeps, per zone, one private stack of free items:
+the alloc bucket at the bottom and the free bucket above it, ``2 * bucket_size``
+items at most (UMA's ``uc_allocbucket`` + ``uc_freebucket``; a swap of the two
+is a no-op here).  The fast paths ``alloc`` and ``free`` touch only that stack,
+the item's tag and two local counters: no lock, no IPC, no shared counter.
+
+Slow paths, in the order ``alloc`` tries them (UMA's ``cache_alloc``):
+
+    A1  a bucket from the zone's depot (shared, zone lock)
+    A2  a bucket imported from the keg's slabs (zone lock, then keg lock), within
+        the zone's limit; zone init runs on the imported items, outside the locks
+    A3  M_NOWAIT: count a failure and return None
+    A4  M_WAITOK: queue on the zone's FIFO sleep queue and wait for a freed item to
+        be handed over (``_sleep``), or for the timeout
+
+and ``free`` (UMA's ``uma_zfree_arg`` cases):
+
+    F1  the item is ours and the stack has room: push (fast path)
+    F2  the zone has sleepers: the item goes straight to the first sleeper
+    F3  the stack is full: push, then move its oldest bucket to the depot, or to
+        the keg when the depot is full (zone fini first)
+    F4  the item is held by another CPU (not handed over): take it over under the
+        zone lock, then as F1-F3 (UMA's free-anywhere)
+    F5  anything else is an error: double free, foreign or bad handle
+
+Limits count items outside the slabs (caches, depot, allocated), as UMA's
+``uz_items`` does; ``ITEMS <= LIMIT`` whenever the zone lock is free.
+
+Lock: the zone lock guards the zone record (depot, items, sleepers, bucket
+size); the keg lock guards slabs.  Order zone -> keg -> vm.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from array import array
+from threading import get_ident
+
+from . import layout as L
+from .errors import ArenaClosedError, BadHandleError, DoubleFreeError, ForeignHandleError
+from .hooks import resolve
+
+M_NOWAIT = 0x0001
+M_WAITOK = 0x0002
+M_ZERO = 0x0100
+
+BUCKET_MAX = 254               # UMA's BUCKET_SIZE(256) on LP64
+# UMA's bucket zones: (entries, largest item size that uses them)
+_BUCKET_ZONES = ((2, 4096), (4, 3072), (8, 2048), (16, 1024), (30, 512), (62, 256),
+                 (126, 128), (254, 64))
+
+_Z = L.ZONE
+_C = L.CPU
+_CS = L.CS
+
+
+def bucket_select(size: int) -> int:
+    """UMA's initial bucket size for items of ``size`` bytes."""
+    if size > 4096:
+        return max(4096 * 2 // size, 1)
+    best = 1
+    for entries, maxsize in _BUCKET_ZONES:
+        if maxsize >= size:
+            best = entries
+    return best
+
+
+class Zone:
+    """A zone as seen by one CPU.  Obtain with ``arena.zcreate`` / ``arena.zone``."""
+
+    def __init__(self, arena, zone_id: int):
+        core = arena._core
+        self.arena = arena
+        self.id = zone_id
+        self._core = core
+        zw = L.zone_word(zone_id)
+        self._zw = zw
+        w = core.w
+        self.name = L.read_str(core.mv, L.zone_name_off(zone_id), L.NAME_BYTES)
+        self.keg = core.keg(w[zw + _Z["KEG"]])
+        self.zidx = w[zw + _Z["ZIDX"]]
+        self.size = w[zw + _Z["SIZE"]]
+        self.secondary = bool(w[zw + _Z["FLAGS"]] & L.ZF_SECONDARY)
+        self.hook_names = {n: L.read_str(core.mv, L.zone_hook_off(zone_id, i), L.HOOK_BYTES)
+                           for i, n in enumerate(L.HOOK_NAMES)}
+        self.ctor = resolve(self.hook_names["ctor"])
+        self.dtor = resolve(self.hook_names["dtor"])
+        self.init = resolve(self.hook_names["init"])
+        self.fini = resolve(self.hook_names["fini"])
+        self._lock_index = L.zone_lock_index(zone_id)
+        self._cache = _Cache(self, arena)
+        self.alloc = self._cache.alloc
+        self.free = self._cache.free
+
+    # ------------------------------------------------------------------ public
+    def __repr__(self):
+        return f"<Zone {self.name!r} size={self.size} cpu={self.arena.cpu_id}>"
+
+    @property
+    def limit(self) -> int:
+        return self._core.w[self._zw + _Z["LIMIT"]]
+
+    @property
+    def bucket_size(self) -> int:
+        return self._core.w[self._zw + _Z["BUCKET_SIZE"]]
+
+    def view(self, h: int) -> memoryview:
+        """Writable memoryview over item ``h`` (zero copy)."""
+        if self.keg.slab_of(operator.index(h)) < 0:
+            self._raise_bad(h, "view")
+        return self._core.mv[h:h + self.size]
+
+    def alloc_bulk(self, n: int, how: int = M_NOWAIT, timeout: float | None = None):
+        """``n`` items, all or none: a list, or None when they cannot all be had
+        (M_NOWAIT).  With M_WAITOK, waits for each missing item."""
+        return self._cache.alloc_bulk(n, how, timeout)
+
+    def free_bulk(self, handles) -> None:
+        """Free many items; each is checked as ``free`` checks one."""
+        self._cache.free_bulk(handles)
+
+    def set_max(self, nitems: int) -> int:
+        """Set the zone's limit in items (0 = none); raises it at once, waking
+        sleepers that now fit.  Returns the limit."""
+        return self._cache.set_max(nitems)
+
+    def drain(self) -> None:
+        """Give this CPU's cached items back to the depot, the depot's buckets
+        and the keg's free slabs back to the arena (``zone_drain``)."""
+        self._cache.drain_cache()
+        self._cache.drain_depot()
+
+    def stats(self):
+        return self.arena.zone_stats(self.name)
+
+    # ------------------------------------------------------------------ diagnosis
+    def _raise_bad(self, h, what: str):
+        """Raise the most precise error for a handle the fast path refused."""
+        core = self._core
+        if isinstance(h, bool) or not isinstance(h, int):
+            try:
+                h = operator.index(h)
+            except TypeError:
+                raise TypeError(f"zone {self.name!r}: a handle is an int, not "
+                                f"{type(h).__name__}") from None
+        pre = f"zone {self.name!r}: {what} of handle {h}"
+        if h < 0:
+            raise BadHandleError(f"{pre}: negative handle")
+        if h >= core.geometry.size:
+            raise BadHandleError(f"{pre}: past the end of the arena ({core.geometry.size} bytes)")
+        e = core.pt[h >> L.PAGE_SHIFT]
+        owner = e >> L.KEG_ID_SHIFT
+        if e == 0:
+            raise BadHandleError(f"{pre}: not in any slab (free or metadata page)")
+        if owner == L.VM_INTERNAL_KEG:
+            raise BadHandleError(f"{pre}: points into arena metadata")
+        if owner != self.keg.id:
+            other = core.zone_names_of_keg(owner)
+            raise ForeignHandleError(f"{pre}: belongs to zone {other}, not {self.name!r}")
+        base = e ^ self.keg.kid_bits
+        off = h - base
+        if off % self.keg.rsize or off // self.keg.rsize >= self.keg.ipers:
+            raise BadHandleError(f"{pre}: misaligned (items are {self.keg.rsize} bytes from "
+                                 f"slab base {base})")
+        t = core.tags[self.keg.tag_index(base, off // self.keg.rsize)]
+        st, zidx = L.tag_state(t), L.tag_zidx(t)
+        if zidx != self.zidx and st != L.TAG_FREE:
+            other = core.zone_name_by_keg_zidx(self.keg.id, zidx)
+            raise ForeignHandleError(f"{pre}: belongs to zone {other!r} (same keg), "
+                                     f"not {self.name!r}")
+        if st in (L.TAG_FREE, L.TAG_CACHED, L.TAG_DEPOT, L.TAG_IMPORT, L.TAG_FINI):
+            raise DoubleFreeError(f"{pre}: item is already free "
+                                  f"({L.TAG_STATE_NAMES[st]})")
+        if st == L.TAG_INFLIGHT:
+            raise BadHandleError(f"{pre}: item is in flight to CPU {L.tag_holder(t)}")
+        raise BadHandleError(f"{pre}: unexpected tag {t:#x}")
+
+
+class _Cache:
+    """This CPU's cache of one zone, and the zone's slow paths."""
+
+    def __init__(self, zone: Zone, arena):
+        self.zone = zone
+        self.arena = arena
+        core = arena._core
+        self.core = core
+        self.cpu = arena.cpu_id
+        self.items: list[int] = []       # handles, oldest first; top = hottest
+        self.tix: list[int] = []         # their tag indexes
+        zw = zone._zw
+        self.zw = zw
+        self.sw = L.cpu_stat_word(self.cpu, zone.id)
+        self.w_cached = L.tag(L.TAG_CACHED, zone.zidx, self.cpu, self.cpu)
+        self.w_alloc = L.tag(L.TAG_ALLOC, zone.zidx, self.cpu, self.cpu)
+        self.w_depot = L.tag(L.TAG_DEPOT, zone.zidx)
+        self.w_import = L.tag(L.TAG_IMPORT, zone.zidx, self.cpu, self.cpu)
+        self.w_fini = L.tag(L.TAG_FINI, zone.zidx, self.cpu, self.cpu)
+        self.fails = self.sleeps = self.depot_gets = self.depot_puts = self.imports = 0
+        self.xfrees = 0
+        self._build_fast_paths()
+        self.refresh()
+
+    # ================================================================== fast paths
+    def _build_fast_paths(self):
+        zone, core = self.zone, self.core
+        items, tix = self.items, self.tix
+        tags, pt, w = core.tags, core.pt, core.w
+        kid_bits, offmap = zone.keg.kid_bits, zone.keg.offmap
+        ctor, dtor = zone.ctor, zone.dtor
+        W_ALLOC, W_CACHED = self.w_alloc, self.w_cached
+        sleepers_w = self.zw + _Z["SLEEPERS"]
+        alloc_slow, free_slow, ctor_path = self._alloc_slow, self._free_slow, self._ctor_path
+        tid = get_ident()
+        cap = 0
+        limited = False
+        nallocs = nfrees = 0
+
+        def alloc(how=M_NOWAIT, timeout=None, arg=None):
+            nonlocal nallocs
+            if tid == get_ident() and items:
+                h = items.pop()
+                tags[tix.pop()] = W_ALLOC
+                nallocs += 1
+                if ctor is None and how < M_ZERO:
+                    return h
+                return ctor_path(h, arg, how)
+            return alloc_slow(how, timeout, arg)
+
+        def free(h, arg=None):
+            nonlocal nfrees
+            if tid == get_ident():
+                try:
+                    b = pt[h >> 12] ^ kid_bits
+                except (IndexError, TypeError):
+                    return free_slow(h, arg)
+                x = offmap.get(h - b)
+                if x is not None:
+                    t = (b >> 2) + x
+                    if (tags[t] == W_ALLOC and len(items) < cap
+                            and not (limited and w[sleepers_w])):
+                        if dtor is not None:
+                            dtor(zone, h, arg)
+                        tags[t] = W_CACHED
+                        items.append(h)
+                        tix.append(t)
+                        nfrees += 1
+                        return None
+            return free_slow(h, arg)
+
+        def counts(d_allocs=0, d_frees=0):
+            nonlocal nallocs, nfrees
+            nallocs += d_allocs
+            nfrees += d_frees
+            return nallocs, nfrees
+
+        def set_params(new_cap, new_limited, new_tid):
+            nonlocal cap, limited, tid
+            cap, limited, tid = new_cap, new_limited, new_tid
+
+        self.alloc, self.free = alloc, free
+        self.counts, self.set_params = counts, set_params
+        assert L.PAGE_SHIFT == 12
+
+    def refresh(self, tid: int | None = None):
+        """Re-read the zone's bucket size and limit into the fast paths."""
+        w = self.core.w
+        bsize = w[self.zw + _Z["BUCKET_SIZE"]]
+        self.bsize = bsize
+        self.set_params(2 * bsize, w[self.zw + _Z["LIMIT"]] > 0,
+                        get_ident() if tid is None else tid)
+
+    def disable(self):
+        """Route every call to the slow path (closed arena, forked child)."""
+        self.set_params(0, True, -1)
+
+    # ================================================================== helpers
+    def _check_thread(self):
+        if self.arena._closed:
+            raise ArenaClosedError(f"arena {self.arena.name!r} is closed in this process")
+        if self.arena._owner_tid != get_ident() or self.arena._forked():
+            return self.arena._other_thread_zone(self.zone.id)._cache
+        return None
+
+    def _zlock(self):
+        lk = self.core.lock(self.zone._lock_index)
+        lk.acquire(owner_id=self.cpu)
+        if lk.contended_last:
+            self._grow_bucket()
+        return lk
+
+    def _grow_bucket(self):
+        """Zone lock held: UMA grows the bucket when the zone lock was contended."""
+        w, zw = self.core.w, self.zw
+        if w[zw + _Z["BUCKET_SIZE"]] < w[zw + _Z["BUCKET_MAX"]]:
+            w[zw + _Z["BUCKET_SIZE"]] += 1
+
+    def publish(self):
+        """Write this CPU's counters for the zone where every process can sum them."""
+        w, sw = self.core.w, self.sw
+        a, f = self.counts()
+        w[sw + _CS["ALLOCS"]] = a
+        w[sw + _CS["FREES"]] = f
+        w[sw + _CS["FAILS"]] = self.fails
+        w[sw + _CS["SLEEPS"]] = self.sleeps
+        w[sw + _CS["CACHED"]] = len(self.items)
+        w[sw + _CS["DEPOT_GETS"]] = self.depot_gets
+        w[sw + _CS["DEPOT_PUTS"]] = self.depot_puts
+        w[sw + _CS["KEG_IMPORTS"]] = self.imports
+        w[sw + _CS["XFREES"]] = self.xfrees
+
+    # ================================================================== alloc slow path
+    def _ctor_path(self, h, arg, how):
+        """Run the ctor (and M_ZERO) on a freshly popped item; unwind on failure
+        as UMA does: zone fini, back to the slab, limit unit returned, a failure
+        counted and the allocation not."""
+        zone = self.zone
+        ok = True
+        if zone.ctor is not None:
+            try:
+                ok = zone.ctor(zone, h, arg, how) is not False
+            except BaseException:
+                self._unwind_ctor(h)
+                raise
+        if not ok:
+            self._unwind_ctor(h)
+            return None
+        if how & M_ZERO:
+            self.core.mv[h:h + zone.size] = bytes(zone.size)
+        return h
+
+    def _unwind_ctor(self, h):
+        self.counts(-1, 0)
+        self.fails += 1
+        t = self._tag_index(h)
+        self._release_to_keg([h], [t], run_fini=True)
+        self.publish()
+
+    def _tag_index(self, h):
+        keg = self.zone.keg
+        b = self.core.pt[h >> L.PAGE_SHIFT] ^ keg.kid_bits
+        return (b >> 2) + keg.offmap[h - b]
+
+    def _alloc_slow(self, how, timeout, arg):
+        other = self._check_thread()
+        if other is not None:
+            return other.alloc(how, timeout, arg)
+        if not (how & (M_NOWAIT | M_WAITOK)) or (how & M_NOWAIT and how & M_WAITOK):
+            raise ValueError(f"zone {self.zone.name!r}: how must include exactly one of "
+                             f"M_NOWAIT and M_WAITOK, not {how:#x}")
+        if self._fill():
+            return self.alloc(how, timeout, arg)
+        if how & M_WAITOK:
+            return self._sleep(how, timeout, arg)
+        self.fails += 1
+        self.publish()
+        return None
+
+    def _fill(self, want: int | None = None) -> bool:
+        """A1/A2: put a bucket into the empty stack.  True if it holds items now."""
+        core, w, zw = self.core, self.core.w, self.zw
+        zone = self.zone
+        hs, ts = [], []
+        lk = self._zlock()
+        try:
+            self.refresh()
+            bsize = max(self.bsize, 1) if want is None else want
+            n = w[zw + _Z["DEPOT_N"]]
+            if n:                                                   # A1
+                k = min(bsize, n)
+                self._depot_take(k, hs, ts)
+                self.depot_gets += 1
+                self.items[:0] = hs
+                self.tix[:0] = ts
+                return True
+            limit = w[zw + _Z["LIMIT"]]
+            k = bsize
+            if limit:
+                k = min(k, limit - w[zw + _Z["ITEMS"]])
+                if k <= 0:
+                    return False
+            w[zw + _Z["ITEMS"]] += k                                # A2
+            keg = zone.keg
+            klk = core.lock(keg.lock_index)
+            klk.acquire(owner_id=self.cpu)
+            try:
+                got = keg.take(k, self.w_import if zone.init else self.w_cached, hs, ts)
+            finally:
+                klk.release()
+            if got < k:
+                w[zw + _Z["ITEMS"]] -= k - got
+            self.imports += 1
+        finally:
+            lk.release()
+        if zone.init is not None and hs:
+            hs, ts = self._run_init(hs, ts)
+        self.items[:0] = hs
+        self.tix[:0] = ts
+        self.publish()
+        return bool(hs)
+
+    def _run_init(self, hs, ts):
+        """Zone init on imported items, outside the locks.  The good ones before
+        the first failure are kept; the rest go back to the slab without fini
+        (UMA's ``zone_alloc_bucket``)."""
+        zone, tags = self.zone, self.core.tags
+        for i, (h, t) in enumerate(zip(hs, ts)):
+            try:
+                ok = zone.init(zone, h, M_NOWAIT) is not False
+            except BaseException:
+                self._release_to_keg(hs[i:], ts[i:], run_fini=False)
+                self._mark_cached(ts[:i])
+                raise
+            if not ok:
+                self._release_to_keg(hs[i:], ts[i:], run_fini=False)
+                self.fails += 1
+                hs, ts = hs[:i], ts[:i]
+                break
+        self._mark_cached(ts)
+        return hs, ts
+
+    def _mark_cached(self, ts):
+        tags, wc = self.core.tags, self.w_cached
+        for t in ts:
+            tags[t] = wc
+
+    def _depot_take(self, k, hs, ts):
+        """Pop ``k`` items from the depot (LIFO).  Lock: zone."""
+        w, zw = self.core.w, self.zw
+        n = w[zw + _Z["DEPOT_N"]]
+        cap = w[zw + _Z["DEPOT_CAP"]]
+        d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
+        hs.extend(w[d0 + n - k:d0 + n])
+        ts.extend(w[d0 + cap + n - k:d0 + cap + n])
+        self._mark_cached(ts)
+        w[zw + _Z["DEPOT_N"]] = n - k
+        if n - k < w[zw + _Z["IMIN"]]:
+            w[zw + _Z["IMIN"]] = n - k
+
+    def _depot_put(self, hs, ts) -> bool:
+        """Push items into the depot if they fit.  Lock: zone."""
+        w, zw, tags = self.core.w, self.zw, self.core.tags
+        n = w[zw + _Z["DEPOT_N"]]
+        cap = w[zw + _Z["DEPOT_CAP"]]
+        k = len(hs)
+        if n + k > cap:
+            return False
+        wd = self.w_depot
+        for t in ts:
+            tags[t] = wd
+        d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
+        w[d0 + n:d0 + n + k] = array("q", hs)
+        w[d0 + cap + n:d0 + cap + n + k] = array("q", ts)
+        w[zw + _Z["DEPOT_N"]] = n + k
+        if n + k > w[zw + _Z["IMAX"]]:
+            w[zw + _Z["IMAX"]] = n + k
+        return True
+
+    def _release_to_keg(self, hs, ts, run_fini: bool):
+        """Items this CPU holds go back to their slabs; the limit units are
+        returned.  Zone fini runs first (outside the locks) when asked."""
+        if not hs:
+            return
+        zone, core, tags = self.zone, self.core, self.core.tags
+        if run_fini and zone.fini is not None:
+            wf = self.w_fini
+            for t in ts:
+                tags[t] = wf
+            for h in hs:
+                zone.fini(zone, h)
+        lk = self._zlock()
+        try:
+            klk = core.lock(zone.keg.lock_index)
+            klk.acquire(owner_id=self.cpu)
+            try:
+                zone.keg.give_back(hs, ts)
+            finally:
+                klk.release()
+            core.w[self.zw + _Z["ITEMS"]] -= len(hs)
+        finally:
+            lk.release()
+
+    # ================================================================== sleeping (A4)
+    def _sleep(self, how, timeout, arg):
+        """Wait, FIFO among this zone's sleepers, for a freed item to be handed
+        over (or for room under the limit).  Lock: none on entry; takes zone."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        core, w, zw, cw = self.core, self.core.w, self.zw, L.cpu_word(self.cpu)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wake = self.arena._wake_sem()
+        wake.drain()
+        lk = self._zlock()
+        try:
+            w[cw + _C["GRANT_ZONE"]] = 0
+            w[cw + _C["WAIT_ZONE"]] = self.zone.id + 1
+            tail = w[zw + _Z["SQ_TAIL"]]
+            w[zw + L.ZONE_SLEEPQ_WORD + tail % L.MAX_CPUS] = self.cpu
+            w[zw + _Z["SQ_TAIL"]] = tail + 1
+            w[zw + _Z["SLEEPERS"]] += 1
+            w[zw + _Z["SLEEPS"]] += 1
+        finally:
+            lk.release()
+        self.sleeps += 1
+        self.publish()
+        self.refresh()
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            # Short slices: a slot in the arena may also open up by a free to
+            # the keg from another zone (pages), which posts nobody.
+            slice_ = 0.05 if left is None else max(0.0, min(left, 0.05))
+            wake.wait(slice_)
+            lk = self._zlock()
+            try:
+                if w[cw + _C["GRANT_ZONE"]] == self.zone.id + 1:
+                    h, t = w[cw + _C["GRANT_H"]], w[cw + _C["GRANT_T"]]
+                    w[cw + _C["GRANT_ZONE"]] = 0
+                    w[cw + _C["WAIT_ZONE"]] = 0
+                    self.items.append(h)
+                    self.tix.append(t)
+                    break
+                first = self._sleepq_first()
+                if first == self.cpu and self._room_now():
+                    self._sleepq_remove(self.cpu)
+                    w[cw + _C["WAIT_ZONE"]] = 0
+                    got = True
+                else:
+                    got = False
+                if not got and left is not None and left <= 0:
+                    self._sleepq_remove(self.cpu)
+                    w[cw + _C["WAIT_ZONE"]] = 0
+                    self.refresh()
+                    self.fails += 1
+                    self.publish()
+                    raise TimeoutError(f"zone {self.zone.name!r}: no item freed within "
+                                       f"{timeout} s")
+            finally:
+                lk.release()
+            if got:
+                if self._fill(1):
+                    break
+                # lost the room to a racing M_NOWAIT allocation: queue again
+                return self._sleep(how, None if deadline is None
+                                   else max(0.0, deadline - time.monotonic()), arg)
+        self.refresh()
+        self.publish()
+        return self.alloc(how & ~M_WAITOK | M_NOWAIT, None, arg)
+
+    def _room_now(self) -> bool:
+        """Zone lock held: could an import succeed now?"""
+        w, zw = self.core.w, self.zw
+        if w[zw + _Z["DEPOT_N"]]:
+            return True
+        limit = w[zw + _Z["LIMIT"]]
+        if limit and w[zw + _Z["ITEMS"]] >= limit:
+            return False
+        keg = self.zone.keg
+        return (self.core.w[keg.kw + L.KEG["FREE_ITEMS"]] > 0
+                or self.core.w[L.HDR["FREE_PAGES"]] >= keg.ppera)
+
+    def _sleepq_first(self) -> int:
+        w, zw = self.core.w, self.zw
+        head, tail = w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]
+        q = zw + L.ZONE_SLEEPQ_WORD
+        while head < tail and w[q + head % L.MAX_CPUS] < 0:
+            head += 1
+        w[zw + _Z["SQ_HEAD"]] = head
+        return w[q + head % L.MAX_CPUS] if head < tail else -1
+
+    def _sleepq_remove(self, cpu: int) -> None:
+        """Lock: zone."""
+        w, zw = self.core.w, self.zw
+        q = zw + L.ZONE_SLEEPQ_WORD
+        for pos in range(w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]):
+            if w[q + pos % L.MAX_CPUS] == cpu:
+                w[q + pos % L.MAX_CPUS] = -1
+                w[zw + _Z["SLEEPERS"]] -= 1
+                break
+        self._sleepq_first()
+
+    def _grant(self, h, t) -> bool:
+        """F2: hand a freed (dtor'd, still inited) item to the first sleeper.
+        Lock: zone."""
+        first = self._sleepq_first()
+        if first < 0:
+            return False
+        core, w, zw = self.core, self.core.w, self.zw
+        self._sleepq_remove(first)
+        cw = L.cpu_word(first)
+        core.tags[t] = L.tag(L.TAG_CACHED, self.zone.zidx, first, first)
+        w[cw + _C["GRANT_H"]] = h
+        w[cw + _C["GRANT_T"]] = t
+        w[cw + _C["GRANT_ZONE"]] = self.zone.id + 1
+        self.arena._post_wake(first)
+        return True
+
+    # ================================================================== free slow path
+    def _free_slow(self, h, arg):
+        other = self._check_thread()
+        if other is not None:
+            return other.free(h, arg)
+        zone, core = self.zone, self.core
+        if isinstance(h, bool) or not isinstance(h, int):
+            h = operator.index(h) if hasattr(h, "__index__") and not isinstance(h, bool) else None
+            if h is None:
+                zone._raise_bad(True, "free")  # raises TypeError
+        keg = zone.keg
+        base = keg.slab_of(h)
+        if base < 0:
+            zone._raise_bad(h, "free")
+        t = (base >> 2) + keg.offmap[h - base]
+        tg = core.tags[t]
+        if L.tag_state(tg) != L.TAG_ALLOC or L.tag_zidx(tg) != zone.zidx:
+            zone._raise_bad(h, "free")
+        if L.tag_holder(tg) != self.cpu:                            # F4
+            self._take_over(h, t, tg)
+        if zone.dtor is not None:
+            zone.dtor(zone, h, arg)
+        w = core.w
+        if w[self.zw + _Z["SLEEPERS"]]:                             # F2
+            lk = self._zlock()
+            try:
+                granted = self._grant(h, t)
+            finally:
+                lk.release()
+            if granted:
+                self.counts(0, 1)
+                self.publish()
+                return None
+        core.tags[t] = self.w_cached                                # F3
+        self.items.append(h)
+        self.tix.append(t)
+        self.counts(0, 1)
+        self.refresh()
+        if len(self.items) > 2 * self.bsize:
+            self._flush(max(len(self.items) - self.bsize, 1) if self.bsize else len(self.items))
+        self.publish()
+        return None
+
+    def _take_over(self, h, t, tg):
+        """F4: an item held by another CPU is freed here.  Lock: takes zone."""
+        lk = self._zlock()
+        try:
+            if self.core.tags[t] != tg:
+                self.zone._raise_bad(h, "free")
+            self.core.tags[t] = self.w_alloc
+            self.xfrees += 1
+        finally:
+            lk.release()
+
+    def _flush(self, k: int):
+        """F3: move the ``k`` oldest cached items to the depot, or to the keg when
+        the depot is full (or caching is off)."""
+        hs, ts = self.items[:k], self.tix[:k]
+        del self.items[:k]
+        del self.tix[:k]
+        if self.bsize:
+            lk = self._zlock()
+            try:
+                while hs and self.core.w[self.zw + _Z["SLEEPERS"]]:
+                    if not self._grant(hs[-1], ts[-1]):
+                        break
+                    hs.pop()
+                    ts.pop()
+                if not hs or self._depot_put(hs, ts):
+                    self.depot_puts += 1
+                    return
+            finally:
+                lk.release()
+        self._release_to_keg(hs, ts, run_fini=True)
+
+    # ================================================================== bulk
+    def alloc_bulk(self, n, how, timeout):
+        n = operator.index(n)
+        if n < 0:
+            raise ValueError(f"zone {self.zone.name!r}: alloc_bulk of {n} items")
+        other = self._check_thread()
+        if other is not None:
+            return other.alloc_bulk(n, how, timeout)
+        zone = self.zone
+        items = self.items
+        while len(items) < n and self._fill(n - len(items)):
+            pass
+        if zone.ctor is None and how < M_ZERO and len(items) >= n:
+            cut = len(items) - n
+            hs, ts = items[cut:], self.tix[cut:]
+            del items[cut:]
+            del self.tix[cut:]
+            tags, wa = self.core.tags, self.w_alloc
+            for t in ts:
+                tags[t] = wa
+            self.counts(n, 0)
+            hs.reverse()
+            return hs
+        if len(items) < n and not how & M_WAITOK:
+            self.fails += 1
+            self.publish()
+            return None
+        out = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _ in range(n):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                h = self.alloc(how, left)
+            except BaseException:
+                self.free_bulk(out)
+                raise
+            if h is None:
+                self.free_bulk(out)
+                return None
+            out.append(h)
+        return out
+
+    def free_bulk(self, handles):
+        hs = list(handles)
+        other = self._check_thread()
+        if other is not None:
+            return other.free_bulk(hs)
+        zone, core = self.zone, self.core
+        if len(set(hs)) != len(hs):
+            dup = next(h for h in hs if hs.count(h) > 1)
+            raise DoubleFreeError(f"zone {zone.name!r}: free_bulk lists handle {dup} twice")
+        if zone.dtor is None and not core.w[self.zw + _Z["SLEEPERS"]]:
+            keg = zone.keg
+            pt, tags, kid_bits, offmap = core.pt, core.tags, keg.kid_bits, keg.offmap
+            ts = []
+            wa = self.w_alloc
+            for h in hs:
+                try:
+                    b = pt[h >> 12] ^ kid_bits
+                    x = offmap.get(h - b)
+                except (IndexError, TypeError):
+                    x = None
+                if x is None or tags[(b >> 2) + x] != wa:
+                    break
+                ts.append((b >> 2) + x)
+            else:
+                wc = self.w_cached
+                for t in ts:
+                    tags[t] = wc
+                self.items.extend(hs)
+                self.tix.extend(ts)
+                self.counts(0, len(hs))
+                if len(self.items) > 2 * self.bsize:
+                    self._flush(len(self.items) - self.bsize if self.bsize else len(self.items))
+                return None
+        for h in hs:
+            self.free(h)
+        return None
+
+    # ================================================================== limits, drain
+    def set_max(self, nitems):
+        nitems = operator.index(nitems)
+        if nitems < 0:
+            raise ValueError(f"zone {self.zone.name!r}: limit {nitems} < 0")
+        w, zw = self.core.w, self.zw
+        lk = self._zlock()
+        try:
+            w[zw + _Z["LIMIT"]] = nitems
+        finally:
+            lk.release()
+        self.refresh()
+        self.arena._wake_sleepers(self.zone.id)
+        return nitems
+
+    def drain_cache(self):
+        """Give every cached item back (depot first, else keg)."""
+        if self.items:
+            self._flush(len(self.items))
+        self.publish()
+
+    def drain_depot(self, keep: int = 0):
+        """Depot buckets beyond ``keep`` items go back to the keg (zone fini);
+        then the keg's free slabs go back to the arena."""
+        core, w, zw = self.core, self.core.w, self.zw
+        hs, ts = [], []
+        lk = self._zlock()
+        try:
+            n = w[zw + _Z["DEPOT_N"]]
+            if n > keep:
+                self._depot_take(n - keep, hs, ts)
+                # tagged CACHED by this CPU until they reach the slab
+            w[zw + _Z["IMAX"]] = w[zw + _Z["IMIN"]] = w[zw + _Z["DEPOT_N"]]
+            if w[zw + _Z["BUCKET_SIZE"]] > w[zw + _Z["BUCKET_MIN"]]:
+                w[zw + _Z["BUCKET_SIZE"]] -= 1
+        finally:
+            lk.release()
+        self._release_to_keg(hs, ts, run_fini=True)
+        keg = self.zone.keg
+        klk = core.lock(keg.lock_index)
+        klk.acquire(owner_id=self.cpu)
+        try:
+            released = keg.drain()
+        finally:
+            klk.release()
+        self.refresh()
+        return released
+
