@@ -12,6 +12,7 @@ holds the views, and a backend supplies the buffer and the locks, either POSIX
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import threading
@@ -222,7 +223,19 @@ def _after_fork_in_child():
         a._on_fork()
 
 
+def _close_all_at_exit():
+    """A process that ends without closing gives its CPU slot and cached items
+    back (it does not destroy: that stays explicit, like shm_unlink)."""
+    for a in list(_live_arenas):
+        if not a._forked() and a._parent is None:
+            try:
+                a.close()
+            except Exception:
+                pass
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)
 
 
 class Arena:
@@ -446,8 +459,6 @@ class Arena:
         forked child, gets its own CPU slot on first use)."""
         if self._closed:
             raise ArenaClosedError(f"arena {self.name!r} is closed in this process")
-        if self._parent is not None and self._core.backend.local and not self._forked():
-            pass
         key = (os.getpid(), get_ident())
         a = self._thread_arenas.get(key)
         if a is None:
@@ -610,6 +621,12 @@ class Arena:
         from .stats import arena_stats
         self._publish_all()
         return arena_stats(self._core)
+
+    def cpu_stats(self):
+        """Per-CPU counters summed over zones (live CPUs), as published."""
+        from .stats import cpu_stats
+        self._publish_all()
+        return cpu_stats(self._core)
 
     def lock_stats(self):
         from .stats import lock_stats

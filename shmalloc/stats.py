@@ -146,3 +146,49 @@ def format_vmstat_z(rows) -> str:
 
 def vmstat_z(core) -> str:
     return format_vmstat_z(zone_stats(core, z) for z in core.live_zone_ids())
+
+
+@dataclass(frozen=True)
+class CpuStats:
+    cpu: int
+    pid: int
+    allocs: int
+    frees: int
+    fails: int
+    sleeps: int
+    cached: int
+    depot_gets: int      # alloc misses served by the depot
+    depot_puts: int      # full buckets given to the depot
+    keg_imports: int     # alloc misses served by the keg
+    xfrees: int
+
+    @property
+    def ops(self) -> int:
+        return self.allocs + self.frees
+
+    @property
+    def misses(self) -> int:
+        return self.depot_gets + self.depot_puts + self.keg_imports
+
+    @property
+    def hit_ratio(self) -> float:
+        """Share of operations served by this CPU's bucket cache alone."""
+        return 1 - self.misses / self.ops if self.ops else 1.0
+
+
+def cpu_stats(core) -> list[CpuStats]:
+    w = core.w
+    out = []
+    zones = core.live_zone_ids()
+    for cpu in core.live_cpus():
+        sums = dict.fromkeys(_CS, 0)
+        for z in zones:
+            sw = L.cpu_stat_word(cpu, z)
+            for k, i in _CS.items():
+                sums[k] += w[sw + i]
+        out.append(CpuStats(
+            cpu=cpu, pid=w[L.cpu_word(cpu) + _C["PID"]], allocs=sums["ALLOCS"],
+            frees=sums["FREES"], fails=sums["FAILS"], sleeps=sums["SLEEPS"],
+            cached=sums["CACHED"], depot_gets=sums["DEPOT_GETS"], depot_puts=sums["DEPOT_PUTS"],
+            keg_imports=sums["KEG_IMPORTS"], xfrees=sums["XFREES"]))
+    return out

@@ -58,6 +58,13 @@ _C = L.CPU
 _CS = L.CS
 
 
+def as_handle(h, zone_name: str) -> int:
+    """``h`` as an int handle; TypeError for anything that is not an integer."""
+    if isinstance(h, bool) or not hasattr(h, "__index__"):
+        raise TypeError(f"zone {zone_name!r}: a handle is an int, not {type(h).__name__}")
+    return operator.index(h)
+
+
 def bucket_select(size: int) -> int:
     """UMA's initial bucket size for items of ``size`` bytes."""
     if size > 4096:
@@ -110,7 +117,7 @@ class Zone:
 
     def view(self, h: int) -> memoryview:
         """Writable memoryview over item ``h`` (zero copy)."""
-        if self.keg.slab_of(operator.index(h)) < 0:
+        if self.keg.slab_of(as_handle(h, self.name)) < 0:
             self._raise_bad(h, "view")
         return self._core.mv[h:h + self.size]
 
@@ -141,12 +148,7 @@ class Zone:
     def _raise_bad(self, h, what: str):
         """Raise the most precise error for a handle the fast path refused."""
         core = self._core
-        if isinstance(h, bool) or not isinstance(h, int):
-            try:
-                h = operator.index(h)
-            except TypeError:
-                raise TypeError(f"zone {self.name!r}: a handle is an int, not "
-                                f"{type(h).__name__}") from None
+        h = as_handle(h, self.name)
         pre = f"zone {self.name!r}: {what} of handle {h}"
         if h < 0:
             raise BadHandleError(f"{pre}: negative handle")
@@ -214,7 +216,7 @@ class _Cache:
         W_ALLOC, W_CACHED = self.w_alloc, self.w_cached
         sleepers_w = self.zw + _Z["SLEEPERS"]
         alloc_slow, free_slow, ctor_path = self._alloc_slow, self._free_slow, self._ctor_path
-        tid = get_ident()
+        tid = -1
         cap = 0
         limited = False
         nallocs = nfrees = 0
@@ -265,13 +267,15 @@ class _Cache:
         self.counts, self.set_params = counts, set_params
         assert L.PAGE_SHIFT == 12
 
-    def refresh(self, tid: int | None = None):
-        """Re-read the zone's bucket size and limit into the fast paths."""
+    def refresh(self):
+        """Re-read the zone's bucket size and limit into the fast paths, which
+        serve only the thread that owns this CPU."""
         w = self.core.w
         bsize = w[self.zw + _Z["BUCKET_SIZE"]]
         self.bsize = bsize
+        usable = not (self.arena._closed or self.arena._forked())
         self.set_params(2 * bsize, w[self.zw + _Z["LIMIT"]] > 0,
-                        get_ident() if tid is None else tid)
+                        self.arena._owner_tid if usable else -1)
 
     def disable(self):
         """Route every call to the slow path (closed arena, forked child)."""
@@ -603,18 +607,7 @@ class _Cache:
         if other is not None:
             return other.free(h, arg)
         zone, core = self.zone, self.core
-        if isinstance(h, bool) or not isinstance(h, int):
-            h = operator.index(h) if hasattr(h, "__index__") and not isinstance(h, bool) else None
-            if h is None:
-                zone._raise_bad(True, "free")  # raises TypeError
-        keg = zone.keg
-        base = keg.slab_of(h)
-        if base < 0:
-            zone._raise_bad(h, "free")
-        t = (base >> 2) + keg.offmap[h - base]
-        tg = core.tags[t]
-        if L.tag_state(tg) != L.TAG_ALLOC or L.tag_zidx(tg) != zone.zidx:
-            zone._raise_bad(h, "free")
+        h, t, tg = self._validate_free(h)
         if L.tag_holder(tg) != self.cpu:                            # F4
             self._take_over(h, t, tg)
         if zone.dtor is not None:
@@ -639,6 +632,20 @@ class _Cache:
             self._flush(max(len(self.items) - self.bsize, 1) if self.bsize else len(self.items))
         self.publish()
         return None
+
+    def _validate_free(self, h):
+        """(handle, tag index, tag) of an allocated item of this zone, or raise."""
+        zone = self.zone
+        h = as_handle(h, zone.name)
+        keg = zone.keg
+        base = keg.slab_of(h)
+        if base < 0:
+            zone._raise_bad(h, "free")
+        t = (base >> 2) + keg.offmap[h - base]
+        tg = self.core.tags[t]
+        if L.tag_state(tg) != L.TAG_ALLOC or L.tag_zidx(tg) != zone.zidx:
+            zone._raise_bad(h, "free")
+        return h, t, tg
 
     def _take_over(self, h, t, tg):
         """F4: an item held by another CPU is freed here.  Lock: takes zone."""
@@ -747,6 +754,8 @@ class _Cache:
                 if len(self.items) > 2 * self.bsize:
                     self._flush(len(self.items) - self.bsize if self.bsize else len(self.items))
                 return None
+        for h in hs:
+            self._validate_free(h)          # all or nothing: no item freed if one is bad
         for h in hs:
             self.free(h)
         return None

@@ -1,0 +1,247 @@
+"""Locks whose owner and contention counters live in shared words.
+
+A lock is a binary semaphore plus a record of ``LOCK_WORDS`` signed 64-bit words that the
+caller places in shared memory and passes in as a memoryview cast to 'q':
+
+    word  name              meaning
+    0     L_OWNER_PID       pid of the holder, 0 when free
+    1     L_OWNER_ID        caller-chosen id of the holder (a CPU slot), 0 when free
+    2     L_ACQUISITIONS    times taken
+    3     L_CONTENDED       times taken after the first try failed
+    4     L_WAIT_NS         total nanoseconds waited by contended acquisitions
+    5     L_MAX_WAIT_NS     longest such wait
+    6     L_ACQUIRED_NS     time.monotonic_ns() when last taken
+    7     (spare)
+
+Counters are written only by the holder, so the lock itself protects them. POSIX
+semaphores have no owner: one held by a process that dies stays taken. The owner words let
+a supervisor see that and give the lock back (``force_release``). Left uncovered are the
+instants between taking the semaphore and writing the owner pid, and between clearing it
+and posting: a holder that dies there leaves a taken lock with no owner.
+"""
+
+import os
+import threading
+import time
+
+import posix_ipc
+
+from .errors import os_errors
+from .semaphore import sem_wait
+
+LOCK_WORDS = 8
+L_OWNER_PID = 0
+L_OWNER_ID = 1
+L_ACQUISITIONS = 2
+L_CONTENDED = 3
+L_WAIT_NS = 4
+L_MAX_WAIT_NS = 5
+L_ACQUIRED_NS = 6
+
+MODE = 0o600
+WAIT_SLICE = 1.0  # seconds per timed wait: on_wait runs, and signals land, between slices
+
+# os.getpid() is a system call; acquire and held_by_me read this copy instead.
+_pid = os.getpid()
+
+
+def _refresh_pid():
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def _check_words(words):
+    """Return ``words`` if it is a memoryview of at least LOCK_WORDS 'q' items."""
+    if not isinstance(words, memoryview) or words.format != "q" or len(words) < LOCK_WORDS:
+        raise ValueError(f"a lock needs a memoryview cast to 'q' of at least {LOCK_WORDS} words")
+    return words
+
+
+class _CountedLock:
+    """Acquire/release bookkeeping shared by SemLock and LocalLock.
+
+    Subclasses supply ``_try_acquire()`` (no wait), ``_wait_acquire(seconds)`` (bounded
+    wait) and ``_post()``.
+    """
+
+    __slots__ = ("name", "contended_last", "_words")
+
+    def __init__(self, name, words):
+        self.name = name
+        self.contended_last = False
+        self._words = _check_words(words)
+
+    def acquire(self, timeout=None, owner_id=0, on_wait=None):
+        """Take the lock; True if taken, False on timeout or when ``on_wait()`` says stop.
+
+        ``timeout`` is in seconds, None for no limit. While waiting, ``on_wait()`` (if
+        given) is called after each WAIT_SLICE; a true result abandons the wait.
+        ``contended_last`` tells whether the first try failed.
+        """
+        if self._try_acquire():
+            self.contended_last = False
+        else:
+            self.contended_last = True
+            if not self._acquire_slow(timeout, on_wait):
+                return False
+        w = self._words
+        w[L_OWNER_PID] = _pid
+        w[L_OWNER_ID] = owner_id
+        w[L_ACQUIRED_NS] = time.monotonic_ns()
+        w[L_ACQUISITIONS] += 1
+        return True
+
+    def _acquire_slow(self, timeout, on_wait):
+        """Wait for the lock after a failed try; on success count the contended take."""
+        started = time.monotonic_ns()
+        deadline = None if timeout is None else started + int(timeout * 1e9)
+        while True:
+            if deadline is None:
+                step = WAIT_SLICE
+            else:
+                left = deadline - time.monotonic_ns()
+                if left <= 0:
+                    return False
+                step = min(left / 1e9, WAIT_SLICE)
+            if self._wait_acquire(step):
+                break
+            if on_wait is not None and on_wait():
+                return False
+        waited = time.monotonic_ns() - started
+        w = self._words
+        w[L_CONTENDED] += 1
+        w[L_WAIT_NS] += waited
+        if waited > w[L_MAX_WAIT_NS]:
+            w[L_MAX_WAIT_NS] = waited
+        return True
+
+    def release(self):
+        """Clear the owner words and give the lock back."""
+        w = self._words
+        w[L_OWNER_PID] = 0
+        w[L_OWNER_ID] = 0
+        self._post()
+
+    def held_by_me(self):
+        """True if this process (any of its threads) holds the lock."""
+        return self._words[L_OWNER_PID] == _pid
+
+    def force_release(self, expected_pid):
+        """Give back a lock held by the dead process ``expected_pid``; True if done.
+
+        For a supervisor that has established ``expected_pid`` is dead. Nothing happens
+        (False) if the lock's owner is any other pid, so a repair cannot free a lock taken
+        since.
+        """
+        if expected_pid <= 0:
+            raise ValueError(f"expected_pid must be a pid, not {expected_pid}")
+        w = self._words
+        if w[L_OWNER_PID] != expected_pid:
+            return False
+        w[L_OWNER_PID] = 0
+        w[L_OWNER_ID] = 0
+        self._post()
+        return True
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+class SemLock(_CountedLock):
+    """A lock on a named POSIX semaphore (initial value 1, mode 0600)."""
+
+    __slots__ = ("_sem",)
+
+    def __init__(self, name, sem, words):
+        super().__init__(name, words)
+        self._sem = sem
+
+    @classmethod
+    def create(cls, name, words):
+        """Create the semaphore ``name`` free; ArenaExistsError if it exists."""
+        _check_words(words)
+        with os_errors(f"semaphore {name}"):
+            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=MODE, initial_value=1)
+        return cls(name, sem, words)
+
+    @classmethod
+    def open(cls, name, words):
+        """Open the existing semaphore ``name``; ArenaNotFoundError if missing."""
+        _check_words(words)
+        with os_errors(f"semaphore {name}"):
+            sem = posix_ipc.Semaphore(name)
+        return cls(name, sem, words)
+
+    def _try_acquire(self):
+        try:
+            self._sem.acquire(0)
+        except posix_ipc.BusyError:
+            return False
+        return True
+
+    def _wait_acquire(self, seconds):
+        return sem_wait(self._sem, seconds)
+
+    def _post(self):
+        self._sem.release()
+
+    def close(self):
+        """Close this process's handle (the semaphore stays). Idempotent."""
+        if self._sem is not None:
+            self._sem.close()
+            self._sem = None
+
+    @staticmethod
+    def unlink(name):
+        """Remove the semaphore ``name``; True if removed, False if it did not exist."""
+        with os_errors(f"semaphore {name}"):
+            try:
+                posix_ipc.unlink_semaphore(name)
+            except posix_ipc.ExistentialError:
+                return False
+        return True
+
+
+class LocalLock(_CountedLock):
+    """``SemLock``'s in-process twin over ``threading.Lock``, with the same words.
+
+    ``create`` and ``open`` both construct a new, independent lock (``name`` is only a
+    label): share the instance, not the name. ``close`` and ``unlink`` do nothing.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, name, words):
+        super().__init__(name, words)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, name, words):
+        """A new, free lock over ``words``."""
+        return cls(name, words)
+
+    open = create
+
+    def _try_acquire(self):
+        return self._lock.acquire(False)
+
+    def _wait_acquire(self, seconds):
+        return self._lock.acquire(timeout=seconds)
+
+    def _post(self):
+        self._lock.release()
+
+    def close(self):
+        """Nothing to close."""
+
+    @staticmethod
+    def unlink(name):
+        """Nothing to remove; returns False."""
+        return False

@@ -1,0 +1,117 @@
+"""A POSIX shared-memory segment mapped into this process.
+
+The segment is created mode 0600 and refused on attach unless it belongs to this user and
+grants nothing to group or others: the arena's bytes are trusted by every process that
+maps them. The file descriptor is closed as soon as the segment is mapped; the mapping
+stays valid until ``close``.
+"""
+
+import mmap
+import os
+
+import posix_ipc
+
+from .errors import ArenaPermissionError, IpcError, os_errors
+
+MODE = 0o600
+
+
+def _what(name):
+    return f"shared memory segment {name}"
+
+
+class Segment:
+    """A mapped shared-memory segment: ``name``, ``size`` and ``buf`` (the mapping).
+
+    ``buf`` is an ``mmap.mmap`` (or a ``bytearray`` for ``anonymous``): it supports the
+    buffer protocol and ``find(sub, start, end)``.
+    """
+
+    __slots__ = ("name", "size", "buf")
+
+    def __init__(self, name, size, buf):
+        self.name = name
+        self.size = size
+        self.buf = buf
+
+    def __repr__(self):
+        return f"<Segment {self.name or '(anonymous)'} size={self.size}>"
+
+    @classmethod
+    def create(cls, name, size):
+        """Create and map a new segment of ``size`` bytes, mode 0600.
+
+        Raises ArenaExistsError if ``name`` exists. The segment is removed again if it
+        cannot be mapped.
+        """
+        if size <= 0:
+            raise ValueError(f"segment size must be positive, not {size}")
+        with os_errors(_what(name)):
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=MODE, size=size)
+            try:
+                buf = mmap.mmap(shm.fd, size)
+            except BaseException:
+                posix_ipc.unlink_shared_memory(name)
+                raise
+            finally:
+                shm.close_fd()
+        return cls(name, size, buf)
+
+    @classmethod
+    def attach(cls, name):
+        """Map the existing segment ``name``, at its full size.
+
+        Raises ArenaNotFoundError if it does not exist, ArenaPermissionError if it belongs
+        to another user or its mode grants any access to group or others.
+        """
+        what = _what(name)
+        with os_errors(what):
+            shm = posix_ipc.SharedMemory(name)
+            try:
+                st = os.fstat(shm.fd)
+                if st.st_uid != os.getuid():
+                    raise ArenaPermissionError(
+                        f"{what} belongs to uid {st.st_uid}, not to this user ({os.getuid()})")
+                if st.st_mode & 0o077:
+                    raise ArenaPermissionError(
+                        f"{what} has mode {st.st_mode & 0o777:04o}; "
+                        f"only the owner may have access ({MODE:04o})")
+                if st.st_size == 0:
+                    raise IpcError(f"{what} is empty: its creator died while creating it")
+                buf = mmap.mmap(shm.fd, st.st_size)
+            finally:
+                shm.close_fd()
+        return cls(name, st.st_size, buf)
+
+    @classmethod
+    def anonymous(cls, size):
+        """A process-private stand-in over a ``bytearray``: no name; ``close`` does nothing."""
+        return cls(None, size, bytearray(size))
+
+    def close(self):
+        """Unmap the segment from this process; the segment itself stays. Idempotent.
+
+        If memoryviews of the mapping are still alive, the mapping cannot be closed
+        (mmap raises BufferError); it is then dropped here and unmapped by the garbage
+        collector when the last view goes.
+        """
+        if self.name is None or self.buf is None:
+            return
+        buf, self.buf = self.buf, None
+        try:
+            buf.close()
+        except BufferError:
+            pass
+
+    @staticmethod
+    def unlink(name):
+        """Remove the segment ``name``; True if removed, False if it did not exist.
+
+        Processes that have it mapped keep their mappings.
+        """
+        with os_errors(_what(name)):
+            try:
+                posix_ipc.unlink_shared_memory(name)
+            except posix_ipc.ExistentialError:
+                return False
+        return True
