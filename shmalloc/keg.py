@@ -26,6 +26,7 @@ return (``Lock: keg``); ``new_slab`` and ``drain`` take the vm lock inside it
 from __future__ import annotations
 
 from . import layout as L
+from .errors import CorruptionError
 
 _K = L.KEG
 _S = L.SLAB
@@ -148,7 +149,7 @@ class Keg:
         Lock: keg (takes vm)."""
         core = self.core
         with core.lock(L.VM_LOCK):
-            base = core.vm.alloc_run(self.ppera, self.id)
+            base = core.vm.reserve_run(self.ppera)
         if base < 0:
             return -1
         w = core.w
@@ -161,6 +162,8 @@ class Keg:
         if self.refcnt:
             r0 = base + self.rcoff
             core.mv[r0:r0 + 4 * self.ipers] = bytes(4 * self.ipers)
+        with core.lock(L.VM_LOCK):
+            core.vm.map_run(base, self.ppera, self.id)
         self._push(base, L.LIST_FREE)
         w[self.kw + _K["PAGES"]] += self.ppera
         w[self.kw + _K["NSLABS"]] += 1
@@ -192,6 +195,9 @@ class Keg:
             ti0 = t_lo >> 2
             for _ in range(k):
                 pos = buf.find(_ZERO_TAG, pos, t_end)
+                if pos < 0:
+                    raise CorruptionError(f"keg {self.id}: slab {base} counts {free} free "
+                                          f"items but its tags have no more")
                 pos = t_lo + L.round_up(pos - t_lo, 4)
                 ti = pos >> 2
                 tags[ti] = tag_word

@@ -9,6 +9,11 @@ a run to ``owner << KEG_ID_SHIFT | run base``.
 Invariant: ``FREE_PAGES == count of 1-bytes in the free map`` and a page is free
 iff its page-table entry is 0.  ``FREE_HINT <= first free page``.
 
+The page table is the truth: a run is first reserved in the free map, then its
+owner fills it (a slab header, zeroed tags), and only then is it mapped in the
+page table (``map_run``).  A CPU that dies in between leaves reserved pages with
+no owner, which a rebuild from the page table returns to the free map.
+
 Lock: every function here needs the vm lock (``layout.VM_LOCK``) held on entry
 and on return.
 """
@@ -44,7 +49,15 @@ class Vm:
         self.w[_H["FREE_HINT"]] = self.first_page
 
     def alloc_run(self, npages: int, owner: int) -> int:
-        """Take ``npages`` contiguous pages for ``owner`` (a keg id); -1 if none."""
+        """Take ``npages`` contiguous pages for ``owner`` and map them; -1 if none."""
+        base = self.reserve_run(npages)
+        if base >= 0:
+            self.map_run(base, npages, owner)
+        return base
+
+    def reserve_run(self, npages: int) -> int:
+        """Take ``npages`` contiguous pages out of the free map; -1 if none.
+        The caller fills them, then calls ``map_run``."""
         w = self.w
         if npages > w[_H["FREE_PAGES"]]:
             return -1
@@ -54,12 +67,15 @@ class Vm:
             return -1
         page = pos - self.fm
         self.mv[pos:pos + npages] = bytes(npages)
-        base = page << L.PAGE_SHIFT
-        self.pt[page:page + npages] = array("q", [owner << L.KEG_ID_SHIFT | base]) * npages
         w[_H["FREE_PAGES"]] -= npages
         if page == hint:
             w[_H["FREE_HINT"]] = page + npages
-        return base
+        return page << L.PAGE_SHIFT
+
+    def map_run(self, base: int, npages: int, owner: int) -> None:
+        """Point the page table at a reserved run's owner."""
+        page = base >> L.PAGE_SHIFT
+        self.pt[page:page + npages] = array("q", [owner << L.KEG_ID_SHIFT | base]) * npages
 
     def free_run(self, base: int, npages: int) -> None:
         """Give back the run at byte offset ``base``."""
@@ -69,6 +85,19 @@ class Vm:
         self.w[_H["FREE_PAGES"]] += npages
         if page < self.w[_H["FREE_HINT"]]:
             self.w[_H["FREE_HINT"]] = page
+
+    def rebuild(self) -> None:
+        """Recompute the free map, FREE_PAGES and the hint from the page table.
+        Used when the vm lock's owner died."""
+        pt, fm = self.pt, self.fm
+        free = bytearray(self.npages)
+        for page in range(self.first_page, self.npages):
+            if pt[page] == 0:
+                free[page] = 1
+        self.mv[fm:fm + self.npages] = free
+        self.w[_H["FREE_PAGES"]] = free.count(1)
+        first = free.find(1)
+        self.w[_H["FREE_HINT"]] = first if first >= 0 else self.npages
 
     def owner(self, base: int) -> int:
         return self.pt[base >> L.PAGE_SHIFT] >> L.KEG_ID_SHIFT

@@ -501,10 +501,7 @@ class _Cache:
         try:
             w[cw + _C["GRANT_ZONE"]] = 0
             w[cw + _C["WAIT_ZONE"]] = self.zone.id + 1
-            tail = w[zw + _Z["SQ_TAIL"]]
-            w[zw + L.ZONE_SLEEPQ_WORD + tail % L.MAX_CPUS] = self.cpu
-            w[zw + _Z["SQ_TAIL"]] = tail + 1
-            w[zw + _Z["SLEEPERS"]] += 1
+            self._sleepq_push(self.cpu)
             w[zw + _Z["SLEEPS"]] += 1
         finally:
             lk.release()
@@ -526,6 +523,9 @@ class _Cache:
                     self.items.append(h)
                     self.tix.append(t)
                     break
+                if not self._sleepq_contains(self.cpu):
+                    # dequeued by a granter that died before granting: queue again
+                    self._sleepq_push(self.cpu)
                 first = self._sleepq_first()
                 if first == self.cpu and self._room_now():
                     self._sleepq_remove(self.cpu)
@@ -573,6 +573,34 @@ class _Cache:
             head += 1
         w[zw + _Z["SQ_HEAD"]] = head
         return w[q + head % L.MAX_CPUS] if head < tail else -1
+
+    def _sleepq_push(self, cpu: int) -> None:
+        """Lock: zone."""
+        w, zw = self.core.w, self.zw
+        self._sleepq_first()                    # drop tombstones at the head
+        head, tail = w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]
+        if tail - head >= L.MAX_CPUS:
+            self._sleepq_compact()
+            tail = w[zw + _Z["SQ_TAIL"]]
+        w[zw + L.ZONE_SLEEPQ_WORD + tail % L.MAX_CPUS] = cpu
+        w[zw + _Z["SQ_TAIL"]] = tail + 1
+        w[zw + _Z["SLEEPERS"]] += 1
+
+    def _sleepq_compact(self) -> None:
+        """Squeeze tombstones out of the ring, keeping FIFO order.  Lock: zone."""
+        w, zw = self.core.w, self.zw
+        q = zw + L.ZONE_SLEEPQ_WORD
+        head, tail = w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]
+        live = [c for c in (w[q + i % L.MAX_CPUS] for i in range(head, tail)) if c >= 0]
+        for i, c in enumerate(live):
+            w[q + (head + i) % L.MAX_CPUS] = c
+        w[zw + _Z["SQ_TAIL"]] = head + len(live)
+
+    def _sleepq_contains(self, cpu: int) -> bool:
+        w, zw = self.core.w, self.zw
+        q = zw + L.ZONE_SLEEPQ_WORD
+        return any(w[q + i % L.MAX_CPUS] == cpu
+                   for i in range(w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]))
 
     def _sleepq_remove(self, cpu: int) -> None:
         """Lock: zone."""
