@@ -1,4 +1,16 @@
 """Runnable entry points behind the ``shmalloc`` console script.
 
-Installed as ``shmalloc.scripts`` (the folder sits at the top of the repository).
+Installed as ``shmalloc.scripts`` (the folder sits at the top of the repository). Each
+command module offers ``add_arguments(parser)`` and ``run(args) -> exit status``; ``cli``
+assembles them, and ``python -m shmalloc.scripts.<command>`` goes through ``cli`` too.
 """
+
+import argparse
+
+
+def positive_int(text):
+    """argparse type: an int >= 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return n

@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
-import threading
 import time
 import weakref
 from array import array
@@ -167,6 +166,18 @@ class _Core:
         self._locks[idx] = self.backend.create_lock(idx, self.lock_words(idx))
         return self._locks[idx]
 
+    def open_locks(self) -> None:
+        """Open the lock of the arena, of every keg and of every zone now, so
+        that this attachment keeps working after the arena is destroyed (an
+        unlinked semaphore stays usable through handles already open)."""
+        w = self.w
+        self.lock(L.VM_LOCK)
+        for k in range(1, w[_H["NKEGS"]] + 1):
+            if w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE:
+                self.lock(L.keg_lock_index(k))
+        for z in self.live_zone_ids():
+            self.lock(L.zone_lock_index(z))
+
     def keg(self, keg_id: int) -> Keg:
         k = self._kegs.get(keg_id)
         if k is None:
@@ -296,6 +307,7 @@ class Arena:
         try:
             size = cls._validate_segment(seg)
             core = _Core(_PosixBackend(name, seg), size)
+            core.open_locks()
             return cls(core, name, creator=False)
         except BaseException:
             seg.close()
@@ -515,7 +527,7 @@ class Arena:
         master = self.zone(master) if isinstance(master, str) else master
         from .hooks import name_of
         hooks = [name_of(h) for h in (ctor, dtor, init, fini)]
-        core, w = self._core, self._core.w
+        core = self._core
         with core.lock(L.VM_LOCK):
             self._check_new_zone_name(name)
             kid = master.keg.id

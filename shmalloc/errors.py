@@ -5,7 +5,14 @@ boundary where OS errors are translated); the allocator's own are here.  Each
 message names the zone and the handle it is about.
 """
 
-from .ipc.errors import (  # noqa: F401  (re-exported)
+__all__ = [
+    "ArenaExistsError", "ArenaNotFoundError", "ArenaPermissionError", "BadNameError", "IpcError",
+    "IpcLimitError", "LockTimeoutError", "ShmallocError", "BadHandleError", "ForeignHandleError",
+    "DoubleFreeError", "ArenaClosedError", "LayoutError", "CorruptionError", "UseAfterFreeError",
+    "ZoneError", "HookError", "TooManyCpusError",
+]
+
+from .ipc.errors import (  # noqa: E402  (re-exported)
     ArenaExistsError,
     ArenaNotFoundError,
     ArenaPermissionError,

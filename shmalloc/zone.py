@@ -410,7 +410,7 @@ class _Cache:
         """Zone init on imported items, outside the locks.  The good ones before
         the first failure are kept; the rest go back to the slab without fini
         (UMA's ``zone_alloc_bucket``)."""
-        zone, tags = self.zone, self.core.tags
+        zone = self.zone
         for i, (h, t) in enumerate(zip(hs, ts)):
             try:
                 ok = zone.init(zone, h, M_NOWAIT) is not False
@@ -493,7 +493,7 @@ class _Cache:
         over (or for room under the limit).  Lock: none on entry; takes zone."""
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be >= 0")
-        core, w, zw, cw = self.core, self.core.w, self.zw, L.cpu_word(self.cpu)
+        w, zw, cw = self.core.w, self.zw, L.cpu_word(self.cpu)
         deadline = None if timeout is None else time.monotonic() + timeout
         wake = self.arena._wake_sem()
         wake.drain()
@@ -619,7 +619,7 @@ class _Cache:
         first = self._sleepq_first()
         if first < 0:
             return False
-        core, w, zw = self.core, self.core.w, self.zw
+        core, w = self.core, self.core.w
         self._sleepq_remove(first)
         cw = L.cpu_word(first)
         core.tags[t] = L.tag(L.TAG_CACHED, self.zone.zidx, first, first)

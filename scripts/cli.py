@@ -1,0 +1,131 @@
+"""The ``shmalloc`` command line.
+
+    shmalloc launch [-n N] [--seconds S] [--size BYTES] [--seed SEED] [--name ARENA]
+    shmalloc bench [--quick] [--json FILE] [--repeat K]
+    shmalloc stat -z|-m --name ARENA [-w SECONDS [-c COUNT]]
+    shmalloc check --name ARENA
+    shmalloc cleanup --name ARENA [--name ARENA ...] | --all
+
+Exit status: 0 ok, 1 failure, 2 usage.
+"""
+
+import argparse
+import itertools
+import sys
+import time
+
+from shmalloc import Arena, CorruptionError, ShmallocError, admin
+from shmalloc.ipc import naming
+
+from . import bench, launch, positive_int
+
+
+def main(argv=None):
+    """Run the command in ``argv`` (default: the command line); return the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"shmalloc {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except ShmallocError as e:
+        print(f"shmalloc {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="shmalloc", description="FreeBSD's UMA slab "
+                                     "allocator on POSIX shared memory: tools.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, run, help, add_arguments=None):
+        p = sub.add_parser(name, help=help, description=help)
+        if add_arguments is not None:
+            add_arguments(p)
+        p.set_defaults(run=run)
+        return p
+
+    command("launch", launch.run, "start N worker CPUs on a private arena, report, clean up",
+            launch.add_arguments)
+    command("bench", bench.run, "benchmark shmalloc against the Python peers",
+            bench.add_arguments)
+
+    p = command("stat", _stat, "print vmstat -z (or netstat -m) of a running arena")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("-z", action="store_true", help="vmstat -z: per-zone statistics")
+    what.add_argument("-m", action="store_true", help="netstat -m: mbuf statistics")
+    p.add_argument("--name", required=True, metavar="ARENA")
+    p.add_argument("-w", "--wait", type=float, metavar="SECONDS",
+                   help="repeat every SECONDS, until Ctrl-C or COUNT")
+    p.add_argument("-c", "--count", type=positive_int, metavar="COUNT",
+                   help="with -w: stop after COUNT reports")
+
+    p = command("check", _check, "verify the invariants of a running arena")
+    p.add_argument("--name", required=True, metavar="ARENA")
+
+    p = command("cleanup", _cleanup, "remove the OS objects of arenas no live process uses")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name", action="append", metavar="ARENA",
+                       help="an arena to remove (repeatable)")
+    which.add_argument("--all", action="store_true", help="every abandoned arena")
+    return parser
+
+
+# ------------------------------------------------------------------------ stat, check
+def _stat(args):
+    """Print vmstat -z of the arena, once or every ``args.wait`` seconds."""
+    if args.m:
+        print("shmalloc stat: netstat -m arrives with the mbuf layer", file=sys.stderr)
+        return 2
+    if args.wait is not None and args.wait <= 0:
+        print("shmalloc stat: -w needs a positive number of seconds", file=sys.stderr)
+        return 2
+    with Arena.attach(args.name) as arena:
+        try:
+            for i in itertools.count(1):
+                sys.stdout.write(arena.vmstat_z())
+                sys.stdout.flush()
+                if args.wait is None or i == args.count:
+                    break
+                time.sleep(args.wait)
+                print()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _check(args):
+    """Run ``check`` on the arena; 0 if consistent, 1 listing what is not."""
+    with Arena.attach(args.name) as arena:
+        try:
+            arena.check()
+        except CorruptionError as e:
+            print(f"check: FAILED\n{e}")
+            return 1
+    print("check: ok")
+    return 0
+
+
+# ------------------------------------------------------------------------ cleanup
+def _cleanup(args):
+    """Remove every OS object of the named (or all) arenas that no live process holds.
+
+    1 if a named arena is still in use, else 0.
+    """
+    names = args.name or None
+    removed, busy = admin.cleanup(names)
+    for kind, obj in removed:
+        print(f"removed {naming.KINDS[kind]} {obj}")
+    for arena, pids in busy:
+        print(f"arena {arena}: in use by pid {', '.join(map(str, pids))}; left alone")
+    if names and not removed and not busy:
+        print(f"arena {', '.join(names)}: no OS objects")
+    return 1 if names and busy else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
