@@ -31,11 +31,12 @@ from .ipc.segment import Segment
 from .ipc.semaphore import LocalWakeSemaphore, WakeSemaphore
 from .keg import Keg
 from .vm import Vm
-from .zone import BUCKET_MAX, Zone, bucket_select
+from .zone import BUCKET_MAX, Zone, apply_maxcache, bucket_select
 
 _H, _Z, _C, _K = L.HDR, L.ZONE, L.CPU, L.KEG
 DEFAULT_SIZE = 64 << 20
 DEPOT_CAP = 1024
+_DEPOT_PAGES = -(-DEPOT_CAP * L.DEPOT_ENTRY_BYTES // L.PAGE_SIZE)
 
 
 def _start_time(pid: int) -> int:
@@ -427,6 +428,25 @@ class Arena:
             core.backend.unlink_wake(cpu)
             self._wake = None
 
+    def _orphan_allocated(self):
+        """Items this CPU allocated and never freed outlive its close (as memory
+        outlives a thread): they are re-tagged as held by no CPU, so any CPU may
+        free them later and nobody recovers them as a dead CPU's."""
+        core = self._core
+        w = core.w
+        for k in range(1, w[_H["NKEGS"]] + 1):
+            if not w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE:
+                continue
+            keg = core.keg(k)
+            lk = core.lock(keg.lock_index)
+            lk.acquire(owner_id=self.cpu_id)
+            try:
+                for ti, tv in list(keg.held_by(self.cpu_id)):
+                    if L.tag_state(tv) == L.TAG_ALLOC:
+                        core.tags[ti] = L.tag(L.TAG_ALLOC, L.tag_zidx(tv))
+            finally:
+                lk.release()
+
     def _wake_sem(self):
         return self._wake
 
@@ -497,6 +517,7 @@ class Arena:
         if align & (align - 1) or align > L.PAGE_SIZE:
             raise ZoneError(f"zone {name!r}: align {align} is not a power of two <= page size")
         align = max(align, 8)
+        self._check_zone_options(name, bucket_size, xfree)
         from .hooks import name_of
         hooks = [name_of(h) for h in (ctor, dtor, init, fini)]
         core, w = self._core, self._core.w
@@ -505,18 +526,17 @@ class Arena:
             keg_id = w[_H["NKEGS"]] + 1
             if keg_id > L.MAX_KEGS:
                 raise ZoneError(f"arena {self.name!r}: all {L.MAX_KEGS} kegs are in use")
+            rsize = L.round_up(size, align)
+            ppera, _, _ = L.keg_layout(rsize, refcnt, max(1, core.geometry.data_pages // 8))
+            if ppera > core.geometry.data_pages:
+                raise ZoneError(f"zone {name!r}: one slab of {size}-byte items needs {ppera} "
+                                f"pages; the arena has {core.geometry.data_pages}")
+            depot = self._reserve_depot(name)           # the one step that can fail
             Keg.format(core, keg_id, size, align, refcnt, nofree)
-            keg = core.keg(keg_id)
-            if keg.slab_bytes > core.geometry.data_pages * L.PAGE_SIZE:
-                w[L.keg_word(keg_id) + _K["FLAGS"]] = 0
-                core._kegs.pop(keg_id, None)
-                raise ZoneError(f"zone {name!r}: one slab of {size}-byte items needs "
-                                f"{keg.slab_bytes} bytes; the arena has "
-                                f"{core.geometry.data_pages * L.PAGE_SIZE}")
             w[_H["NKEGS"]] = keg_id
             core.create_lock(L.keg_lock_index(keg_id))
             zone_id = self._new_zone_record(name, keg_id, 0, size, max_items, bucket_size,
-                                            hooks, refcnt, xfree, secondary=False)
+                                            hooks, refcnt, xfree, depot, secondary=False)
         return self._zone_by_id(zone_id)
 
     def zsecond_create(self, name: str, master, *, ctor=None, dtor=None, init=None, fini=None,
@@ -525,6 +545,7 @@ class Arena:
         (UMA's ``uma_zsecond_create``; the mbuf packet zone)."""
         self._check_open()
         master = self.zone(master) if isinstance(master, str) else master
+        self._check_zone_options(name, bucket_size, xfree)
         from .hooks import name_of
         hooks = [name_of(h) for h in (ctor, dtor, init, fini)]
         core = self._core
@@ -534,10 +555,22 @@ class Arena:
             zidx = len(core.zones_of_keg(kid))
             if zidx >= L.MAX_ZONES_PER_KEG:
                 raise ZoneError(f"keg of {master.name!r} already carries {zidx} zones")
-            zone_id = self._new_zone_record(name, kid, zidx, master.size,
-                                            _check_int("max_items", max_items, 0), bucket_size,
-                                            hooks, master.keg.refcnt, xfree, secondary=True)
+            max_items = _check_int("max_items", max_items, 0)
+            depot = self._reserve_depot(name)
+            zone_id = self._new_zone_record(name, kid, zidx, master.size, max_items, bucket_size,
+                                            hooks, master.keg.refcnt, xfree, depot,
+                                            secondary=True)
         return self._zone_by_id(zone_id)
+
+    @staticmethod
+    def _check_zone_options(name, bucket_size, xfree):
+        if xfree not in ("local", "message"):
+            raise ZoneError(f"zone {name!r}: xfree must be 'local' or 'message', not {xfree!r}")
+        if bucket_size is None or bucket_size == "adaptive":
+            return
+        bsize = _check_int("bucket_size", bucket_size, 0)
+        if bsize > BUCKET_MAX:
+            raise ZoneError(f"zone {name!r}: bucket_size {bsize} > {BUCKET_MAX}")
 
     def _check_new_zone_name(self, name):
         if not isinstance(name, str):
@@ -546,28 +579,27 @@ class Arena:
             raise ZoneError(f"zone name {name!r} must be 1..{L.NAME_BYTES - 1} bytes, no NUL")
         if self._core.zone_id(name) >= 0:
             raise ZoneError(f"arena {self.name!r} already has a zone {name!r}")
-
-    def _new_zone_record(self, name, keg_id, zidx, size, max_items, bucket_size, hooks,
-                         refcnt, xfree, secondary) -> int:
-        """Lock: vm."""
-        core, w = self._core, self._core.w
-        zone_id = w[_H["NZONES"]]
-        if zone_id >= L.MAX_ZONES:
+        if self._core.w[_H["NZONES"]] >= L.MAX_ZONES:
             raise ZoneError(f"arena {self.name!r}: all {L.MAX_ZONES} zones are in use")
-        if xfree not in ("local", "message"):
-            raise ZoneError(f"zone {name!r}: xfree must be 'local' or 'message', not {xfree!r}")
-        if bucket_size is None or bucket_size == "adaptive":
-            bmin = bsize = bucket_select(size)
-            bmax = BUCKET_MAX
-        else:
-            bsize = _check_int("bucket_size", bucket_size, 0)
-            if bsize > BUCKET_MAX:
-                raise ZoneError(f"zone {name!r}: bucket_size {bsize} > {BUCKET_MAX}")
-            bmin = bmax = bsize
-        depot_pages = -(-DEPOT_CAP * L.DEPOT_ENTRY_BYTES // L.PAGE_SIZE)
-        depot = core.vm.alloc_run(depot_pages, L.VM_INTERNAL_KEG)
+
+    def _reserve_depot(self, name) -> int:
+        """Pages for a new zone's depot.  Lock: vm."""
+        depot = self._core.vm.alloc_run(_DEPOT_PAGES, L.VM_INTERNAL_KEG)
         if depot < 0:
             raise ZoneError(f"arena {self.name!r} has no room for the depot of zone {name!r}")
+        return depot
+
+    def _new_zone_record(self, name, keg_id, zidx, size, max_items, bucket_size, hooks,
+                         refcnt, xfree, depot, secondary) -> int:
+        """Fill the next zone record (arguments already checked).  Lock: vm."""
+        core, w = self._core, self._core.w
+        zone_id = w[_H["NZONES"]]
+        fixed = not (bucket_size is None or bucket_size == "adaptive")
+        if fixed:
+            bmin = bsize = bmax = bucket_size
+        else:
+            bmin = bsize = bucket_select(size)
+            bmax = BUCKET_MAX
         zw = L.zone_word(zone_id)
         w[zw:zw + L.ZONE_WORDS] = core.zero_words(L.ZONE_WORDS)
         L.write_str(core.mv, L.zone_name_off(zone_id), L.NAME_BYTES, name)
@@ -586,7 +618,9 @@ class Arena:
         w[zw + _Z["CREATED_NS"]] = time.time_ns()
         core.create_lock(L.zone_lock_index(zone_id))
         w[zw + _Z["FLAGS"]] = (L.ZF_LIVE | (L.ZF_SECONDARY if secondary else 0)
-                               | (L.ZF_REFCNT if refcnt else 0))
+                               | (L.ZF_REFCNT if refcnt else 0)
+                               | (L.ZF_FIXED_BUCKET if fixed else 0))
+        apply_maxcache(w, zw, max_items)
         w[L.keg_word(keg_id) + _K["NZONES"]] += 1
         w[_H["NZONES"]] = zone_id + 1
         return zone_id
@@ -689,6 +723,7 @@ class Arena:
         if not self._forked():
             for z in self._zones.values():
                 z._cache.drain_cache()
+            self._orphan_allocated()
             self._release_cpu()
         for z in self._zones.values():
             z._cache.disable()

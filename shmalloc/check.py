@@ -12,7 +12,8 @@ Per zone (conservation):
     SLEEPERS == live entries of the sleep queue;
     each live CPU's published CACHED == CACHED tags it holds (level >= 2, or for
     this process's own CPUs, which publish before the check).
-Per item: a known state, a zone index of the keg, a holder that is a live CPU.
+Per item: a known state, a zone index of the keg, a holder that is a live CPU
+(or none, for an allocated item whose CPU closed without freeing it).
 
 All locks are taken (zones, then kegs, then vm) so slow paths stand still;
 fast paths only move items between CACHED and ALLOC of one CPU, which no
@@ -127,7 +128,7 @@ def _check_keg(core, kid, zone_ids, live, own_cpus, level, problems):
             continue
         by_zone[zidx, st] += n
         if st in (L.TAG_CACHED, L.TAG_ALLOC, L.TAG_IMPORT, L.TAG_FINI, L.TAG_INFLIGHT):
-            if holder not in live:
+            if holder not in live and not (st == L.TAG_ALLOC and holder == L.NO_CPU):
                 problems.append(f"{p}: {n} {L.TAG_STATE_NAMES[st]} items of zone "
                                 f"{core.zone_name(zones[zidx])!r} are held by CPU {holder}, "
                                 f"which is not live")

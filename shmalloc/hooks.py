@@ -57,6 +57,10 @@ def resolve(name: str) -> Callable | None:
     fn = _registry.get(name)
     if fn is not None:
         return fn
+    if ":" not in name and _import_builtin_providers():
+        fn = _registry.get(name)
+        if fn is not None:
+            return fn
     mod, sep, attr = name.partition(":")
     if not sep or not mod or not attr:
         raise HookError(f"hook name {name!r} is neither registered nor 'package.module:function'")
@@ -69,3 +73,21 @@ def resolve(name: str) -> Callable | None:
     if not callable(obj):
         raise HookError(f"hook {name!r} is not callable")
     return obj
+
+
+# Built-in hook names (no ":") are registered by the upper layers of this package when
+# they are imported.  A process that meets such a name before importing them (say, one
+# that only calls arena.reclaim() on an arena with mbuf zones) imports them here.
+_BUILTIN_PROVIDERS = ("shmalloc.mbuf",)
+_providers_imported = False
+
+
+def _import_builtin_providers() -> bool:
+    """Import the modules that register built-in hooks; True the first time."""
+    global _providers_imported
+    if _providers_imported:
+        return False
+    _providers_imported = True
+    for mod in _BUILTIN_PROVIDERS:
+        importlib.import_module(mod)
+    return True

@@ -271,6 +271,17 @@ class Keg:
                 if seen > self.core.geometry.npages:
                     raise RuntimeError(f"keg {self.id}: slab list {lst} has a cycle")
 
+    def held_by(self, cpu: int):
+        """Yield (tag index, tag) of every item whose tag names ``cpu`` as holder.
+        Tags of a live CPU's items change under its feet: use for a CPU that is
+        closing (itself) or dead."""
+        tags = self.core.tags
+        for _, base in self.slabs():
+            t0 = (base + self.tagoff) >> 2
+            for i, tv in enumerate(tags[t0:t0 + self.ipers]):
+                if tv and (tv >> 8) & 0xFF == cpu:
+                    yield t0 + i, tv
+
     def slab_tags(self, base: int) -> memoryview:
         t0 = (base + self.tagoff) >> 2
         return self.core.tags[t0:t0 + self.ipers]

@@ -125,7 +125,7 @@ ZONE_HOOKS_WORD = ZONE_NAME_WORD + NAME_BYTES // WORD      # 4 x HOOK_BYTES: cto
 ZONE_SLEEPQ_WORD = ZONE_HOOKS_WORD + 4 * HOOK_BYTES // WORD  # ring of MAX_CPUS cpu ids
 ZONE_WORDS = ZONE_SLEEPQ_WORD + MAX_CPUS
 HOOK_NAMES = ("ctor", "dtor", "init", "fini")
-ZF_LIVE, ZF_SECONDARY, ZF_REFCNT, ZF_NOCACHE = 1, 2, 4, 8
+ZF_LIVE, ZF_SECONDARY, ZF_REFCNT, ZF_FIXED_BUCKET = 1, 2, 4, 8
 
 # --- keg record --------------------------------------------------------------------
 KEG = _fields(
@@ -312,6 +312,66 @@ def keg_layout(rsize: int, refcnt: bool, max_pages: int) -> tuple[int, int, int]
     return ppera, n, round_up(n * rsize, WORD)
 
 
+# --- mbuf (shmalloc.mbuf) ---------------------------------------------------------------------
+# An mbuf is one MSIZE-byte item of the "mbuf" keg, aligned to MSIZE, so the mbuf that
+# holds any address is ``addr & ~(MSIZE - 1)`` (dtom).  Every field is a word; every
+# pointer (m_next, m_data, ext_buf, ref_cnt, tags ...) is a handle and 0 is NULL.  As in
+# FreeBSD, the packet header, the external-storage descriptor and the data share the
+# space after the header (a union): m_ext always sits where m_pktdat begins.
+#
+#   byte 0          +--------------------------------------------+
+#                   | m_hdr      MH words                        |  next nextpkt data len flags type
+#   MH_BYTES  (48)  +--------------------------------------------+ <- m_dat    (MLEN bytes)
+#                   | m_pkthdr   PH words            (M_PKTHDR)  |  rcvif header len csum_flags
+#                   |                                            |  csum_data tso_segsz ether_vtag tags
+#   PKTDAT   (112)  +--------------------------------------------+ <- m_pktdat (MHLEN bytes)
+#                   | m_ext      EXT words           (M_EXT)     |  buf size type ref_cnt arg1 arg2 owner
+#   EXT_FREE (168)  |   ext_free EXT_FREE_BYTES                  |  name of the m_extadd free routine
+#   MSIZE    (256)  +--------------------------------------------+
+#
+# ref_cnt is the handle of the u32 counting the storage's references: the refcount
+# trailer of a cluster (REFCNT kegs) or an item of "mbuf_ext_refcnt".  owner is the mbuf
+# that attached the storage first: a packet (mbuf_packet) goes back to its zone with its
+# cluster only when the last reference to the cluster goes.
+#
+# An m_tag is an item of a "mbuf_tag_<size>" zone: MTAG words, then the payload.
+#
+#   +------+-------+--------+----+-----+--------------------------+
+#   | next | owner | cookie | id | len | payload (len bytes)      |
+#   +------+-------+--------+----+-----+--------------------------+
+#   owner is the mbuf whose packet header lists the tag, 0 while unlinked.
+MSIZE = 256
+MH = _fields("NEXT", "NEXTPKT", "DATA", "LEN", "FLAGS", "TYPE")
+PH = _fields("RCVIF", "HEADER", "LEN", "CSUM_FLAGS", "CSUM_DATA", "TSO_SEGSZ", "ETHER_VTAG",
+             "TAGS")
+EXT = _fields("BUF", "SIZE", "TYPE", "REFCNT", "ARG1", "ARG2", "OWNER")
+MH_WORDS, PH_WORDS, EXT_WORDS = len(MH), len(PH), len(EXT)
+MH_BYTES = MH_WORDS * WORD                       # offset of m_dat
+PH_WORD = MH_WORDS                               # first pkthdr word in the mbuf
+PKTDAT = MH_BYTES + PH_WORDS * WORD              # offset of m_pktdat
+EXT_WORD = PKTDAT // WORD                        # first m_ext word in the mbuf
+EXT_FREE = PKTDAT + EXT_WORDS * WORD             # offset of the ext_free name
+EXT_FREE_BYTES = MSIZE - EXT_FREE
+MLEN = MSIZE - MH_BYTES
+MHLEN = MSIZE - PKTDAT
+MTAG = _fields("NEXT", "OWNER", "COOKIE", "ID", "LEN")
+MTAG_HDR_BYTES = len(MTAG) * WORD
+
+# The tunables region of the header: what Arena.create(tunables=) was given (TUN, a SET
+# bit per name, in TUN order), then the mbuf layer's shared state (MBS): the values in
+# force (sysctl), counters (mbstat, reclaim) and the init state.
+TUN = _fields("SET", "NMBCLUSTERS", "NMBJUMBOP", "NMBJUMBO9", "NMBJUMBO16", "NMBUFS",
+              "MAXMBUFMEM", "MAXUSERS", "V_FREE_MIN")
+TUN_WORD = TUNABLES_WORD
+TUN_WORDS = 16
+MBS = _fields("STATE", "MAXUSERS", "NMBCLUSTERS", "NMBJUMBOP", "NMBJUMBO9", "NMBJUMBO16",
+              "NMBUFS", "MAXMBUFMEM", "V_FREE_MIN", "DRAINS", "LOWMEM", "LOWMEM_NS", "MCFAIL",
+              "MPFAIL", "SYSCTL_GEN", "WAITOK_DOWNGRADES")
+MBS_WORD = TUN_WORD + TUN_WORDS
+MBS_WORDS = 32
+MBS_UNTUNED, MBS_TUNED, MBS_READY = 0, 1, 2      # STATE: tunables computed, zones made
+
+
 # --- checks at import -----------------------------------------------------------------------
 assert len(HDR) <= TUNABLES_WORD
 assert len(LOCK) == LOCK_WORDS
@@ -326,3 +386,11 @@ assert MAX_CPUS < NO_CPU and MAX_LOCKS == zone_lock_index(MAX_ZONES - 1) + 1
 assert VM_INTERNAL_KEG > MAX_KEGS
 assert MAGIC.to_bytes(8, "little") == b"SHMALLOC"
 assert keg_layout(2048, True, 64)[1] * 2048 / (keg_layout(2048, True, 64)[0] * PAGE_SIZE) >= 0.97
+assert MSIZE & (MSIZE - 1) == 0                  # dtom: ((MSIZE - 1) ^ MSIZE) + 1 >> 1 == MSIZE
+assert (((MSIZE - 1) ^ MSIZE) + 1) >> 1 == MSIZE
+assert MLEN == MSIZE - MH_BYTES and MHLEN == MLEN - PH_WORDS * WORD
+assert EXT_FREE + EXT_FREE_BYTES == MSIZE and EXT_FREE_BYTES >= 64
+assert EXT_WORDS * WORD + EXT_FREE_BYTES == MHLEN   # m_ext fills the m_pktdat union exactly
+assert MSIZE <= PAGE_SIZE and PAGE_SIZE % MSIZE == 0
+assert len(TUN) <= TUN_WORDS and len(MBS) <= MBS_WORDS
+assert MBS_WORD + MBS_WORDS <= TUNABLES_WORD + TUNABLES_WORDS <= HDR_WORDS

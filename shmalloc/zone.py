@@ -36,6 +36,7 @@ size); the keg lock guards slabs.  Order zone -> keg -> vm.
 from __future__ import annotations
 
 import operator
+import os
 import time
 from array import array
 from threading import get_ident
@@ -61,8 +62,32 @@ _CS = L.CS
 def as_handle(h, zone_name: str) -> int:
     """``h`` as an int handle; TypeError for anything that is not an integer."""
     if isinstance(h, bool) or not hasattr(h, "__index__"):
-        raise TypeError(f"zone {zone_name!r}: a handle is an int, not {type(h).__name__}")
+        raise TypeError(f"zone {zone_name!r}: a handle is an int, not "
+                        f"{type(h).__name__} ({h!r:.40})")
     return operator.index(h)
+
+
+def check_how(how, zone_name: str) -> None:
+    """``how`` must be M_NOWAIT or M_WAITOK, optionally with M_ZERO."""
+    if isinstance(how, bool) or not isinstance(how, int):
+        raise TypeError(f"zone {zone_name!r}: how is an int flag, not {type(how).__name__}")
+    if how & ~(M_NOWAIT | M_WAITOK | M_ZERO) or (how & (M_NOWAIT | M_WAITOK)) in (0, 3):
+        raise ValueError(f"zone {zone_name!r}: how must be M_NOWAIT or M_WAITOK (optionally "
+                         f"| M_ZERO), not {how:#x}")
+
+
+def apply_maxcache(w, zw: int, nitems: int) -> None:
+    """UMA's ``uma_zone_set_maxcache``: a limit sets an adaptive zone's bucket
+    size (and cap) to ``nitems / (2 * ncpus) / 2``, at most BUCKET_MAX, so that a
+    small limit is not swallowed by one CPU's cache and a large one caches more.
+    Lock: zone (or the zone not yet visible)."""
+    if not nitems or w[zw + _Z["FLAGS"]] & L.ZF_FIXED_BUCKET:
+        return                                  # no limit, or a fixed bucket size
+    nb = 2 * max(os.cpu_count() or 1, 2)
+    bsize = max(1, min(BUCKET_MAX, nitems // nb // 2))
+    w[zw + _Z["BUCKET_SIZE"]] = bsize
+    w[zw + _Z["BUCKET_MAX"]] = bsize
+    w[zw + _Z["BUCKET_MIN"]] = min(w[zw + _Z["BUCKET_MIN"]], bsize)
 
 
 def bucket_select(size: int) -> int:
@@ -212,24 +237,24 @@ class _Cache:
         items, tix = self.items, self.tix
         tags, pt, w = core.tags, core.pt, core.w
         kid_bits, offmap = zone.keg.kid_bits, zone.keg.offmap
-        ctor, dtor = zone.ctor, zone.dtor
+        dtor = zone.dtor
+        # how values the alloc fast path serves; with a ctor every alloc takes
+        # _alloc_slow's hit branch (the ctor runs there)
+        fast_how = frozenset() if zone.ctor is not None else frozenset((M_NOWAIT, M_WAITOK))
         W_ALLOC, W_CACHED = self.w_alloc, self.w_cached
         sleepers_w = self.zw + _Z["SLEEPERS"]
-        alloc_slow, free_slow, ctor_path = self._alloc_slow, self._free_slow, self._ctor_path
+        alloc_slow, free_slow = self._alloc_slow, self._free_slow
         tid = -1
         cap = 0
-        limited = False
         nallocs = nfrees = 0
 
         def alloc(how=M_NOWAIT, timeout=None, arg=None):
             nonlocal nallocs
-            if tid == get_ident() and items:
+            if tid == get_ident() and items and how in fast_how:
                 h = items.pop()
                 tags[tix.pop()] = W_ALLOC
                 nallocs += 1
-                if ctor is None and how < M_ZERO:
-                    return h
-                return ctor_path(h, arg, how)
+                return h
             return alloc_slow(how, timeout, arg)
 
         def free(h, arg=None):
@@ -242,8 +267,7 @@ class _Cache:
                 x = offmap.get(h - b)
                 if x is not None:
                     t = (b >> 2) + x
-                    if (tags[t] == W_ALLOC and len(items) < cap
-                            and not (limited and w[sleepers_w])):
+                    if tags[t] == W_ALLOC and len(items) < cap and not w[sleepers_w]:
                         if dtor is not None:
                             dtor(zone, h, arg)
                         tags[t] = W_CACHED
@@ -259,9 +283,9 @@ class _Cache:
             nfrees += d_frees
             return nallocs, nfrees
 
-        def set_params(new_cap, new_limited, new_tid):
-            nonlocal cap, limited, tid
-            cap, limited, tid = new_cap, new_limited, new_tid
+        def set_params(new_cap, new_tid):
+            nonlocal cap, tid
+            cap, tid = new_cap, new_tid
 
         self.alloc, self.free = alloc, free
         self.counts, self.set_params = counts, set_params
@@ -274,17 +298,18 @@ class _Cache:
         bsize = w[self.zw + _Z["BUCKET_SIZE"]]
         self.bsize = bsize
         usable = not (self.arena._closed or self.arena._forked())
-        self.set_params(2 * bsize, w[self.zw + _Z["LIMIT"]] > 0,
-                        self.arena._owner_tid if usable else -1)
+        self.set_params(2 * bsize, self.arena._owner_tid if usable else -1)
 
     def disable(self):
         """Route every call to the slow path (closed arena, forked child)."""
-        self.set_params(0, True, -1)
+        self.set_params(0, -1)
 
     # ================================================================== helpers
-    def _check_thread(self):
+    def _check_thread(self, what="alloc", h=None):
         if self.arena._closed:
-            raise ArenaClosedError(f"arena {self.arena.name!r} is closed in this process")
+            of = "" if h is None else f" of handle {h!r}"
+            raise ArenaClosedError(f"zone {self.zone.name!r}: {what}{of} after arena "
+                                   f"{self.arena.name!r} was closed in this process")
         if self.arena._owner_tid != get_ident() or self.arena._forked():
             return self.arena._other_thread_zone(self.zone.id)._cache
         return None
@@ -352,11 +377,14 @@ class _Cache:
         other = self._check_thread()
         if other is not None:
             return other.alloc(how, timeout, arg)
-        if not (how & (M_NOWAIT | M_WAITOK)) or (how & M_NOWAIT and how & M_WAITOK):
-            raise ValueError(f"zone {self.zone.name!r}: how must include exactly one of "
-                             f"M_NOWAIT and M_WAITOK, not {how:#x}")
-        if self._fill():
-            return self.alloc(how, timeout, arg)
+        check_how(how, self.zone.name)
+        if self.items or self._fill():                      # a hit with a ctor or M_ZERO,
+            h = self.items.pop()                            # or a refilled stack
+            self.core.tags[self.tix.pop()] = self.w_alloc
+            self.counts(1, 0)
+            if self.zone.ctor is None and not how & M_ZERO:
+                return h
+            return self._ctor_path(h, arg, how)
         if how & M_WAITOK:
             return self._sleep(how, timeout, arg)
         self.fails += 1
@@ -396,7 +424,8 @@ class _Cache:
                 klk.release()
             if got < k:
                 w[zw + _Z["ITEMS"]] -= k - got
-            self.imports += 1
+            if got:
+                self.imports += 1
         finally:
             lk.release()
         if zone.init is not None and hs:
@@ -417,10 +446,12 @@ class _Cache:
             except BaseException:
                 self._release_to_keg(hs[i:], ts[i:], run_fini=False)
                 self._mark_cached(ts[:i])
+                self.items[:0] = hs[:i]
+                self.tix[:0] = ts[:i]
+                self.publish()
                 raise
             if not ok:
                 self._release_to_keg(hs[i:], ts[i:], run_fini=False)
-                self.fails += 1
                 hs, ts = hs[:i], ts[:i]
                 break
         self._mark_cached(ts)
@@ -469,12 +500,16 @@ class _Cache:
         if not hs:
             return
         zone, core, tags = self.zone, self.core, self.core.tags
+        error = None
         if run_fini and zone.fini is not None:
             wf = self.w_fini
             for t in ts:
                 tags[t] = wf
             for h in hs:
-                zone.fini(zone, h)
+                try:
+                    zone.fini(zone, h)
+                except BaseException as e:      # a broken fini must not strand the batch
+                    error = error or e
         lk = self._zlock()
         try:
             klk = core.lock(zone.keg.lock_index)
@@ -486,6 +521,8 @@ class _Cache:
             core.w[self.zw + _Z["ITEMS"]] -= len(hs)
         finally:
             lk.release()
+        if error is not None:
+            raise error
 
     # ================================================================== sleeping (A4)
     def _sleep(self, how, timeout, arg):
@@ -631,7 +668,7 @@ class _Cache:
 
     # ================================================================== free slow path
     def _free_slow(self, h, arg):
-        other = self._check_thread()
+        other = self._check_thread("free", h)
         if other is not None:
             return other.free(h, arg)
         zone, core = self.zone, self.core
@@ -719,7 +756,8 @@ class _Cache:
         items = self.items
         while len(items) < n and self._fill(n - len(items)):
             pass
-        if zone.ctor is None and how < M_ZERO and len(items) >= n:
+        check_how(how, zone.name)
+        if zone.ctor is None and not how & M_ZERO and len(items) >= n:
             cut = len(items) - n
             hs, ts = items[cut:], self.tix[cut:]
             del items[cut:]
@@ -796,7 +834,11 @@ class _Cache:
         w, zw = self.core.w, self.zw
         lk = self._zlock()
         try:
+            if nitems and nitems < w[zw + _Z["ITEMS"]]:
+                raise ValueError(f"zone {self.zone.name!r}: limit {nitems} is below the "
+                                 f"{w[zw + _Z['ITEMS']]} items already out of the slabs")
             w[zw + _Z["LIMIT"]] = nitems
+            apply_maxcache(w, zw, nitems)
         finally:
             lk.release()
         self.refresh()
