@@ -124,6 +124,8 @@ class Zone:
         self.init = resolve(self.hook_names["init"])
         self.fini = resolve(self.hook_names["fini"])
         self._lock_index = L.zone_lock_index(zone_id)
+        self._pt, self._mv = core.pt, core.mv
+        self._kid_bits, self._offmap = self.keg.kid_bits, self.keg.offmap
         self._cache = _Cache(self, arena)
         self.alloc = self._cache.alloc
         self.free = self._cache.free
@@ -142,9 +144,14 @@ class Zone:
 
     def view(self, h: int) -> memoryview:
         """Writable memoryview over item ``h`` (zero copy)."""
+        try:
+            if 0 <= h and (h - (self._pt[h >> 12] ^ self._kid_bits)) in self._offmap:
+                return self._mv[h:h + self.size]
+        except (IndexError, TypeError):
+            pass
         if self.keg.slab_of(as_handle(h, self.name)) < 0:
             self._raise_bad(h, "view")
-        return self._core.mv[h:h + self.size]
+        return self._mv[h:h + self.size]
 
     def alloc_bulk(self, n: int, how: int = M_NOWAIT, timeout: float | None = None):
         """``n`` items, all or none: a list, or None when they cannot all be had
