@@ -23,13 +23,15 @@ from threading import get_ident
 import psutil
 
 from . import layout as L
-from .errors import (ArenaClosedError, LayoutError, ShmallocError, TooManyCpusError,
+from .errors import (ArenaClosedError, LayoutError, ShmallocError,
                      ZoneError)
 from .ipc import naming
 from .ipc.lock import LocalLock, SemLock
 from .ipc.segment import Segment
 from .ipc.semaphore import LocalWakeSemaphore, WakeSemaphore
+from . import slots
 from .keg import Keg
+from .mail import CpuGoneError, MailboxFullError, PostOffice, max_handles, MSG_HANDOFF
 from .vm import Vm
 from .zone import BUCKET_MAX, Zone, apply_maxcache, bucket_select
 
@@ -156,6 +158,16 @@ class _Core:
         lw = L.lock_word(idx)
         return self.w[lw:lw + L.LOCK_WORDS]
 
+    def ensure_lock(self, idx: int):
+        """Open lock ``idx``, creating it (words zeroed) the first time."""
+        lk = self._locks.get(idx)
+        if lk is not None:
+            return lk
+        try:
+            return self.lock(idx)
+        except (ShmallocError, KeyError):
+            return self.create_lock(idx)
+
     def lock(self, idx: int):
         lk = self._locks.get(idx)
         if lk is None:
@@ -272,32 +284,39 @@ class Arena:
         self._parent = parent
         self._wake = None
         self.cpu_id = self._take_cpu()
+        self._mail = PostOffice(self)
         _live_arenas.add(self)
 
     # ------------------------------------------------------------ constructors
     @classmethod
-    def create(cls, name: str, size: int = DEFAULT_SIZE, *, debug: int | None = None) -> "Arena":
-        """Create arena ``name`` of ``size`` bytes (rounded up to pages)."""
+    def create(cls, name: str, size: int = DEFAULT_SIZE, *, debug: int | None = None,
+               tunables: dict | None = None) -> "Arena":
+        """Create arena ``name`` of ``size`` bytes (rounded up to pages).
+        ``tunables``: boot-time sysctls of the mbuf layer, e.g.
+        ``{"kern.ipc.nmbclusters": 0}`` (``shmalloc.mbuf.tunables``)."""
         name = naming.validate_name(name)
         size = cls._check_size(size)
+        tunables = _mbuf_tunables(tunables)
         seg_name = naming.object_name(name, "arena")
         seg = Segment.create(seg_name, size)
         try:
             backend = _PosixBackend(name, seg)
             core = _Core(backend, size)
-            cls._format(core, debug)
+            cls._format(core, debug, tunables)
             return cls(core, name, creator=True)
         except BaseException:
             _cleanup_failed_create(name, seg)
             raise
 
     @classmethod
-    def create_local(cls, size: int = 8 << 20, *, debug: int | None = None) -> "Arena":
+    def create_local(cls, size: int = 8 << 20, *, debug: int | None = None,
+                     tunables: dict | None = None) -> "Arena":
         """An arena on a bytearray with in-process locks (tests, one process)."""
         size = cls._check_size(size)
+        tunables = _mbuf_tunables(tunables)
         backend = _LocalBackend(size)
         core = _Core(backend, size)
-        cls._format(core, debug)
+        cls._format(core, debug, tunables)
         return cls(core, backend.name, creator=True)
 
     @classmethod
@@ -356,7 +375,7 @@ class Arena:
         return size
 
     @staticmethod
-    def _format(core: _Core, debug) -> None:
+    def _format(core: _Core, debug, tunables=None) -> None:
         g, w = core.geometry, core.w
         w[0:L.HDR_WORDS] = core.zero_words(L.HDR_WORDS)
         w[_H["VERSION"]] = L.LAYOUT_VERSION
@@ -382,47 +401,28 @@ class Arena:
         w[start:end] = core.zero_words(end - start)
         core.vm.format()
         core.create_lock(L.VM_LOCK)
+        if tunables:
+            from .mbuf.tunables import store
+            store(w, tunables)
         w[_H["MAGIC"]] = L.MAGIC                  # last: the arena is formatted
 
     # ------------------------------------------------------------ CPU slots
     def _take_cpu(self) -> int:
-        core, w = self._core, self._core.w
         pid = os.getpid()
-        with core.lock(L.VM_LOCK):
-            for cpu in range(L.MAX_CPUS):
-                cw = L.cpu_word(cpu)
-                if w[cw + _C["STATE"]] == L.CPU_FREE:
-                    break
-            else:
-                raise TooManyCpusError(f"arena {self.name!r}: all {L.MAX_CPUS} CPU slots are taken")
-            gen = w[cw + _C["GEN"]] + 1
-            w[cw:cw + L.CPU_WORDS] = core.zero_words(L.CPU_WORDS)
-            w[cw + _C["GEN"]] = gen
-            w[cw + _C["PID"]] = pid
-            w[cw + _C["START"]] = _start_time(pid)
-            w[cw + _C["ATTACHED_NS"]] = time.time_ns()
-            w[cw + _C["STATE"]] = L.CPU_LIVE
-            w[_H["CPU_GEN"]] += 1
-        self._wake = core.backend.create_wake(cpu)
+        cpu = slots.take_slot(self._core, pid, _start_time(pid), self.name)
+        self._wake = self._core.backend.create_wake(cpu)
         return cpu
 
     def _release_cpu(self):
-        core, w = self._core, self._core.w
-        cpu = self.cpu_id
-        cw = L.cpu_word(cpu)
-        with core.lock(L.VM_LOCK):
-            # fold this CPU's counters into the zones so totals survive it
-            for z in core.live_zone_ids():
-                sw = L.cpu_stat_word(cpu, z)
-                zw = L.zone_word(z)
-                w[zw + _Z["ALLOCS"]] += w[sw + L.CS["ALLOCS"]]
-                w[zw + _Z["FREES"]] += w[sw + L.CS["FREES"]]
-                w[zw + _Z["FAILS"]] += w[sw + L.CS["FAILS"]]
-                w[zw + _Z["DEPOT_GETS"]] += w[sw + L.CS["DEPOT_GETS"]]
-                w[zw + _Z["DEPOT_PUTS"]] += w[sw + L.CS["DEPOT_PUTS"]]
-                w[zw + _Z["XFREES"]] += w[sw + L.CS["XFREES"]]
-            w[cw + _C["STATE"]] = L.CPU_FREE
-            w[cw + _C["PID"]] = 0
+        core, cpu = self._core, self.cpu_id
+        slots.close_mailbox(core, cpu, cpu)
+        self._mail.collect()                  # what arrived meanwhile
+        for h in list(self._mail.inbox):      # handed over, never received: freed
+            self._free_any(h)
+        self._mail.inbox.clear()
+        self._drain_caches()
+        self._orphan_allocated()
+        slots.release_slot(core, cpu)
         if self._wake is not None:
             self._wake.close()
             core.backend.unlink_wake(cpu)
@@ -721,9 +721,7 @@ class Arena:
                 a.close()
         self._thread_arenas.clear()
         if not self._forked():
-            for z in self._zones.values():
-                z._cache.drain_cache()
-            self._orphan_allocated()
+            self._drain_caches()
             self._release_cpu()
         for z in self._zones.values():
             z._cache.disable()
@@ -753,6 +751,130 @@ class Arena:
     def __repr__(self):
         state = "closed" if self._closed else f"cpu={self.cpu_id}"
         return f"<Arena {self.name!r} size={self.size} {state}>"
+
+    # ------------------------------------------------------------ messages
+    def send(self, dest_cpu: int, handles, timeout: float = 0.0) -> None:
+        """Hand items to CPU ``dest_cpu``: ownership moves with the message.
+        Every handle must be allocated and held by this CPU.  Raises
+        MailboxFullError if the mailbox stays full for ``timeout`` seconds, and
+        CpuGoneError if ``dest_cpu`` is not live; the items then stay here."""
+        self._check_open()
+        hs = [handles] if isinstance(handles, int) else list(handles)
+        dest = _check_int("dest_cpu", dest_cpu, 0)
+        if dest >= L.MAX_CPUS:
+            raise ValueError(f"dest_cpu {dest} >= {L.MAX_CPUS}")
+        if not hs:
+            return
+        if len(set(hs)) != len(hs):
+            raise ShmallocError(f"arena {self.name!r}: send lists a handle twice")
+        limit = max_handles(self._core, dest) if self._core.w[
+            L.cpu_word(dest) + _C["STATE"]] == L.CPU_LIVE else 1 << 30
+        if len(hs) > limit:
+            raise ValueError(f"send of {len(hs)} handles: at most {limit} fit in one message")
+        groups = {}
+        for h in hs:
+            zone, t = self._held_item(h)
+            groups.setdefault(zone.id, (zone.id, zone.zidx, [], []))
+            groups[zone.id][2].append(h)
+            groups[zone.id][3].append(t)
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while not self._mail.post(dest, MSG_HANDOFF, list(groups.values()), L.TAG_INFLIGHT):
+            if self._core.w[L.cpu_word(dest) + _C["STATE"]] != L.CPU_LIVE:
+                raise CpuGoneError(f"arena {self.name!r}: CPU {dest} is not live; "
+                                   f"the {len(hs)} items stay with CPU {self.cpu_id}")
+            if time.monotonic() >= deadline:
+                raise MailboxFullError(f"arena {self.name!r}: CPU {dest}'s mailbox is full; "
+                                       f"the {len(hs)} items stay with CPU {self.cpu_id}")
+            time.sleep(0.001)
+
+    def recv(self, timeout: float | None = 1.0) -> list[int]:
+        """Handles handed to this CPU (``[]`` when none came within ``timeout``)."""
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._mail.pending():
+                self._mail.collect()
+            if self._mail.inbox:
+                out = list(self._mail.inbox)
+                self._mail.inbox.clear()
+                return out
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return []
+            self._wake.wait(0.05 if left is None else min(left, 0.05))
+
+    def poll(self) -> None:
+        """Take this CPU's mail and send its pending remote frees home (call it
+        when idle; the slow paths do it too)."""
+        self._check_open()
+        if self._mail.pending():
+            self._mail.collect()
+        for z in list(self._zones.values()):
+            z._cache.flush_xfree()
+
+    def _held_item(self, h):
+        """(zone, tag index) of item ``h`` allocated and held by this CPU."""
+        from .zone import as_handle
+        h = as_handle(h, "?")
+        core = self._core
+        if not 0 <= h < core.geometry.size:
+            raise ShmallocError(f"arena {self.name!r}: handle {h} is out of range")
+        kid = core.pt[h >> L.PAGE_SHIFT] >> L.KEG_ID_SHIFT
+        if not 1 <= kid <= L.MAX_KEGS:
+            raise ShmallocError(f"arena {self.name!r}: handle {h} is not an item")
+        keg = core.keg(kid)
+        base = keg.slab_of(h)
+        if base < 0:
+            raise ShmallocError(f"arena {self.name!r}: handle {h} is not an item")
+        t = (base >> 2) + keg.offmap[h - base]
+        tv = core.tags[t]
+        zid = next((z for z in core.zones_of_keg(kid)
+                    if core.w[L.zone_word(z) + _Z["ZIDX"]] == L.tag_zidx(tv)), -1)
+        zone = self._zone_by_id(zid) if zid >= 0 else None
+        if (zone is None or L.tag_state(tv) != L.TAG_ALLOC
+                or L.tag_holder(tv) != self.cpu_id):
+            name = zone.name if zone is not None else "?"
+            raise ShmallocError(f"zone {name!r}: handle {h} is not allocated and held by "
+                                f"CPU {self.cpu_id} ({L.TAG_STATE_NAMES[L.tag_state(tv)]}, "
+                                f"holder {L.tag_holder(tv)})")
+        return zone, t
+
+    def _free_any(self, h) -> None:
+        zone, _ = self._held_item(h)
+        zone.free(h)
+
+    def _drain_caches(self) -> None:
+        """Send pending remote frees and give every cached item back (close,
+        or a drain request from the keg manager)."""
+        for z in list(self._zones.values()):
+            z._cache.flush_xfree()
+        for z in list(self._zones.values()):
+            z._cache.drain_cache()
+
+    # ------------------------------------------------------------ mbuf layer (shmalloc.mbuf)
+    def sysctl(self, name: str, value: int | None = None) -> int:
+        """Read an mbuf sysctl (``kern.ipc.nmbclusters`` ...), or raise it to
+        ``value`` (a lower value: SysctlError with errno EINVAL)."""
+        from .mbuf.tunables import sysctl
+        return sysctl(self, name, value)
+
+    def netstat_m(self) -> str:
+        """``netstat -m`` of this arena (FreeBSD's format)."""
+        from .mbuf.stats import netstat_m
+        return netstat_m(self)
+
+    def mbstat(self):
+        """``kern.ipc.mbstat`` of this arena (shmalloc.mbuf.MbStat)."""
+        from .mbuf.stats import mbstat
+        return mbstat(self)
+
+
+def _mbuf_tunables(tunables) -> dict:
+    """Validate ``Arena.create(tunables=...)`` before any OS object is made."""
+    if tunables is None:
+        return {}
+    from .mbuf.tunables import validate
+    return validate(tunables)
 
 
 def _cleanup_failed_create(name, seg):

@@ -58,7 +58,7 @@ WORD = 8
 MAX_CPUS = 64
 MAX_ZONES = 64
 MAX_KEGS = 64
-MAX_LOCKS = 1 + MAX_KEGS + MAX_ZONES  # vm lock, then one per keg, one per zone
+MAX_LOCKS = 1 + MAX_KEGS + MAX_ZONES + MAX_CPUS  # vm, kegs, zones, CPU mailboxes
 KEG_ID_SHIFT = 40                    # page-table entry: keg id << 40 | slab base
 VM_INTERNAL_KEG = 0xFFF              # page-table keg id of pages the arena uses itself
 NAME_BYTES = 32
@@ -77,7 +77,7 @@ HDR = _fields(
     "MAX_CPUS", "MAX_ZONES", "MAX_KEGS", "MAX_LOCKS",
     "NZONES", "NKEGS", "FREE_PAGES", "FREE_HINT", "CREATED_NS", "CREATOR_PID",
     "DEBUG", "MANAGER_PID", "MANAGER_START", "GENERATION",
-    "RECLAIMS", "SLABS_RELEASED", "CPU_GEN",
+    "RECLAIMS", "SLABS_RELEASED", "CPU_GEN", "MANAGER_CPU", "RECOVERIES", "LOCK_REPAIRS",
 )
 HDR_WORDS = 512                      # one page, the rest reserved
 TUNABLES_WORD = 256                  # words 256..383: tunables of upper layers (mbuf)
@@ -98,16 +98,21 @@ def zone_lock_index(zone_id: int) -> int:
     return 1 + MAX_KEGS + zone_id      # zone ids 0..MAX_ZONES-1
 
 
+def mbox_lock_index(cpu: int) -> int:
+    return 1 + MAX_KEGS + MAX_ZONES + cpu
+
+
 # --- CPU slot ------------------------------------------------------------------
 CPU = _fields(
     "STATE", "PID", "START", "GEN", "GRANT_ZONE", "GRANT_H", "GRANT_T",
     "WAIT_ZONE", "HEARTBEAT_NS", "ATTACHED_NS", "FLAGS", "WAKE",
+    "MBOX_OFF", "MBOX_PAGES",
 )
 CPU_FIXED_WORDS = 16
 CPU_FREE, CPU_LIVE, CPU_DEAD = 0, 1, 2
 # Per-zone counters a CPU publishes (summed on read); CS_WORDS each, MAX_ZONES of them.
 CS = _fields("ALLOCS", "FREES", "FAILS", "SLEEPS", "CACHED", "DEPOT_GETS", "DEPOT_PUTS",
-             "KEG_IMPORTS", "XFREES")
+             "KEG_IMPORTS", "XFREES", "MSGS_SENT", "ITEMS_SENT", "FALLBACKS")
 CS_WORDS = 12
 CPU_WORDS = CPU_FIXED_WORDS + MAX_ZONES * CS_WORDS
 
@@ -153,9 +158,14 @@ NIL = -1                                # end of a slab list
 #   CACHED -> DEPOT   zone lock held  (bucket to depot)     DEPOT -> CACHED (bucket from depot)
 #   CACHED -> FINI    holder          (zone fini about to run, item on its way to the slab)
 #   FINI|CACHED|IMPORT -> FREE keg lock held
-#   ALLOC|CACHED -> INFLIGHT holder (handed to another CPU in a message) -> ALLOC|CACHED receiver
-TAG_FREE, TAG_IMPORT, TAG_CACHED, TAG_ALLOC, TAG_DEPOT, TAG_FINI, TAG_INFLIGHT = range(7)
-TAG_STATE_NAMES = ("free", "import", "cached", "alloc", "depot", "fini", "inflight")
+#   ALLOC  -> INFLIGHT sender, dest's mailbox lock held (hand-off; holder := dest)
+#   INFLIGHT -> ALLOC  receiver, its mailbox lock held
+#   CACHED -> XFREE    sender, home's mailbox lock held (cross-CPU free going home)
+#   XFREE  -> CACHED   home, its mailbox lock held
+# Whenever a CPU's mailbox lock is free, its INFLIGHT and XFREE items are exactly
+# those listed by the messages in its mailbox.
+TAG_FREE, TAG_IMPORT, TAG_CACHED, TAG_ALLOC, TAG_DEPOT, TAG_FINI, TAG_INFLIGHT, TAG_XFREE = range(8)
+TAG_STATE_NAMES = ("free", "import", "cached", "alloc", "depot", "fini", "inflight", "xfree")
 TAG_STATE_MASK = 0xF
 NO_CPU = 0xFF
 
@@ -181,6 +191,18 @@ def tag_home(t: int) -> int:
 
 
 MAX_ZONES_PER_KEG = 16                  # zidx is 4 bits
+
+# --- mailbox (pages from the arena, one run per CPU) ---------------------------------------
+# An ipc.ring.Ring: RING_WORDS header words (head, tail, capacity, counters), then
+# records of msgpack bytes.  Its lock is mbox_lock_index(cpu); the CPU's wake
+# semaphore tells it that mail arrived.
+MBOX_RING_WORDS = 8
+
+
+def mbox_pages(data_pages: int) -> int:
+    """Pages of one CPU's mailbox: 32 KiB, or 8 KiB in arenas under 8 MiB."""
+    return 8 if data_pages >= 2048 else 2
+
 
 # --- depot (pages from the arena, DEPOT_CAP entries) ------------------------------------
 # handles int64[cap] followed by tag indexes int64[cap]
@@ -382,7 +404,7 @@ assert len(KEG) <= KEG_WORDS
 assert len(SLAB) == SLAB_HDR_WORDS
 assert ZONE_WORDS * WORD == ZONE_SLEEPQ_WORD * WORD + MAX_CPUS * WORD
 assert PAGETAB_OFF % WORD == 0 and CPUS_OFF % WORD == 0 and ZONES_OFF % WORD == 0
-assert MAX_CPUS < NO_CPU and MAX_LOCKS == zone_lock_index(MAX_ZONES - 1) + 1
+assert MAX_CPUS < NO_CPU and MAX_LOCKS == mbox_lock_index(MAX_CPUS - 1) + 1
 assert VM_INTERNAL_KEG > MAX_KEGS
 assert MAGIC.to_bytes(8, "little") == b"SHMALLOC"
 assert keg_layout(2048, True, 64)[1] * 2048 / (keg_layout(2048, True, 64)[0] * PAGE_SIZE) >= 0.97

@@ -44,12 +44,14 @@ from threading import get_ident
 from . import layout as L
 from .errors import ArenaClosedError, BadHandleError, DoubleFreeError, ForeignHandleError
 from .hooks import resolve
+from .mail import MSG_XFREE
 
 M_NOWAIT = 0x0001
 M_WAITOK = 0x0002
 M_ZERO = 0x0100
 
 BUCKET_MAX = 254               # UMA's BUCKET_SIZE(256) on LP64
+XFREE_DELAY = 0.005            # a remote-free batch waits at most this long (at the next free)
 # UMA's bucket zones: (entries, largest item size that uses them)
 _BUCKET_ZONES = ((2, 4096), (4, 3072), (8, 2048), (16, 1024), (30, 512), (62, 256),
                  (126, 128), (254, 64))
@@ -234,7 +236,9 @@ class _Cache:
         self.w_import = L.tag(L.TAG_IMPORT, zone.zidx, self.cpu, self.cpu)
         self.w_fini = L.tag(L.TAG_FINI, zone.zidx, self.cpu, self.cpu)
         self.fails = self.sleeps = self.depot_gets = self.depot_puts = self.imports = 0
-        self.xfrees = 0
+        self.xfrees = self.msgs_sent = self.items_sent = self.fallbacks = 0
+        self.xfree_message = bool(core.w[self.zw + _Z["XFREE"]])
+        self.xbatches: dict[int, tuple[list, list, float]] = {}
         self._build_fast_paths()
         self.refresh()
 
@@ -245,9 +249,10 @@ class _Cache:
         tags, pt, w = core.tags, core.pt, core.w
         kid_bits, offmap = zone.keg.kid_bits, zone.keg.offmap
         dtor = zone.dtor
-        # how values the alloc fast path serves; with a ctor every alloc takes
-        # _alloc_slow's hit branch (the ctor runs there)
-        fast_how = frozenset() if zone.ctor is not None else frozenset((M_NOWAIT, M_WAITOK))
+        # how values the alloc fast path serves (anything else, M_ZERO included, takes
+        # _alloc_slow); a ctor runs here too, through _ctor_path's unwinding
+        fast_how = frozenset((M_NOWAIT, M_WAITOK))
+        ctor, ctor_path = zone.ctor, self._ctor_path
         W_ALLOC, W_CACHED = self.w_alloc, self.w_cached
         sleepers_w = self.zw + _Z["SLEEPERS"]
         alloc_slow, free_slow = self._alloc_slow, self._free_slow
@@ -261,7 +266,9 @@ class _Cache:
                 h = items.pop()
                 tags[tix.pop()] = W_ALLOC
                 nallocs += 1
-                return h
+                if ctor is None:
+                    return h
+                return ctor_path(h, arg, how)
             return alloc_slow(how, timeout, arg)
 
         def free(h, arg=None):
@@ -342,11 +349,14 @@ class _Cache:
         w[sw + _CS["FREES"]] = f
         w[sw + _CS["FAILS"]] = self.fails
         w[sw + _CS["SLEEPS"]] = self.sleeps
-        w[sw + _CS["CACHED"]] = len(self.items)
+        w[sw + _CS["CACHED"]] = len(self.items) + sum(len(b[0]) for b in self.xbatches.values())
         w[sw + _CS["DEPOT_GETS"]] = self.depot_gets
         w[sw + _CS["DEPOT_PUTS"]] = self.depot_puts
         w[sw + _CS["KEG_IMPORTS"]] = self.imports
         w[sw + _CS["XFREES"]] = self.xfrees
+        w[sw + _CS["MSGS_SENT"]] = self.msgs_sent
+        w[sw + _CS["ITEMS_SENT"]] = self.items_sent
+        w[sw + _CS["FALLBACKS"]] = self.fallbacks
 
     # ================================================================== alloc slow path
     def _ctor_path(self, h, arg, how):
@@ -400,6 +410,11 @@ class _Cache:
 
     def _fill(self, want: int | None = None) -> bool:
         """A1/A2: put a bucket into the empty stack.  True if it holds items now."""
+        mail = self.arena._mail
+        if mail.pending():                  # the home CPU takes its mail first
+            mail.collect()
+            if self.items and want is None:
+                return True
         core, w, zw = self.core, self.core.w, self.zw
         zone = self.zone
         hs, ts = [], []
@@ -681,7 +696,10 @@ class _Cache:
         zone, core = self.zone, self.core
         h, t, tg = self._validate_free(h)
         if L.tag_holder(tg) != self.cpu:                            # F4
-            self._take_over(h, t, tg)
+            tg = self._take_over(h, t, tg)
+        home = L.tag_home(tg)
+        if home != self.cpu:
+            self.xfrees += 1
         if zone.dtor is not None:
             zone.dtor(zone, h, arg)
         w = core.w
@@ -695,6 +713,9 @@ class _Cache:
                 self.counts(0, 1)
                 self.publish()
                 return None
+        if home != self.cpu and self.xfree_message and home < L.MAX_CPUS:   # F6
+            self._xfree_add(h, t, home)
+            return None
         core.tags[t] = self.w_cached                                # F3
         self.items.append(h)
         self.tix.append(t)
@@ -720,15 +741,66 @@ class _Cache:
         return h, t, tg
 
     def _take_over(self, h, t, tg):
-        """F4: an item held by another CPU is freed here.  Lock: takes zone."""
+        """F4: an item held by another CPU (or by none: its CPU closed) is freed
+        here; it becomes this CPU's, keeping its home.  Returns the new tag.
+        Lock: takes zone."""
         lk = self._zlock()
         try:
             if self.core.tags[t] != tg:
                 self.zone._raise_bad(h, "free")
-            self.core.tags[t] = self.w_alloc
-            self.xfrees += 1
+            home = L.tag_home(tg)
+            new = L.tag(L.TAG_ALLOC, self.zone.zidx, self.cpu,
+                        home if home < L.MAX_CPUS else self.cpu)
+            self.core.tags[t] = new
         finally:
             lk.release()
+        return new
+
+    # ================================================================== remote frees (F6)
+    def _xfree_add(self, h, t, home):
+        """Batch an item freed here for its home CPU (zone option xfree="message");
+        sent when the batch fills, when it is older than XFREE_DELAY, and on close."""
+        self.core.tags[t] = L.tag(L.TAG_CACHED, self.zone.zidx, self.cpu, home)
+        batch = self.xbatches.get(home)
+        if batch is None:
+            batch = self.xbatches[home] = ([], [], time.monotonic())
+        batch[0].append(h)
+        batch[1].append(t)
+        self.counts(0, 1)
+        if len(batch[0]) >= max(self.bsize, 1) or time.monotonic() - batch[2] > XFREE_DELAY:
+            self._xfree_send(home)
+        else:
+            self.publish()
+
+    def _xfree_send(self, home):
+        hs, ts, _ = self.xbatches.pop(home)
+        zone = self.zone
+        sent = self.arena._mail.post(home, MSG_XFREE, [(zone.id, zone.zidx, hs, ts)],
+                                     L.TAG_XFREE)
+        if sent:
+            self.msgs_sent += 1
+            self.items_sent += len(hs)
+        else:                       # home gone or its mailbox full: free here (UMA's way)
+            self.fallbacks += 1
+            self._mark_cached(ts)
+            self.take_home(hs, ts)
+        self.publish()
+
+    def flush_xfree(self, max_age: float = 0.0):
+        """Send every batch older than ``max_age`` seconds."""
+        now = time.monotonic()
+        for home in [h for h, b in self.xbatches.items() if now - b[2] >= max_age]:
+            self._xfree_send(home)
+
+    def take_home(self, hs, ts):
+        """Items tagged CACHED by this CPU (its own, back from a remote free) go
+        into the cache; a full cache spills to the depot."""
+        self.items.extend(hs)
+        self.tix.extend(ts)
+        self.refresh()
+        if len(self.items) > 2 * self.bsize:
+            self._flush(len(self.items) - self.bsize if self.bsize else len(self.items))
+        self.publish()
 
     def _flush(self, k: int):
         """F3: move the ``k`` oldest cached items to the depot, or to the keg when
