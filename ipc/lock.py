@@ -146,6 +146,30 @@ class _CountedLock:
         self._post()
         return True
 
+    def owner_pid(self):
+        """Pid written by the holder (0: free, or taken by a process that died
+        before writing it or after clearing it)."""
+        return self._words[L_OWNER_PID]
+
+    def acquisitions(self):
+        return self._words[L_ACQUISITIONS]
+
+    def is_taken(self):
+        """True if somebody holds the semaphore (a probe: take and give back)."""
+        if self._try_acquire():
+            self._post()
+            return False
+        return True
+
+    def force_release_ownerless(self):
+        """Post a lock found taken with no owner pid (its holder died between
+        taking the semaphore and writing its pid, or between clearing it and
+        posting).  For a single supervisor that has seen it so for long enough."""
+        if self._words[L_OWNER_PID] != 0:
+            return False
+        self._post()
+        return True
+
     def __enter__(self):
         self.acquire()
         return self

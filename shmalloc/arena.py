@@ -661,7 +661,10 @@ class Arena:
     def zone_stats(self, name: str):
         from .stats import zone_stats
         self._publish_all()
-        return zone_stats(self._core, self._core.zone_id(name) if isinstance(name, str) else name)
+        zid = self._core.zone_id(name) if isinstance(name, str) else name
+        if zid not in self._core.live_zone_ids():
+            raise ZoneError(f"arena {self.name!r} has no zone {name!r}")
+        return zone_stats(self._core, zid)
 
     def stats(self):
         from .stats import arena_stats

@@ -26,6 +26,7 @@ return (``Lock: keg``); ``new_slab`` and ``drain`` take the vm lock inside it
 from __future__ import annotations
 
 from . import layout as L
+from .debug import KILLPOINTS, killpoint
 from .errors import CorruptionError
 
 _K = L.KEG
@@ -201,6 +202,8 @@ class Keg:
                 pos = t_lo + L.round_up(pos - t_lo, 4)
                 ti = pos >> 2
                 tags[ti] = tag_word
+                if KILLPOINTS:
+                    killpoint("keg.take")
                 hs.append(base + (ti - ti0) * self.rsize)
                 ts.append(ti)
                 pos += 4

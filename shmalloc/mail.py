@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections import deque
 
 from . import layout as L
+from .debug import KILLPOINTS, killpoint
 from .errors import ShmallocError
 from .ipc import codec
 from .ipc.ring import Ring
@@ -102,6 +103,8 @@ class PostOffice:
                 return False
             if not ring_of(core, dest).put(payload):
                 return False
+            if KILLPOINTS:
+                killpoint("mail.post")
             tags = core.tags
             bits = new_state | dest << 8
             for _, _, _, ts in groups:
@@ -125,6 +128,8 @@ class PostOffice:
         lk.acquire(owner_id=self.cpu)
         try:
             records = self.ring.take_all()
+            if KILLPOINTS and records:
+                killpoint("mail.collect")
             xfrees, drain = self._accept(records)
         finally:
             lk.release()

@@ -85,3 +85,12 @@ def release_slot(core, cpu: int) -> None:
         w[cw + _C["MBOX_OFF"]] = 0
         w[cw + _C["STATE"]] = L.CPU_FREE
         w[cw + _C["PID"]] = 0
+
+
+def set_manager(core, cpu: int, pid: int) -> None:
+    """Record the keg manager (pid, start time, CPU) in the header.  Lock: takes vm."""
+    w = core.w
+    with core.lock(L.VM_LOCK):
+        w[_H["MANAGER_PID"]] = pid
+        w[_H["MANAGER_START"]] = w[L.cpu_word(cpu) + _C["START"]]
+        w[_H["MANAGER_CPU"]] = cpu

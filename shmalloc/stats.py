@@ -9,6 +9,7 @@ CPU by at most one bucket of operations.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from . import layout as L
@@ -21,9 +22,9 @@ class ZoneStats:
     name: str
     size: int
     limit: int
-    used: int            # allocated to consumers: allocs - frees
+    used: int            # allocated to consumers (counted from the item tags)
     free: int            # free_cache + free_depot (+ free_keg for a primary zone)
-    free_cache: int      # in CPUs' buckets
+    free_cache: int      # in CPUs' buckets and in flight home (from the tags)
     free_depot: int      # in the zone's depot of full buckets
     free_keg: int        # free in the keg's slabs (primary zones only)
     items: int           # taken from the keg, counted against the limit
@@ -74,7 +75,6 @@ def zone_stats(core, zone_id: int) -> ZoneStats:
     kw = L.keg_word(kid)
     secondary = bool(w[zw + _Z["FLAGS"]] & L.ZF_SECONDARY)
     allocs, frees, fails = w[zw + _Z["ALLOCS"]], w[zw + _Z["FREES"]], w[zw + _Z["FAILS"]]
-    cached = 0
     xfree = w[zw + _Z["XFREES"]]
     dgets, dputs = w[zw + _Z["DEPOT_GETS"]], w[zw + _Z["DEPOT_PUTS"]]
     for cpu in core.live_cpus():
@@ -82,21 +82,48 @@ def zone_stats(core, zone_id: int) -> ZoneStats:
         allocs += w[sw + _CS["ALLOCS"]]
         frees += w[sw + _CS["FREES"]]
         fails += w[sw + _CS["FAILS"]]
-        cached += w[sw + _CS["CACHED"]]
         dgets += w[sw + _CS["DEPOT_GETS"]]
         dputs += w[sw + _CS["DEPOT_PUTS"]]
         xfree += w[sw + _CS["XFREES"]]
     frees = min(frees, allocs)
     depot = w[zw + _Z["DEPOT_N"]]
     keg_free = 0 if secondary else w[kw + _K["FREE_ITEMS"]]
+    used, cached = _held_from_tags(core, kid, w[zw + _Z["ZIDX"]])
     return ZoneStats(
         name=core.zone_name(zone_id), size=w[zw + _Z["SIZE"]], limit=w[zw + _Z["LIMIT"]],
-        used=allocs - frees, free=cached + depot + keg_free, free_cache=cached,
+        used=used, free=cached + depot + keg_free, free_cache=cached,
         free_depot=depot, free_keg=keg_free, items=w[zw + _Z["ITEMS"]], requests=allocs,
         frees=frees, failures=fails, sleeps=w[zw + _Z["SLEEPS"]],
         sleepers=w[zw + _Z["SLEEPERS"]], xfree=xfree,
         bucket_size=w[zw + _Z["BUCKET_SIZE"]], depot_gets=dgets, depot_puts=dputs,
         pages=0 if secondary else w[kw + _K["PAGES"]], secondary=secondary)
+
+
+_USED_STATES = (L.TAG_ALLOC, L.TAG_INFLIGHT)
+_CACHED_STATES = (L.TAG_CACHED, L.TAG_XFREE, L.TAG_IMPORT, L.TAG_FINI)
+
+
+def _held_from_tags(core, keg_id: int, zidx: int) -> tuple[int, int]:
+    """(allocated, cached) items of a zone, counted from the tags: exact even
+    when a CPU died before publishing its last counts.  Lock: takes the keg's."""
+    keg = core.keg(keg_id)
+    counts: Counter = Counter()
+    lk = core.lock(keg.lock_index)
+    lk.acquire()
+    try:
+        for _, base in keg.slabs():
+            counts.update(keg.slab_tags(base))
+    finally:
+        lk.release()
+    used = cached = 0
+    for tv, n in counts.items():
+        if tv and L.tag_zidx(tv) == zidx:
+            st = L.tag_state(tv)
+            if st in _USED_STATES:
+                used += n
+            elif st in _CACHED_STATES:
+                cached += n
+    return used, cached
 
 
 def arena_stats(core) -> ArenaStats:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from array import array
 
 from . import layout as L
+from .debug import KILLPOINTS, killpoint
 
 _H = L.HDR
 
@@ -67,6 +68,8 @@ class Vm:
             return -1
         page = pos - self.fm
         self.mv[pos:pos + npages] = bytes(npages)
+        if KILLPOINTS:
+            killpoint("vm.reserve")
         w[_H["FREE_PAGES"]] -= npages
         if page == hint:
             w[_H["FREE_HINT"]] = page + npages

@@ -43,6 +43,7 @@ from threading import get_ident
 
 from . import layout as L
 from .errors import ArenaClosedError, BadHandleError, DoubleFreeError, ForeignHandleError
+from .debug import KILLPOINTS, killpoint
 from .hooks import resolve
 from .mail import MSG_XFREE
 
@@ -437,6 +438,8 @@ class _Cache:
                 if k <= 0:
                     return False
             w[zw + _Z["ITEMS"]] += k                                # A2
+            if KILLPOINTS:
+                killpoint("zone.fill.locked")
             keg = zone.keg
             klk = core.lock(keg.lock_index)
             klk.acquire(owner_id=self.cpu)
@@ -508,6 +511,8 @@ class _Cache:
         wd = self.w_depot
         for t in ts:
             tags[t] = wd
+            if KILLPOINTS:
+                killpoint("depot.put")
         d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
         w[d0 + n:d0 + n + k] = array("q", hs)
         w[d0 + cap + n:d0 + cap + n + k] = array("q", ts)
@@ -528,6 +533,8 @@ class _Cache:
             for t in ts:
                 tags[t] = wf
             for h in hs:
+                if KILLPOINTS:
+                    killpoint("release.fini")
                 try:
                     zone.fini(zone, h)
                 except BaseException as e:      # a broken fini must not strand the batch

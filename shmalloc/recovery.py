@@ -1,0 +1,215 @@
+"""recovery: giving back what a dead CPU held — its locks, its items, its slot.
+
+Run by one supervisor (the keg manager, ``workers/manager.py``) on its own
+attachment.  The item tags are the ground truth: every structure a dead lock
+holder may have left half-changed is rebuilt from them, and every item the dead
+CPU held is found by its tag's holder field.
+
+Repairs, inner locks first (a dead CPU may hold zone -> keg -> vm at once):
+
+    vm lock      free map, FREE_PAGES and hint rebuilt from the page table
+    keg lock     slab lists, free counts, keg counters rebuilt from the tags
+    zone lock    depot contents, ITEMS and the sleep queue rebuilt from the tags
+    mailbox lock nothing: a sender re-tags only after its record is committed
+
+Items (``recover_cpu``), by the state their tag gives:
+
+    CACHED, XFREE       still inited: into the supervisor's cache
+    FINI                fini was running: fini (again), back to the slab
+    IMPORT              init was running: back to the slab without fini
+    ALLOC, INFLIGHT     freed through the zone (dtor, then cached): the references
+                        a dead CPU held through its mbufs are given back this way;
+                        items of REFCNT kegs (clusters) are owned through those
+                        references and left to them
+
+so hooks may run twice for an item across a crash: dtor and fini must tolerate it.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from . import layout as L
+from . import slots
+
+_C, _Z, _K = L.CPU, L.ZONE, L.KEG
+
+
+def lock_indexes(core) -> list[int]:
+    w = core.w
+    idxs = [L.VM_LOCK]
+    idxs += [L.keg_lock_index(k) for k in range(1, w[L.HDR["NKEGS"]] + 1)
+             if w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE]
+    idxs += [L.zone_lock_index(z) for z in core.live_zone_ids()]
+    return idxs
+
+
+def mailbox_lock(core, cpu: int):
+    """The mailbox lock of slot ``cpu``, or None if the slot never had one."""
+    try:
+        return core.lock(L.mbox_lock_index(cpu))
+    except Exception:              # never created: the slot was never taken
+        return None
+
+
+def rebuild_zone(core, zone_id: int, owner_id: int) -> None:
+    """Depot, ITEMS and sleep queue of a zone from the tags.  Lock: the zone's
+    (repaired: held on the dead owner's behalf); takes its keg's."""
+    w = core.w
+    zw = L.zone_word(zone_id)
+    keg = core.keg(w[zw + _Z["KEG"]])
+    zidx = w[zw + _Z["ZIDX"]]
+    depot_word = L.tag(L.TAG_DEPOT, zidx)
+    hs, ts, items = [], [], 0
+    klk = core.lock(keg.lock_index)
+    klk.acquire(owner_id=owner_id)
+    try:
+        for _, base in keg.slabs():
+            t0 = (base + keg.tagoff) >> 2
+            for i, tv in enumerate(core.tags[t0:t0 + keg.ipers]):
+                if tv and (tv >> 4) & 0xF == zidx:
+                    items += 1
+                    if tv == depot_word:
+                        hs.append(base + i * keg.rsize)
+                        ts.append(t0 + i)
+    finally:
+        klk.release()
+    cap = w[zw + _Z["DEPOT_CAP"]]
+    d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
+    hs, ts = hs[:cap], ts[:cap]            # cannot exceed: the depot never held more
+    w[d0:d0 + len(hs)] = array("q", hs)
+    w[d0 + cap:d0 + cap + len(ts)] = array("q", ts)
+    w[zw + _Z["DEPOT_N"]] = len(hs)
+    w[zw + _Z["IMAX"]] = w[zw + _Z["IMIN"]] = len(hs)
+    w[zw + _Z["ITEMS"]] = items
+    _rebuild_sleepq(core, zone_id)
+
+
+def _rebuild_sleepq(core, zone_id: int) -> None:
+    """Keep live CPUs that still wait on this zone, in order.  Lock: zone."""
+    w = core.w
+    zw = L.zone_word(zone_id)
+    q = zw + L.ZONE_SLEEPQ_WORD
+    head, tail = w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]
+    if not 0 <= tail - head <= L.MAX_CPUS:
+        head = tail = 0
+    live = set(core.live_cpus())
+    keep = []
+    for i in range(head, tail):
+        c = w[q + i % L.MAX_CPUS]
+        if c in live and c not in keep and w[L.cpu_word(c) + _C["WAIT_ZONE"]] == zone_id + 1:
+            keep.append(c)
+    for i, c in enumerate(keep):
+        w[q + i] = c
+    w[zw + _Z["SQ_HEAD"]] = 0
+    w[zw + _Z["SQ_TAIL"]] = len(keep)
+    w[zw + _Z["SLEEPERS"]] = len(keep)
+
+
+def repair_locks(arena, dead_pids: set[int]) -> int:
+    """Rebuild and release every lock held by a process in ``dead_pids``.
+    Returns how many were repaired."""
+    core = arena._core
+    me = arena.cpu_id
+    repaired = 0
+    mailboxes = [lk for lk in (mailbox_lock(core, c) for c in range(L.MAX_CPUS)) if lk]
+    for idx in lock_indexes(core):                       # vm, kegs, then zones
+        lk = core.lock(idx)
+        pid = lk.owner_pid()
+        if pid not in dead_pids:
+            continue
+        if idx == L.VM_LOCK:
+            core.vm.rebuild()
+        elif idx <= L.MAX_KEGS:
+            core.keg(idx).rebuild()
+        else:
+            rebuild_zone(core, idx - 1 - L.MAX_KEGS, me)
+        repaired += lk.force_release(pid)
+    for lk in mailboxes:
+        if lk.owner_pid() in dead_pids:
+            repaired += lk.force_release(lk.owner_pid())
+    if repaired:
+        with core.lock(L.VM_LOCK):
+            core.w[L.HDR["LOCK_REPAIRS"]] += repaired
+    return repaired
+
+
+def recover_cpu(arena, cpu: int) -> dict:
+    """Give back everything CPU ``cpu`` (found dead) held, and its slot.
+    Its locks must have been repaired first.  Returns counts by state."""
+    core, w = arena._core, arena._core.w
+    cw = L.cpu_word(cpu)
+    counts: dict[str, int] = {}
+    slots.close_mailbox(core, cpu, arena.cpu_id)
+    for z in core.live_zone_ids():                       # out of every sleep queue
+        lk = core.lock(L.zone_lock_index(z))
+        lk.acquire(owner_id=arena.cpu_id)
+        try:
+            w[cw + _C["WAIT_ZONE"]] = 0
+            _rebuild_sleepq(core, z)
+        finally:
+            lk.release()
+    w[cw + _C["GRANT_ZONE"]] = 0
+    kegs = [k for k in range(1, w[L.HDR["NKEGS"]] + 1) if w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE]
+    kegs.sort(key=lambda k: core.keg(k).refcnt)          # mbufs before the clusters they hold
+    for k in kegs:
+        for zone_id in core.zones_of_keg(k):
+            _recover_zone_items(arena, zone_id, cpu, counts)
+    slots.release_slot(core, cpu)
+    try:
+        core.backend.unlink_wake(cpu)
+    except Exception:
+        pass
+    with core.lock(L.VM_LOCK):
+        w[L.HDR["RECOVERIES"]] += 1
+    return counts
+
+
+def _recover_zone_items(arena, zone_id: int, cpu: int, counts: dict) -> None:
+    core = arena._core
+    zone = arena._zone_by_id(zone_id)
+    cache = zone._cache
+    keg, zidx, me = zone.keg, zone.zidx, arena.cpu_id
+    tags = core.tags
+    lk = core.lock(zone._lock_index)          # take-overs (F4) re-tag under it too
+    lk.acquire(owner_id=me)
+    try:
+        found = [(ti, tv) for ti, tv in keg.held_by(cpu) if (tv >> 4) & 0xF == zidx]
+        cached, fini, imported, freeing = ([], []), ([], []), ([], []), []
+        for ti, tv in found:
+            st = L.tag_state(tv)
+            h = _handle_of(keg, ti)
+            counts[L.TAG_STATE_NAMES[st]] = counts.get(L.TAG_STATE_NAMES[st], 0) + 1
+            if st in (L.TAG_CACHED, L.TAG_XFREE):
+                tags[ti] = cache.w_cached
+                cached[0].append(h)
+                cached[1].append(ti)
+            elif st == L.TAG_FINI:
+                tags[ti] = cache.w_fini
+                fini[0].append(h)
+                fini[1].append(ti)
+            elif st == L.TAG_IMPORT:
+                tags[ti] = cache.w_import
+                imported[0].append(h)
+                imported[1].append(ti)
+            elif st in (L.TAG_ALLOC, L.TAG_INFLIGHT) and not keg.refcnt:
+                tags[ti] = cache.w_alloc
+                freeing.append(h)
+    finally:
+        lk.release()
+    if cached[0]:
+        cache.take_home(*cached)
+    if fini[0]:
+        cache._release_to_keg(*fini, run_fini=True)
+    if imported[0]:
+        cache._release_to_keg(*imported, run_fini=False)
+    for h in freeing:
+        zone.free(h)
+
+
+def _handle_of(keg, ti: int) -> int:
+    """Handle of the item whose tag is at u32 index ``ti``."""
+    core = keg.core
+    page = (ti << 2) >> L.PAGE_SHIFT
+    base = core.pt[page] ^ keg.kid_bits
+    return base + ((ti << 2) - (base + keg.tagoff)) // 4 * keg.rsize

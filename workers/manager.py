@@ -1,0 +1,215 @@
+"""The keg manager: the service that owns an arena.
+
+``shmalloc serve --name A [--size S] [--tunable k=v ...] [--adopt]`` runs it in the
+foreground.  It creates the arena and the mbuf zones, is a CPU itself, and every
+``POLL`` seconds:
+
+1. watches the CPU slots: a slot whose process is gone (pid plus start time, so
+   a reused pid is not taken for the living) is dead;
+2. repairs every lock a dead process held, rebuilding what the lock protects
+   from the item tags, and releases a lock found taken with no owner for longer
+   than ``ORPHAN_SECONDS`` (a holder that died between taking the semaphore and
+   writing its pid);
+3. recovers each dead CPU: its cached items back, its allocated items freed
+   through the zone's dtor (giving back the cluster references its mbufs held),
+   what was in flight to it, its mailbox and its slot (``shmalloc.recovery``);
+4. every ``TRIM_SECONDS`` trims each zone's depot to its working-set estimate
+   (UMA's ``zone_trim``) and gives empty slabs back;
+5. when free pages fall under ``lowmem`` of the arena, runs the low-memory
+   reclaim: the registered protocol drains (``mb_reclaim``), a drain request by
+   message to every CPU, then every depot and every free slab.
+
+On SIGTERM or SIGINT it removes every OS object of the arena.  Killed itself,
+it can be restarted with ``--adopt`` on the same arena: it recovers the old
+manager like any dead CPU and carries on, losing nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from shmalloc import Arena, admin, recovery, slots
+from shmalloc import layout as L
+from shmalloc.errors import ShmallocError
+from shmalloc.mail import MSG_DRAIN
+
+POLL = 0.2
+ORPHAN_SECONDS = 2.0
+TRIM_SECONDS = 20.0
+LOWMEM = 0.05
+
+
+class Manager:
+    def __init__(self, name: str, size: int | None = None, tunables: dict | None = None,
+                 adopt: bool = False, lowmem: float = LOWMEM, log=None):
+        self.log = log or (lambda msg: None)
+        self.lowmem = lowmem
+        self.stopping = False
+        self.recovered = 0
+        self.repairs = 0
+        self._orphans: dict[int, tuple[float, int]] = {}
+        self._last_trim = time.monotonic()
+        self._last_lowmem = 0.0
+        if adopt:
+            self.arena = Arena.attach(name)
+            self._adopt()
+        else:
+            kw = {} if size is None else {"size": size}
+            self.arena = Arena.create(name, tunables=tunables, **kw)
+            try:
+                self._make_mbuf_zones()
+            except BaseException:
+                self.arena.destroy()
+                raise
+        slots.set_manager(self.arena._core, self.arena.cpu_id, os.getpid())
+        self.log(f"manager of arena {name!r}: pid {os.getpid()}, CPU {self.arena.cpu_id}")
+
+    def _make_mbuf_zones(self):
+        try:
+            from shmalloc.mbuf import mbuf_init
+        except ImportError:
+            return
+        mbuf_init(self.arena)
+
+    def _adopt(self):
+        core = self.arena._core
+        w = core.w
+        pid, start = w[L.HDR["MANAGER_PID"]], w[L.HDR["MANAGER_START"]]
+        if pid and pid != os.getpid() and admin.process_alive(pid, start):
+            self.arena.close()
+            raise ShmallocError(f"arena {self.arena.name!r} has a live manager, pid {pid}")
+        self.log(f"adopting arena {self.arena.name!r} (previous manager pid {pid})")
+
+    # ------------------------------------------------------------ the loop
+    def run(self, poll: float = POLL) -> None:
+        """Serve until SIGTERM/SIGINT, then remove every OS object of the arena."""
+        old = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not self.stopping:
+                self.step()
+                time.sleep(poll)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            self.shutdown()
+
+    def _stop(self, signum, frame):
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        self.log(f"manager: removing arena {self.arena.name!r}")
+        self.arena.destroy()
+
+    def step(self) -> None:
+        """One round: recover the dead, repair orphaned locks, trim, reclaim."""
+        dead = self.dead_cpus()
+        if dead:
+            pids = {self._pid(c) for c in dead}
+            self.repairs += recovery.repair_locks(self.arena, pids)
+            for cpu in dead:
+                counts = recovery.recover_cpu(self.arena, cpu)
+                self.recovered += 1
+                self.log(f"manager: recovered CPU {cpu} (pid {self._pid_was(cpu, pids)}): {counts}")
+        self._release_orphaned_locks()
+        self.arena.poll()
+        now = time.monotonic()
+        if now - self._last_trim >= TRIM_SECONDS:
+            self._last_trim = now
+            self.trim()
+        if self.lowmem_now() and now - self._last_lowmem >= 1.0:
+            self._last_lowmem = now
+            self.reclaim()
+        self.arena._drain_caches()            # what recovery put in the manager's cache
+
+    def dead_cpus(self) -> list[int]:
+        core, w = self.arena._core, self.arena._core.w
+        out = []
+        for cpu in range(L.MAX_CPUS):
+            cw = L.cpu_word(cpu)
+            if cpu == self.arena.cpu_id or w[cw + L.CPU["STATE"]] == L.CPU_FREE:
+                continue
+            if not admin.process_alive(w[cw + L.CPU["PID"]], w[cw + L.CPU["START"]]):
+                out.append(cpu)
+            elif w[cw + L.CPU["PID"]] == os.getpid() and not self._mine(cpu):
+                out.append(cpu)           # a slot of this pid not attached here: an adopted
+        return out                        # manager's predecessor had the same pid
+
+    def _mine(self, cpu: int) -> bool:
+        a = self.arena
+        return cpu == a.cpu_id or any(t.cpu_id == cpu for t in a._thread_arenas.values())
+
+    def _pid(self, cpu: int) -> int:
+        return self.arena._core.w[L.cpu_word(cpu) + L.CPU["PID"]]
+
+    @staticmethod
+    def _pid_was(cpu, pids):
+        return "/".join(map(str, sorted(pids)))
+
+    def _release_orphaned_locks(self) -> None:
+        core = self.arena._core
+        now = time.monotonic()
+        idxs = recovery.lock_indexes(core) + [
+            L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
+            if recovery.mailbox_lock(core, c) is not None]
+        for idx in idxs:
+            lk = core.lock(idx)
+            if lk.owner_pid() != 0 or not lk.is_taken():
+                self._orphans.pop(idx, None)
+                continue
+            seen = self._orphans.get(idx)
+            if seen is None or seen[1] != lk.acquisitions():
+                self._orphans[idx] = (now, lk.acquisitions())
+            elif now - seen[0] >= ORPHAN_SECONDS:
+                if lk.force_release_ownerless():
+                    self.repairs += 1
+                    self.log(f"manager: released ownerless lock {idx}")
+                self._orphans.pop(idx, None)
+
+    # ------------------------------------------------------------ memory
+    def lowmem_now(self) -> bool:
+        core = self.arena._core
+        return core.w[L.HDR["FREE_PAGES"]] < self.lowmem * core.geometry.data_pages
+
+    def trim(self) -> int:
+        """Trim each zone's depot to its working-set estimate (UMA's zone_trim:
+        wss = imax - imin, smoothed 4:1); give empty slabs back."""
+        core, w = self.arena._core, self.arena._core.w
+        released = 0
+        for z in core.live_zone_ids():
+            zw = L.zone_word(z)
+            lk = core.lock(L.zone_lock_index(z))
+            lk.acquire(owner_id=self.arena.cpu_id)
+            try:
+                wss = w[zw + L.ZONE["IMAX"]] - w[zw + L.ZONE["IMIN"]]
+                w[zw + L.ZONE["WSS"]] = (4 * wss + w[zw + L.ZONE["WSS"]]) // 5
+                keep = w[zw + L.ZONE["WSS"]]
+            finally:
+                lk.release()
+            released += self.arena._zone_by_id(z)._cache.drain_depot(keep)
+        return released
+
+    def reclaim(self) -> int:
+        """vm_lowmem: protocol drains, every CPU's caches (by message), every
+        depot and every free slab."""
+        self.log("manager: low memory: reclaiming")
+        try:
+            from shmalloc.mbuf.reclaim import vm_lowmem
+        except ImportError:
+            vm_lowmem = None
+        if vm_lowmem is not None:
+            vm_lowmem(self.arena)
+        core = self.arena._core
+        for cpu in core.live_cpus():
+            if cpu != self.arena.cpu_id:
+                self.arena._mail.post(cpu, MSG_DRAIN, [], L.TAG_FREE)
+        return self.arena.reclaim()
+
+
+def serve_main(name: str, size: int | None, tunables: dict, adopt: bool, quiet: bool) -> int:
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    mgr = Manager(name, size=size, tunables=tunables, adopt=adopt, log=log)
+    mgr.run()
+    return 0
