@@ -2,6 +2,8 @@
 
     shmalloc launch [-n N] [--seconds S] [--size BYTES] [--seed SEED] [--name ARENA]
     shmalloc bench [--quick] [--json FILE] [--repeat K]
+    shmalloc serve --name ARENA [--size BYTES] [--tunable NAME=VALUE ...] [--adopt]
+    shmalloc sysctl --name ARENA [-a] [NAME[=VALUE] ...]
     shmalloc stat -z|-m --name ARENA [-w SECONDS [-c COUNT]]
     shmalloc check --name ARENA
     shmalloc cleanup --name ARENA [--name ARENA ...] | --all
@@ -64,6 +66,22 @@ def _parser():
     p.add_argument("-c", "--count", type=positive_int, metavar="COUNT",
                    help="with -w: stop after COUNT reports")
 
+    p = command("serve", _serve, "run the keg manager of an arena in the foreground "
+                "(until SIGTERM/SIGINT, then remove the arena)")
+    p.add_argument("--name", required=True, metavar="ARENA")
+    p.add_argument("--size", type=positive_int, metavar="BYTES",
+                   help="arena size (default 64 MiB)")
+    p.add_argument("--tunable", action="append", default=[], metavar="NAME=VALUE",
+                   help="boot-time tunable, e.g. kern.ipc.nmbclusters=0 (repeatable)")
+    p.add_argument("--adopt", action="store_true",
+                   help="take over an existing arena whose manager died")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not log recoveries")
+
+    p = command("sysctl", _sysctl, "read or raise the mbuf sysctls of a running arena")
+    p.add_argument("--name", required=True, metavar="ARENA")
+    p.add_argument("-a", "--all", action="store_true", help="print every sysctl")
+    p.add_argument("oids", nargs="*", metavar="NAME[=VALUE]")
+
     p = command("check", _check, "verify the invariants of a running arena")
     p.add_argument("--name", required=True, metavar="ARENA")
 
@@ -78,16 +96,13 @@ def _parser():
 # ------------------------------------------------------------------------ stat, check
 def _stat(args):
     """Print vmstat -z of the arena, once or every ``args.wait`` seconds."""
-    if args.m:
-        print("shmalloc stat: netstat -m arrives with the mbuf layer", file=sys.stderr)
-        return 2
     if args.wait is not None and args.wait <= 0:
         print("shmalloc stat: -w needs a positive number of seconds", file=sys.stderr)
         return 2
     with Arena.attach(args.name) as arena:
         try:
             for i in itertools.count(1):
-                sys.stdout.write(arena.vmstat_z())
+                sys.stdout.write(arena.netstat_m() if args.m else arena.vmstat_z())
                 sys.stdout.flush()
                 if args.wait is None or i == args.count:
                     break
@@ -108,6 +123,49 @@ def _check(args):
             return 1
     print("check: ok")
     return 0
+
+
+# ------------------------------------------------------------------------ serve, sysctl
+def _tunables(items):
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"shmalloc serve: --tunable needs NAME=VALUE, not {item!r}")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            raise SystemExit(f"shmalloc serve: {key}: {value!r} is not an integer") from None
+    return out
+
+
+def _serve(args):
+    """Run the keg manager until SIGTERM/SIGINT."""
+    from shmalloc.workers.manager import serve_main
+    return serve_main(args.name, args.size, _tunables(args.tunable), args.adopt, args.quiet)
+
+
+def _sysctl(args):
+    """sysctl(8) for an arena: NAME prints, NAME=VALUE raises (never lowers)."""
+    from shmalloc.mbuf.tunables import SYSCTLS
+    if not args.oids and not args.all:
+        print("shmalloc sysctl: name a sysctl, or -a", file=sys.stderr)
+        return 2
+    status = 0
+    with Arena.attach(args.name) as arena:
+        for oid in (sorted(SYSCTLS) if args.all else args.oids):
+            name, sep, value = oid.partition("=")
+            try:
+                if sep:
+                    old = arena.sysctl(name)
+                    new = arena.sysctl(name, int(value))
+                    print(f"{name}: {old} -> {new}")
+                else:
+                    print(f"{name}: {arena.sysctl(name)}")
+            except (ShmallocError, ValueError) as e:
+                print(f"shmalloc sysctl: {e}", file=sys.stderr)
+                status = 1
+    return status
 
 
 # ------------------------------------------------------------------------ cleanup
