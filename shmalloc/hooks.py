@@ -20,6 +20,11 @@ from typing import Callable
 
 from .errors import HookError
 
+# dtor argument flag: the item's holder CPU died and a supervisor frees what it held
+# (``recovery``).  A dtor that would refuse an item still holding references (an mbuf
+# with its cluster) gives them back instead; one that raises leaves the item allocated.
+DTOR_RECOVER = 1 << 62
+
 _registry: dict[str, Callable] = {}
 
 

@@ -138,9 +138,22 @@ def test_stat_z_repeats_with_wait_and_count(busy_arena, capsys):
     assert len(VMSTAT_HEADER.findall(capsys.readouterr().out)) == 3
 
 
-def test_stat_m_is_not_there_yet(busy_arena, capsys):
-    assert cli.main(["stat", "-m", "--name", busy_arena.name]) == 2
-    assert "mbuf layer" in capsys.readouterr().err
+def test_stat_m_prints_netstat_m(busy_arena, capsys):
+    assert cli.main(["stat", "-m", "--name", busy_arena.name]) == 0
+    out = capsys.readouterr().out
+    assert "mbufs in use (current/cache/total)" in out
+    assert "mbuf clusters in use (current/cache/total/max)" in out
+
+
+def test_sysctl_reads_raises_and_refuses_to_lower(busy_arena, capsys):
+    name = busy_arena.name
+    assert cli.main(["sysctl", "--name", name, "kern.ipc.nmbclusters"]) == 0
+    before = int(capsys.readouterr().out.split(":")[1])
+    assert cli.main(["sysctl", "--name", name, f"kern.ipc.nmbclusters={before + 10}"]) == 0
+    assert f"{before} -> {before + 10}" in capsys.readouterr().out
+    assert cli.main(["sysctl", "--name", name, f"kern.ipc.nmbclusters={before}"]) == 1
+    assert "Invalid argument" in capsys.readouterr().err
+    assert cli.main(["sysctl", "--name", name, "kern.ipc.nosuch"]) == 1
 
 
 def test_stat_of_missing_arena_exits_1(arena_name, capsys):

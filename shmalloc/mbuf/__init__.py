@@ -1,1 +1,72 @@
-"""The mbuf layer: FreeBSD's mbuf zones, ctors/dtors and chain utilities on shmalloc."""
+"""The mbuf layer: FreeBSD's mbuf allocator ("mbuma", ``kern_mbuf.c``) on shmalloc's
+UMA core, with FreeBSD's names, constants and argument order::
+
+    from shmalloc import mbuf as mb
+    m = mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=arena)
+    mb.m_append(m, 5, b"hello")
+    n = mb.m_copym(m, 0, mb.M_COPYALL, mb.M_NOWAIT)     # shares the cluster
+    mb.m_freem(n); mb.m_freem(m)
+
+Modules, by layer: ``constants`` (sizes from the layout, flags, types), ``zones`` (the
+seed's mbuf_init and the ctors/dtors/inits/finis of the zones), ``header`` (the Mbuf
+object), ``api`` (allocation, free and chain functions), ``tags`` (m_tag),
+``tunables`` (tunables, sysctls, event handlers), ``stats`` (mbstat, netstat -m),
+``reclaim`` (vm_lowmem, protocol drains).  The byte layout of an mbuf is declared in
+``shmalloc.layout`` with the rest of the segment.
+
+An mbuf search order: ``m_getcl`` -> this CPU's packet cache (an mbuf with its cluster
+attached) -> the packet zone's depot -> the mbuf keg, where the packet zone's init
+attaches a cluster from the cluster zone (its own cache, depot, keg).
+"""
+
+from .api import (M_ALIGN, M_LEADINGSPACE, M_MOVE_PKTHDR, M_PREPEND, M_TRAILINGSPACE,
+                  M_WRITABLE, MH_ALIGN, m_adj, m_append, m_cat, m_clget, m_cljget, m_cljset,
+                  m_copyback, m_copydata, m_copym, m_copypacket, m_demote, m_dup,
+                  m_dup_pkthdr, m_extadd, m_fixhdr, m_free, m_freem, m_get, m_get2, m_getcl,
+                  m_gethdr, m_getjcl, m_getzone, m_init, m_last, m_length, m_move_pkthdr,
+                  m_prepend, m_pullup, m_split, mtod)
+from .constants import *  # noqa: F401,F403  (FreeBSD's constants)
+from .constants import __all__ as _constants_all
+from .errors import MbufError, SysctlError
+from .header import Ext, Mbuf, PktHdr
+from .reclaim import mb_reclaim, pr_drain_deregister, pr_drain_register, vm_lowmem
+from .stats import MbStat, mbstat, netstat_m, stat_m_text
+from .tags import (MTag, m_tag_alloc, m_tag_copy, m_tag_copy_chain, m_tag_delete,
+                   m_tag_delete_chain, m_tag_delete_nonpersistent, m_tag_find, m_tag_first,
+                   m_tag_free, m_tag_get, m_tag_locate, m_tag_next, m_tag_prepend,
+                   m_tag_unlink)
+from .tunables import (EVENTHANDLER_PRI_ANY, EVENTHANDLER_PRI_FIRST, EVENTHANDLER_PRI_LAST,
+                       SYSCTLS, eventhandler_deregister, eventhandler_invoke,
+                       eventhandler_register, sysctl, sysctl_main)
+from .zones import ZONE_NAMES, mbuf_init, set_mbuf_label_hook
+
+
+def dtom(handle: int) -> int:
+    """The mbuf holding byte ``handle`` of its storage (an mbuf's own data, not a
+    cluster's): MSIZE is a power of two and mbufs are MSIZE-aligned."""
+    return handle & ~(MSIZE - 1)  # noqa: F405
+
+
+__all__ = [
+    # objects and errors
+    "Mbuf", "PktHdr", "Ext", "MTag", "MbStat", "MbufError", "SysctlError",
+    # allocation and free
+    "m_get", "m_gethdr", "m_getcl", "m_getjcl", "m_get2", "m_clget", "m_cljget", "m_cljset",
+    "m_getzone", "m_extadd", "m_init", "m_free", "m_freem",
+    # chains and data
+    "m_copym", "m_copypacket", "m_dup", "m_copydata", "m_copyback", "m_append", "m_pullup",
+    "m_prepend", "M_PREPEND", "m_adj", "m_cat", "m_split", "m_length", "m_last", "m_fixhdr",
+    "m_move_pkthdr", "M_MOVE_PKTHDR", "m_dup_pkthdr", "m_demote", "mtod", "dtom",
+    "M_WRITABLE", "M_LEADINGSPACE", "M_TRAILINGSPACE", "M_ALIGN", "MH_ALIGN",
+    # tags
+    "m_tag_alloc", "m_tag_get", "m_tag_free", "m_tag_prepend", "m_tag_unlink", "m_tag_delete",
+    "m_tag_delete_chain", "m_tag_delete_nonpersistent", "m_tag_first", "m_tag_next",
+    "m_tag_locate", "m_tag_find", "m_tag_copy", "m_tag_copy_chain",
+    # zones, tunables, statistics, reclaim
+    "mbuf_init", "ZONE_NAMES", "set_mbuf_label_hook", "sysctl", "SYSCTLS", "sysctl_main",
+    "eventhandler_register", "eventhandler_deregister", "eventhandler_invoke",
+    "EVENTHANDLER_PRI_FIRST", "EVENTHANDLER_PRI_ANY", "EVENTHANDLER_PRI_LAST",
+    "mbstat", "netstat_m", "stat_m_text", "vm_lowmem", "mb_reclaim", "pr_drain_register",
+    "pr_drain_deregister",
+]
+__all__ += _constants_all

@@ -1,0 +1,140 @@
+"""stats: ``mbstat`` and ``netstat -m`` in FreeBSD's format
+(``usr.bin/netstat/mbuf.c:mbpr``, ``reference/uma_mbuf.md`` §4.3).
+
+The inputs are the zones' statistics as libmemstat derives them (``count`` = allocs -
+frees, ``free`` = cached + depot (+ free in the keg's slabs for a primary zone),
+``failures``, ``sleeps``, ``limit``), as published: another process's counters lag by
+at most one bucket.  Clusters parked in cached packets count as cache, not use.
+Reading makes no zone: an arena without mbuf zones prints zeros and the limits in
+force.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import layout as L
+from .constants import (MCLBYTES, MHLEN, MINCLSIZE, MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE,
+                        MLEN, MSIZE, MT_NTYPES)
+from .tunables import current
+from .zones import TAG_ZONE_NAMES
+
+_MBS = L.MBS
+
+
+@dataclass(frozen=True)
+class MbStat:
+    """The seed's ``struct mbstat``.  m_mbufs and m_mclusts (left at 0 by the seed)
+    are filled with the mbufs and clusters in use; m_mcfail counts failed copies
+    (m_copym, m_dup ...), m_mpfail failed pullups, m_drain mb_reclaim calls."""
+    m_mbufs: int
+    m_mclusts: int
+    m_drain: int
+    m_mcfail: int
+    m_mpfail: int
+    m_msize: int = MSIZE
+    m_mclbytes: int = MCLBYTES
+    m_minclsize: int = MINCLSIZE
+    m_mlen: int = MLEN
+    m_mhlen: int = MHLEN
+    m_numtypes: int = MT_NTYPES
+    sf_iocnt: int = 0
+    sf_allocfail: int = 0
+    sf_allocwait: int = 0
+    lowmem: int = 0              # vm_lowmem events (not in FreeBSD's struct)
+
+
+@dataclass(frozen=True)
+class _Z:
+    count: int = 0
+    free: int = 0
+    limit: int = 0
+    failures: int = 0
+    sleeps: int = 0
+
+
+def _zone(arena, name: str, limit: int = 0) -> _Z:
+    if arena._core.zone_id(name) < 0:
+        return _Z(limit=limit)
+    s = arena.zone_stats(name)
+    return _Z(s.used, s.free, s.limit, s.failures, s.sleeps)
+
+
+def _inputs(arena) -> dict:
+    arena._check_open()
+    tun = current(arena._core)
+    return dict(
+        mbuf=_zone(arena, "mbuf", tun["kern.ipc.nmbufs"]),
+        packet=_zone(arena, "mbuf_packet"),
+        cluster=_zone(arena, "mbuf_cluster", tun["kern.ipc.nmbclusters"]),
+        jumbop=_zone(arena, "mbuf_jumbo_page", tun["kern.ipc.nmbjumbop"]),
+        jumbo9=_zone(arena, "mbuf_jumbo_9k", tun["kern.ipc.nmbjumbo9"]),
+        jumbo16=_zone(arena, "mbuf_jumbo_16k", tun["kern.ipc.nmbjumbo16"]),
+        tag_bytes=sum(_zone(arena, n).count * int(n.rsplit("_", 1)[1])
+                      for n in TAG_ZONE_NAMES))
+
+
+def _mbs(arena, field: str) -> int:
+    return arena._core.w[L.MBS_WORD + _MBS[field]]
+
+
+def mbstat(arena) -> MbStat:
+    """``kern.ipc.mbstat``."""
+    z = _inputs(arena)
+    return MbStat(m_mbufs=z["mbuf"].count + z["packet"].count,
+                  m_mclusts=z["cluster"].count - z["packet"].free,
+                  m_drain=_mbs(arena, "DRAINS"), m_mcfail=_mbs(arena, "MCFAIL"),
+                  m_mpfail=_mbs(arena, "MPFAIL"), lowmem=_mbs(arena, "LOWMEM"))
+
+
+def netstat_m(arena) -> str:
+    """``netstat -m``: the mbuf lines of FreeBSD 11-14 (no sendfile lines: there is
+    no sendfile here), then the seed era's protocol-drain line."""
+    z = _inputs(arena)
+    mb, pk, cl = z["mbuf"], z["packet"], z["cluster"]
+    jp, j9, j16 = z["jumbop"], z["jumbo9"], z["jumbo16"]
+    bytes_inuse = (mb.count * MSIZE + pk.count * MSIZE + pk.count * MCLBYTES
+                   + (cl.count - pk.count - pk.free) * MCLBYTES + z["tag_bytes"]
+                   + jp.count * MJUMPAGESIZE + j9.count * MJUM9BYTES + j16.count * MJUM16BYTES)
+    bytes_incache = (mb.free * MSIZE + pk.free * MSIZE + pk.free * MCLBYTES
+                     + cl.free * MCLBYTES + jp.free * MJUMPAGESIZE + j9.free * MJUM9BYTES
+                     + j16.free * MJUM16BYTES)
+    pg = MJUMPAGESIZE // 1024
+    lines = [
+        f"{mb.count + pk.count}/{mb.free + pk.free}/{mb.count + pk.count + mb.free + pk.free} "
+        f"mbufs in use (current/cache/total)",
+        f"{cl.count - pk.free}/{cl.free + pk.free}/{cl.count + cl.free}/{cl.limit} "
+        f"mbuf clusters in use (current/cache/total/max)",
+        f"{pk.count}/{pk.free} mbuf+clusters out of packet secondary zone in use "
+        f"(current/cache)",
+        f"{jp.count}/{jp.free}/{jp.count + jp.free}/{jp.limit} {pg}k (page size) jumbo "
+        f"clusters in use (current/cache/total/max)",
+        f"{j9.count}/{j9.free}/{j9.count + j9.free}/{j9.limit} 9k jumbo clusters in use "
+        f"(current/cache/total/max)",
+        f"{j16.count}/{j16.free}/{j16.count + j16.free}/{j16.limit} 16k jumbo clusters in use "
+        f"(current/cache/total/max)",
+        f"{bytes_inuse // 1024}K/{bytes_incache // 1024}K/"
+        f"{(bytes_inuse + bytes_incache) // 1024}K bytes allocated to network "
+        f"(current/cache/total)",
+        f"{mb.failures}/{cl.failures}/{pk.failures} requests for mbufs denied "
+        f"(mbufs/clusters/mbuf+clusters)",
+        f"{mb.sleeps}/{cl.sleeps}/{pk.sleeps} requests for mbufs delayed "
+        f"(mbufs/clusters/mbuf+clusters)",
+        f"{jp.sleeps}/{j9.sleeps}/{j16.sleeps} requests for jumbo clusters delayed "
+        f"({pg}k/9k/16k)",
+        f"{jp.failures}/{j9.failures}/{j16.failures} requests for jumbo clusters denied "
+        f"({pg}k/9k/16k)",
+        f"{_mbs(arena, 'DRAINS')} calls to protocol drain routines",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def stat_m_text(name: str) -> str:
+    """``shmalloc stat -m --name NAME``: attach to the running arena, print its
+    netstat -m, detach."""
+    from ..arena import Arena
+    arena = Arena.attach(name)
+    try:
+        return netstat_m(arena)
+    finally:
+        arena.close()

@@ -1,0 +1,318 @@
+"""Tunables, sysctls and event handlers of the mbuf layer (the seed's
+``tunable_mbinit``, ``sysctl_nmbclusters`` ... and ``EVENTHANDLER_*``).
+
+Tunables are given once, at ``Arena.create(..., tunables={...})``, and stored in the
+header's TUN words (``layout``).  The first process that uses mbufs on the arena
+computes the values in force from them (``ensure_tuned``) and writes them to the MBS
+words, where ``sysctl`` reads and raises them.
+
+Defaults (the seed's ``tunable_mbinit``, FreeBSD 7/8; ``reference/uma_mbuf.md`` §3.3)::
+
+    maxusers    = clamp(physpages / (2 MiB / PAGE_SIZE), 32, 384)   subr_param.c
+    nmbclusters = 1024 + maxusers * 64
+    nmbjumbop   = nmbclusters / 2,  nmbjumbo9 = nmbjumbop / 2,  nmbjumbo16 = nmbjumbo9 / 2
+    maxmbufmem  = realmem / 2  (a tunable is capped at realmem / 4 * 3)
+    nmbufs      = max(maxmbufmem / MSIZE / 5, sum of the four cluster limits)
+    v_free_min  = 4 + (physpages - 1024) / 200  (4 below 1024 pages)   vm_pageout.c
+
+where the arena plays the machine: ``physpages`` is its size in pages and ``realmem``
+its size in bytes.  As in the seed, the jumbo limits derive from the *computed*
+nmbclusters, before a ``kern.ipc.nmbclusters`` tunable overrides it.  A tunable of 0
+makes the limit unlimited (``kern.maxusers = 0``: derive it).
+
+Sysctls (``sysctl(arena, name[, value])``): the limits only rise (a lower value is
+refused with EINVAL; ``0`` is unlimited, so it is the highest value and cannot be
+lowered from); a new limit is applied to its zone at once and ``nmbclusters_change``
+(``nmbufs_change``) is invoked.  ``kern.ipc.maxmbufmem`` and ``kern.maxusers`` are
+read-only at run time (EPERM); ``vm.v_free_min`` (the low-memory threshold in pages)
+takes any value.  Unknown names fail with ENOENT.
+
+Event handlers are process-local, like FreeBSD's are kernel-local: a handler registered
+in this process runs when this process invokes the event (``fn(arg, arena)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import itertools
+import sys
+
+from .. import layout as L
+from .constants import (MBUF_CLUSTER_MEM_NAME, MBUF_JUMBO9_MEM_NAME, MBUF_JUMBO16_MEM_NAME,
+                        MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME, MSIZE)
+from .errors import SysctlError
+
+_TUN, _MBS = L.TUN, L.MBS
+
+# sysctl name -> (field in TUN and MBS, mode, zone it limits, event fired on a raise)
+SYSCTLS = {
+    "kern.ipc.nmbclusters": ("NMBCLUSTERS", "raise", MBUF_CLUSTER_MEM_NAME, "nmbclusters_change"),
+    "kern.ipc.nmbjumbop": ("NMBJUMBOP", "raise", MBUF_JUMBOP_MEM_NAME, None),
+    "kern.ipc.nmbjumbo9": ("NMBJUMBO9", "raise", MBUF_JUMBO9_MEM_NAME, None),
+    "kern.ipc.nmbjumbo16": ("NMBJUMBO16", "raise", MBUF_JUMBO16_MEM_NAME, None),
+    "kern.ipc.nmbufs": ("NMBUFS", "raise", MBUF_MEM_NAME, "nmbufs_change"),
+    "kern.ipc.maxmbufmem": ("MAXMBUFMEM", "rdtun", None, None),
+    "kern.maxusers": ("MAXUSERS", "rdtun", None, None),
+    "vm.v_free_min": ("V_FREE_MIN", "rw", None, None),
+}
+TUNABLE_NAMES = tuple(SYSCTLS)
+_VALUE_MAX = 1 << 62
+
+MAXUSERS_MIN, MAXUSERS_MAX = 32, 384
+
+
+# ============================================================================ defaults
+def maxusers_for(size: int) -> int:
+    """FreeBSD 7's ``init_param2`` (``kern/subr_param.c``): one "user" per 2 MiB of
+    physical memory, at least 32 and at most 384; the arena's size is the memory."""
+    physpages = size // L.PAGE_SIZE
+    return min(max(physpages // (2 * 1024 * 1024 // L.PAGE_SIZE), MAXUSERS_MIN), MAXUSERS_MAX)
+
+
+def v_free_min_for(size: int) -> int:
+    """FreeBSD's ``vm_pageout_init``: pages kept free before vm_lowmem fires."""
+    npages = size // L.PAGE_SIZE
+    return 4 + (npages - 1024) // 200 if npages > 1024 else 4
+
+
+def compute(size: int, given: dict[str, int]) -> dict[str, int]:
+    """The values in force for an arena of ``size`` bytes with tunables ``given``
+    (MBS field -> value).  Pure: see the module docstring for the formulas."""
+    maxusers = given.get("MAXUSERS") or maxusers_for(size)
+    nmbclusters = 1024 + maxusers * 64
+    nmbjumbop = nmbclusters // 2
+    nmbjumbo9 = nmbjumbop // 2
+    nmbjumbo16 = nmbjumbo9 // 2
+    nmbclusters = given.get("NMBCLUSTERS", nmbclusters)
+    nmbjumbop = given.get("NMBJUMBOP", nmbjumbop)
+    nmbjumbo9 = given.get("NMBJUMBO9", nmbjumbo9)
+    nmbjumbo16 = given.get("NMBJUMBO16", nmbjumbo16)
+    realmem = size
+    maxmbufmem = min(given.get("MAXMBUFMEM", realmem // 2), realmem // 4 * 3)
+    clusters = (nmbclusters, nmbjumbop, nmbjumbo9, nmbjumbo16)
+    need = sum(clusters) if all(clusters) else 0
+    nmbufs = given.get("NMBUFS", -1)
+    if nmbufs != 0 and nmbufs < need or nmbufs < 0:
+        nmbufs = max(maxmbufmem // MSIZE // 5, need)
+    return {"MAXUSERS": maxusers, "NMBCLUSTERS": nmbclusters, "NMBJUMBOP": nmbjumbop,
+            "NMBJUMBO9": nmbjumbo9, "NMBJUMBO16": nmbjumbo16, "NMBUFS": nmbufs,
+            "MAXMBUFMEM": maxmbufmem,
+            "V_FREE_MIN": given.get("V_FREE_MIN", v_free_min_for(size))}
+
+
+# ============================================================================ at create
+def _check_value(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SysctlError(errno.EINVAL, f"sysctl {name}: the value must be an int, "
+                                        f"not {type(value).__name__}")
+    if not 0 <= value < _VALUE_MAX:
+        raise SysctlError(errno.EINVAL, f"sysctl {name}: value {value} is outside "
+                                        f"0..{_VALUE_MAX - 1}")
+    return value
+
+
+def _spec(name: str):
+    spec = SYSCTLS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise SysctlError(errno.ENOENT, f"sysctl: unknown oid {name!r}; known: "
+                                        + ", ".join(TUNABLE_NAMES))
+    return spec
+
+
+def validate(tunables) -> dict[str, int]:
+    """``{"kern.ipc.nmbclusters": 0, ...}`` -> ``{TUN field: value}``; raises
+    SysctlError for an unknown name or a value that is not an int >= 0."""
+    if tunables is None:
+        return {}
+    if not isinstance(tunables, dict):
+        raise TypeError(f"tunables must be a dict of sysctl name -> int, not "
+                        f"{type(tunables).__name__}")
+    return {_spec(name)[0]: _check_value(name, v) for name, v in tunables.items()}
+
+
+def store(w, fields: dict[str, int]) -> None:
+    """Write validated tunables into the header's TUN words.  Called while the arena
+    is formatted, before its magic is set (nobody else can see it yet)."""
+    base = L.TUN_WORD
+    setbits = 0
+    for field, v in fields.items():
+        w[base + _TUN[field]] = v
+        setbits |= 1 << _TUN[field]
+    w[base + _TUN["SET"]] = setbits
+
+
+def given(w) -> dict[str, int]:
+    """The tunables the arena was created with (TUN field -> value)."""
+    base = L.TUN_WORD
+    setbits = w[base + _TUN["SET"]]
+    return {f: w[base + i] for f, i in _TUN.items() if f != "SET" and setbits >> i & 1}
+
+
+def ensure_tuned(core) -> None:
+    """``tunable_mbinit``: compute the values in force once per arena.
+    Lock: takes vm (nothing else held)."""
+    w = core.w
+    if w[L.MBS_WORD + _MBS["STATE"]] >= L.MBS_TUNED:
+        return
+    with core.lock(L.VM_LOCK):
+        if w[L.MBS_WORD + _MBS["STATE"]] >= L.MBS_TUNED:
+            return
+        for field, v in compute(core.geometry.size, given(w)).items():
+            w[L.MBS_WORD + _MBS[field]] = v
+        w[L.MBS_WORD + _MBS["STATE"]] = L.MBS_TUNED
+
+
+def current(core) -> dict[str, int]:
+    """Every sysctl's value in force (without making any zone)."""
+    ensure_tuned(core)
+    return {name: core.w[L.MBS_WORD + _MBS[spec[0]]] for name, spec in SYSCTLS.items()}
+
+
+# ============================================================================ sysctl
+def _key(v: int) -> float:
+    """Order of limits: 0 (unlimited) is above every number."""
+    return float("inf") if v == 0 else v
+
+
+def sysctl(arena, name: str, value=None) -> int:
+    """Read sysctl ``name``, or set it to ``value`` and return the value in force.
+
+    A limit only rises: a lower value raises SysctlError (EINVAL) and changes
+    nothing; the same value is accepted and changes nothing.  A raise is applied to
+    the zone at once (sleepers that now fit are woken) and fires the sysctl's event.
+    """
+    field, mode, zone_name, event = _spec(name)
+    core = arena._core
+    arena._check_open()
+    ensure_tuned(core)
+    word = L.MBS_WORD + _MBS[field]
+    w = core.w
+    if value is None:
+        return w[word]
+    value = _check_value(name, value)
+    if mode == "rdtun":
+        raise SysctlError(errno.EPERM, f"sysctl: oid {name!r} is a read only tunable "
+                                       f"(set it with Arena.create(tunables=...))")
+    ctx = None
+    if zone_name is not None:
+        from .zones import ctx as _ctx
+        ctx = _ctx(arena)                # the zones exist before the limit moves
+    with core.lock(L.VM_LOCK):
+        old = w[word]
+        if mode == "raise" and _key(value) < _key(old):
+            raise SysctlError(errno.EINVAL, f"sysctl {name}={value}: Invalid argument "
+                                            f"(the limit is {old} and may only be raised; "
+                                            f"0 is unlimited)")
+        changed = value != old
+        if changed:
+            w[word] = value
+            w[L.MBS_WORD + _MBS["SYSCTL_GEN"]] += 1
+    if not changed:
+        return value
+    if zone_name is not None:
+        zone = ctx.arena.zone(zone_name)
+        while True:                      # a racing raise may land between: converge
+            v = w[word]
+            zone.set_max(v)
+            if w[word] == v:
+                break
+    if event is not None:
+        eventhandler_invoke(event, arena)
+    return w[word]
+
+
+# ============================================================================ event handlers
+EVENTHANDLER_PRI_FIRST = 0
+EVENTHANDLER_PRI_ANY = 10000
+EVENTHANDLER_PRI_LAST = 20000
+EVENTS = ("nmbclusters_change", "nmbufs_change", "vm_lowmem")
+
+_handlers: dict[str, list] = {e: [] for e in EVENTS}
+_seq = itertools.count()
+
+
+def eventhandler_register(name: str, fn, arg=None, priority: int = EVENTHANDLER_PRI_ANY):
+    """Call ``fn(arg, arena)`` whenever this process invokes event ``name``
+    (lowest priority first, then registration order).  Returns a tag for
+    ``eventhandler_deregister``."""
+    if name not in _handlers:
+        raise ValueError(f"unknown event {name!r}; events are {', '.join(EVENTS)}")
+    if not callable(fn):
+        raise TypeError(f"an event handler is a callable, not {type(fn).__name__}")
+    tag = (priority, next(_seq), fn, arg)
+    _handlers[name].append(tag)
+    _handlers[name].sort(key=lambda t: t[:2])
+    return tag
+
+
+def eventhandler_deregister(name: str, tag) -> None:
+    try:
+        _handlers[name].remove(tag)
+    except (KeyError, ValueError):
+        raise ValueError(f"no handler {tag!r} is registered for event {name!r}") from None
+
+
+def eventhandler_invoke(name: str, arena) -> int:
+    """Run the handlers of ``name``; returns how many ran."""
+    hs = list(_handlers[name])
+    for _, _, fn, arg in hs:
+        fn(arg, arena)
+    return len(hs)
+
+
+# ============================================================================ command line
+def sysctl_main(argv=None) -> int:
+    """``shmalloc sysctl --name ARENA [-n] [-a] NAME[=VALUE] ...`` in sysctl(8)'s
+    words.  Returns the exit status: 0 ok, 1 a sysctl failed, 2 usage."""
+    from ..arena import Arena
+    from ..errors import ShmallocError
+    p = argparse.ArgumentParser(prog="shmalloc sysctl",
+                                description="read or raise the mbuf sysctls of an arena")
+    p.add_argument("--name", required=True, help="the arena")
+    p.add_argument("-n", action="store_true", help="print values only")
+    p.add_argument("-a", action="store_true", help="print every sysctl")
+    p.add_argument("oids", nargs="*", metavar="NAME[=VALUE]")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return 2 if e.code else 0
+    if not args.oids and not args.a:
+        print("shmalloc sysctl: name a sysctl or give -a", file=sys.stderr)
+        return 2
+    status = 0
+    try:
+        arena = Arena.attach(args.name)
+    except ShmallocError as e:
+        print(f"sysctl: {e}", file=sys.stderr)
+        return 1
+    try:
+        oids = list(TUNABLE_NAMES) if args.a else []
+        oids += args.oids
+        for oid in oids:
+            name, sep, text = oid.partition("=")
+            try:
+                if not sep:
+                    v = sysctl(arena, name)
+                    print(v if args.n else f"{name}: {v}")
+                    continue
+                try:
+                    value = int(text, 0)
+                except ValueError:
+                    print(f"sysctl: invalid integer '{text}'", file=sys.stderr)
+                    status = 1
+                    continue
+                old = sysctl(arena, name)
+                new = sysctl(arena, name, value)
+                print(new if args.n else f"{name}: {old} -> {new}")
+            except SysctlError as e:
+                status = 1
+                if e.errno == errno.ENOENT:
+                    print(f"sysctl: unknown oid '{name}'", file=sys.stderr)
+                elif e.errno == errno.EPERM:
+                    print(f"sysctl: oid '{name}' is a read only tunable", file=sys.stderr)
+                else:
+                    print(f"sysctl: {oid}: {e.strerror}", file=sys.stderr)
+    finally:
+        arena.close()
+    return status
