@@ -80,15 +80,18 @@ def check_how(how, zone_name: str) -> None:
 
 
 def apply_maxcache(w, zw: int, nitems: int) -> None:
-    """UMA's ``uma_zone_set_maxcache``: a limit sets an adaptive zone's bucket
-    size (and cap) to ``nitems / (2 * ncpus) / 2``, at most BUCKET_MAX, so that a
-    small limit is not swallowed by one CPU's cache and a large one caches more.
+    """UMA's ``uma_zone_set_maxcache``: a limit caps an adaptive zone's bucket
+    size to ``nitems / (2 * ncpus) / 2``, so that a small limit is not swallowed
+    by one CPU's cache.
     Lock: zone (or the zone not yet visible)."""
     if not nitems or w[zw + _Z["FLAGS"]] & L.ZF_FIXED_BUCKET:
         return                                  # no limit, or a fixed bucket size
     nb = 2 * max(os.cpu_count() or 1, 2)
     bsize = max(1, min(BUCKET_MAX, nitems // nb // 2))
-    w[zw + _Z["BUCKET_SIZE"]] = bsize
+    # UMA also raises the bucket for a large limit; here a limit only caps it,
+    # so that a CPU never hoards more than its share of a small arena.
+    bsize = min(bsize, w[zw + _Z["BUCKET_MAX"]])
+    w[zw + _Z["BUCKET_SIZE"]] = min(w[zw + _Z["BUCKET_SIZE"]], bsize)
     w[zw + _Z["BUCKET_MAX"]] = bsize
     w[zw + _Z["BUCKET_MIN"]] = min(w[zw + _Z["BUCKET_MIN"]], bsize)
 
@@ -612,9 +615,14 @@ class _Cache:
             if got:
                 if self._fill(1):
                     break
-                # lost the room to a racing M_NOWAIT allocation: queue again
-                return self._sleep(how, None if deadline is None
-                                   else max(0.0, deadline - time.monotonic()), arg)
+                # lost the room to a racing M_NOWAIT allocation, or the zone's init
+                # failed: back in the queue, still the same sleep
+                lk = self._zlock()
+                try:
+                    w[cw + _C["WAIT_ZONE"]] = self.zone.id + 1
+                    self._sleepq_push(self.cpu)
+                finally:
+                    lk.release()
         self.refresh()
         self.publish()
         return self.alloc(how & ~M_WAITOK | M_NOWAIT, None, arg)
