@@ -23,7 +23,7 @@ import timeit
 
 from shmalloc import Arena
 
-from . import positive_int
+from . import bench_mbuf, positive_int
 
 ITEM = 2048
 BURST = 64
@@ -123,9 +123,25 @@ def measure(quick=False, repeat=3, name=None):
         ok=shm["locks_per_bucket"] <= TARGET_LOCKS_PER_BUCKET)
     row("pair_nocache", "(e) pair, bucket_size=0 (zone lock)", shm["nocache"], "us",
         "mp.heap BufferWrapper", peer["heap"])
+    _mbuf_rows(row, quick)
     return {"env": _env(), "params": {"quick": quick, "repeat": repeat, "counts": n,
                                       "item_size": ITEM},
             "results": results}
+
+
+def _mbuf_rows(row, quick):
+    """The mbuf layer's rows: the packet zone against two zones and a raw pair."""
+    r = {x["name"]: x for x in bench_mbuf.run(quick)}
+    raw, pack = r["raw_zone_2k_pair"], r["m_getcl+m_freem"]
+    two, copy = r["m_gethdr+m_clget+m_freem"], r["m_copym_1500"]
+    row("m_getcl", "(f) m_getcl+m_freem", pack["ns_per_op"] / 1e3, "us",
+        "m_gethdr+m_clget+m_freem", two["ns_per_op"] / 1e3,
+        f">= {bench_mbuf.TARGET_SPEEDUP:g}x", two["ns_per_op"] / pack["ns_per_op"]
+        >= bench_mbuf.TARGET_SPEEDUP)
+    row("m_getcl_vs_raw", "(f) m_getcl+m_freem vs raw 2 KiB pair", pack["ns_per_op"] / 1e3,
+        "us", "raw zone pair (x slower)", raw["ns_per_op"] / 1e3,
+        f"within {bench_mbuf.TARGET_VS_RAW:g}x", pack["vs_raw"] <= bench_mbuf.TARGET_VS_RAW)
+    row("m_copym_1500", "(g) m_copym of a 1500-byte packet", copy["ns_per_op"] / 1e3, "us")
 
 
 def _measure_shmalloc(arena, n, repeat):

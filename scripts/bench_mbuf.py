@@ -1,4 +1,4 @@
-"""Measurements of the mbuf layer for ``shmalloc bench`` (scripts/bench.py wires it).
+"""Measurements of the mbuf layer for ``shmalloc bench`` (``bench.measure`` adds them).
 
 ``run(quick)`` returns one dict per measurement::
 
@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import time
 
-from ..arena import Arena
-from ..zone import M_NOWAIT
-from . import api
-from .constants import M_COPYALL, M_PKTHDR, MT_DATA
+from shmalloc import M_NOWAIT, Arena
+from shmalloc import mbuf as api
+from shmalloc.mbuf import M_COPYALL, M_PKTHDR, MT_DATA
 
 TARGET_SPEEDUP = 1.5
 TARGET_VS_RAW = 4.0
@@ -95,9 +94,3 @@ def run(quick: bool = False) -> list[dict]:
              target_speedup=TARGET_SPEEDUP, meets_speedup=speedup >= TARGET_SPEEDUP),
         _row("m_copym_1500", best_copy, batch, reps),
     ]
-
-
-if __name__ == "__main__":                  # python -m shmalloc.mbuf._bench [--quick]
-    import sys
-    for r in run("--quick" in sys.argv):
-        print(r)
