@@ -842,6 +842,41 @@ class Arena:
                                 f"holder {L.tag_holder(tv)})")
         return zone, t
 
+    def disown(self, h) -> None:
+        """Let go of item ``h`` (allocated and held by this CPU) without freeing
+        it: it stays allocated, held by no CPU, until a process ``claim``s it.
+        For references that travel by other means than ``send`` (a pickle)."""
+        zone, t = self._held_item(h)
+        self._core.tags[t] = L.tag(L.TAG_ALLOC, zone.zidx, L.NO_CPU,
+                                   L.tag_home(self._core.tags[t]))
+
+    def claim(self, h) -> None:
+        """Make item ``h``, allocated and held by no CPU, this CPU's (the other
+        half of ``disown``).  ShmallocError if it is not such an item."""
+        from .zone import as_handle
+        h = as_handle(h, "?")
+        core = self._core
+        kid = core.pt[h >> L.PAGE_SHIFT] >> L.KEG_ID_SHIFT if 0 <= h < core.geometry.size else 0
+        keg = core.keg(kid) if 1 <= kid <= L.MAX_KEGS else None
+        base = keg.slab_of(h) if keg is not None else -1
+        if base < 0:
+            raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item")
+        t = (base >> 2) + keg.offmap[h - base]
+        zid = next(z for z in core.zones_of_keg(kid)
+                   if core.w[L.zone_word(z) + _Z["ZIDX"]] == L.tag_zidx(core.tags[t]))
+        zone = self._zone_by_id(zid)
+        lk = core.lock(zone._lock_index)           # against a racing free (take-over)
+        lk.acquire(owner_id=self.cpu_id)
+        try:
+            tv = core.tags[t]
+            if L.tag_state(tv) != L.TAG_ALLOC or L.tag_holder(tv) != L.NO_CPU:
+                raise ShmallocError(f"zone {zone.name!r}: claim of handle {h}: it is "
+                                    f"{L.TAG_STATE_NAMES[L.tag_state(tv)]}, held by "
+                                    f"{L.tag_holder(tv)}, not an allocated item held by none")
+            core.tags[t] = L.tag(L.TAG_ALLOC, zone.zidx, self.cpu_id, L.tag_home(tv))
+        finally:
+            lk.release()
+
     def _free_any(self, h) -> None:
         zone, _ = self._held_item(h)
         zone.free(h)
