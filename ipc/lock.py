@@ -12,6 +12,9 @@ caller places in shared memory and passes in as a memoryview cast to 'q':
     5     L_MAX_WAIT_NS     longest such wait
     6     L_ACQUIRED_NS     time.monotonic_ns() when last taken
     7     (spare)
+    8..15 L_WAIT_HIST       contended waits by length: < 4^k microseconds for bucket k
+                            (k = 0..6: 1 us .. 4 ms), bucket 7 for longer; percentiles
+                            of the wait are read from it (``wait_percentile``)
 
 Counters are written only by the holder, so the lock itself protects them. POSIX
 semaphores have no owner: one held by a process that dies stays taken. The owner words let
@@ -29,7 +32,7 @@ import posix_ipc
 from .errors import os_errors
 from .semaphore import sem_wait
 
-LOCK_WORDS = 8
+LOCK_WORDS = 16
 L_OWNER_PID = 0
 L_OWNER_ID = 1
 L_ACQUISITIONS = 2
@@ -37,6 +40,8 @@ L_CONTENDED = 3
 L_WAIT_NS = 4
 L_MAX_WAIT_NS = 5
 L_ACQUIRED_NS = 6
+L_WAIT_HIST = 8
+WAIT_HIST_BUCKETS = 8
 
 MODE = 0o600
 WAIT_SLICE = 1.0  # seconds per timed wait: on_wait runs, and signals land, between slices
@@ -51,6 +56,31 @@ def _refresh_pid():
 
 
 os.register_at_fork(after_in_child=_refresh_pid)
+
+
+def wait_bucket(ns):
+    """Histogram bucket of a wait of ``ns`` nanoseconds: k such that it is under
+    4**k microseconds (k <= 6), else 7."""
+    us = ns // 1000
+    k = 0
+    while k < WAIT_HIST_BUCKETS - 1 and us >= 4 ** k:
+        k += 1
+    return k
+
+
+def wait_percentile(hist, q):
+    """Upper bound in microseconds of the ``q`` quantile (0..1) of the waits
+    counted in ``hist`` (WAIT_HIST_BUCKETS counts); None if there were none."""
+    total = sum(hist)
+    if not total:
+        return None
+    need = q * total
+    seen = 0
+    for k, n in enumerate(hist):
+        seen += n
+        if seen >= need:
+            return float(4 ** k) if k < WAIT_HIST_BUCKETS - 1 else float("inf")
+    return float("inf")
 
 
 def _check_words(words):
@@ -113,6 +143,7 @@ class _CountedLock:
         waited = time.monotonic_ns() - started
         w = self._words
         w[L_CONTENDED] += 1
+        w[L_WAIT_HIST + wait_bucket(waited)] += 1
         w[L_WAIT_NS] += waited
         if waited > w[L_MAX_WAIT_NS]:
             w[L_MAX_WAIT_NS] = waited

@@ -47,6 +47,8 @@ other structure from.
 
 from __future__ import annotations
 
+from .ipc import lock as _ipc_lock
+
 MAGIC = 0x434F4C4C414D4853          # b"SHMALLOC" read as a little-endian word
 LAYOUT_VERSION = 1
 
@@ -85,8 +87,8 @@ TUNABLES_WORDS = 128
 
 # --- lock record (field order shared with ipc.lock, checked below) ----------------
 LOCK = _fields("OWNER_PID", "OWNER_ID", "ACQUISITIONS", "CONTENDED", "WAIT_NS",
-               "MAX_WAIT_NS", "ACQUIRED_NS", "SPARE")
-LOCK_WORDS = 8
+               "MAX_WAIT_NS", "ACQUIRED_NS", "SPARE", "WAIT_HIST")   # WAIT_HIST: 8 words
+LOCK_WORDS = 16
 VM_LOCK = 0
 
 
@@ -396,7 +398,12 @@ MBS_UNTUNED, MBS_TUNED, MBS_READY = 0, 1, 2      # STATE: tunables computed, zon
 
 # --- checks at import -----------------------------------------------------------------------
 assert len(HDR) <= TUNABLES_WORD
-assert len(LOCK) == LOCK_WORDS
+assert len(LOCK) + 7 == LOCK_WORDS
+assert (_ipc_lock.LOCK_WORDS, _ipc_lock.L_OWNER_PID, _ipc_lock.L_OWNER_ID,
+        _ipc_lock.L_ACQUISITIONS, _ipc_lock.L_CONTENDED, _ipc_lock.L_WAIT_NS,
+        _ipc_lock.L_MAX_WAIT_NS, _ipc_lock.L_ACQUIRED_NS, _ipc_lock.L_WAIT_HIST) == (
+    LOCK_WORDS, LOCK["OWNER_PID"], LOCK["OWNER_ID"], LOCK["ACQUISITIONS"], LOCK["CONTENDED"],
+    LOCK["WAIT_NS"], LOCK["MAX_WAIT_NS"], LOCK["ACQUIRED_NS"], LOCK["WAIT_HIST"])
 assert len(CPU) <= CPU_FIXED_WORDS
 assert len(CS) <= CS_WORDS
 assert len(ZONE) <= ZONE_FIXED_WORDS

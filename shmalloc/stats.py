@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from . import layout as L
+from .ipc.lock import WAIT_HIST_BUCKETS, wait_percentile
 
 _Z, _K, _CS, _C, _LK = L.ZONE, L.KEG, L.CS, L.CPU, L.LOCK
 
@@ -49,6 +50,12 @@ class LockStats:
     wait_ns: int
     max_wait_ns: int
     owner_pid: int
+    wait_hist: tuple = ()        # contended waits: < 1, 4, 16, 64, 256 us, 1, 4 ms, longer
+
+    @property
+    def p99_wait_us(self) -> float | None:
+        """Upper bound of the 99th percentile of contended waits (histogram)."""
+        return wait_percentile(self.wait_hist, 0.99)
 
     @property
     def contended_share(self) -> float:
@@ -153,7 +160,8 @@ def lock_stats(core) -> list[LockStats]:
         out.append(LockStats(
             name=lock_name(core, idx), acquisitions=w[lw + _LK["ACQUISITIONS"]],
             contended=w[lw + _LK["CONTENDED"]], wait_ns=w[lw + _LK["WAIT_NS"]],
-            max_wait_ns=w[lw + _LK["MAX_WAIT_NS"]], owner_pid=w[lw + _LK["OWNER_PID"]]))
+            max_wait_ns=w[lw + _LK["MAX_WAIT_NS"]], owner_pid=w[lw + _LK["OWNER_PID"]],
+            wait_hist=tuple(w[lw + _LK["WAIT_HIST"]:lw + _LK["WAIT_HIST"] + WAIT_HIST_BUCKETS])))
     return out
 
 
@@ -188,6 +196,9 @@ class CpuStats:
     depot_puts: int      # full buckets given to the depot
     keg_imports: int     # alloc misses served by the keg
     xfrees: int
+    msgs_sent: int = 0   # remote-free messages sent home
+    items_sent: int = 0  # items in them
+    fallbacks: int = 0   # remote frees done locally (home gone or its mailbox full)
 
     @property
     def ops(self) -> int:
@@ -217,5 +228,6 @@ def cpu_stats(core) -> list[CpuStats]:
             cpu=cpu, pid=w[L.cpu_word(cpu) + _C["PID"]], allocs=sums["ALLOCS"],
             frees=sums["FREES"], fails=sums["FAILS"], sleeps=sums["SLEEPS"],
             cached=sums["CACHED"], depot_gets=sums["DEPOT_GETS"], depot_puts=sums["DEPOT_PUTS"],
-            keg_imports=sums["KEG_IMPORTS"], xfrees=sums["XFREES"]))
+            keg_imports=sums["KEG_IMPORTS"], xfrees=sums["XFREES"], msgs_sent=sums["MSGS_SENT"],
+            items_sent=sums["ITEMS_SENT"], fallbacks=sums["FALLBACKS"]))
     return out

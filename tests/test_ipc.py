@@ -339,7 +339,7 @@ def test_lock_on_wait_can_abandon(lock_and_words, monkeypatch):
 def test_lock_needs_a_q_record():
     with pytest.raises(ValueError, match="'q'"):
         ipc.LocalLock.create("x", memoryview(bytearray(WORDS_BYTES)))
-    with pytest.raises(ValueError, match="8 words"):
+    with pytest.raises(ValueError, match=f"{ipc.LOCK_WORDS} words"):
         ipc.LocalLock.create("x", memoryview(bytearray(8)).cast("q"))
 
 
