@@ -1,6 +1,8 @@
 """The ``shmalloc`` command line.
 
-    shmalloc launch [-n N] [--seconds S] [--size BYTES] [--seed SEED] [--name ARENA]
+    shmalloc launch [-n N] [--workload churn|pipeline|refcount] [--seconds S]
+                    [--kill-every SECONDS] [--kill-manager] [--size BYTES] [--seed SEED]
+                    [--name ARENA]
     shmalloc bench [--quick] [--json FILE] [--repeat K]
     shmalloc serve --name ARENA [--size BYTES] [--tunable NAME=VALUE ...] [--adopt]
     shmalloc sysctl --name ARENA [-a] [NAME[=VALUE] ...]
@@ -19,7 +21,7 @@ import time
 from shmalloc import Arena, CorruptionError, ShmallocError, admin
 from shmalloc.ipc import naming
 
-from . import bench, launch, positive_int
+from . import bench, launch, positive_int, stress
 
 
 def main(argv=None):
@@ -51,10 +53,13 @@ def _parser():
         p.set_defaults(run=run)
         return p
 
-    command("launch", launch.run, "start N worker CPUs on a private arena, report, clean up",
+    command("launch", launch.run, "start a keg manager and N worker CPUs on a private arena, "
+            "report, clean up",
             launch.add_arguments)
     command("bench", bench.run, "benchmark shmalloc against the Python peers",
             bench.add_arguments)
+    command("stress", stress.run, "lock-contention sweep: workers x bucket size x workload "
+            "x cross-CPU free mode", stress.add_arguments)
 
     p = command("stat", _stat, "print vmstat -z (or netstat -m) of a running arena")
     what = p.add_mutually_exclusive_group(required=True)

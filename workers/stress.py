@@ -1,0 +1,231 @@
+"""The lock-contention stress sweep behind ``shmalloc stress``.
+
+One *configuration* = a number of worker CPUs, a bucket size (0: every operation
+takes the zone lock; N fixed; "adaptive": UMA's, grown on contention), a workload
+and a cross-CPU free mode.  Each configuration gets a fresh arena with one zone,
+its workers start together at a barrier, run for ``seconds``, report, and meet
+at a second barrier so that the lock counters are read over the timed window
+only.  Workloads:
+
+    churn     random alloc/free over a small live set (mostly cache hits)
+    bulk      alloc_bulk(32) then free_bulk
+    pipeline  allocate batches, hand them to the next CPU of the ring (send);
+              free what arrives (recv): every free is a cross-CPU free, so the
+              xfree mode decides where items go (home by message, or local)
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import secrets
+import time
+import traceback
+from dataclasses import asdict, dataclass
+
+from shmalloc import M_NOWAIT, Arena, ShmallocError
+from shmalloc.ipc.lock import WAIT_HIST_BUCKETS, wait_percentile
+from shmalloc.mail import CpuGoneError, MailboxFullError
+
+WORKLOADS = ("churn", "pipeline", "bulk")
+XFREE_MODES = ("message", "local")
+ITEM_SIZE = 256
+ARENA_SIZE = 64 << 20
+BATCH = 32
+JOIN_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Record:
+    workers: int
+    bucket_size: str
+    workload: str
+    xfree: str
+    seconds: float
+    ops: int
+    ops_per_s: float
+    ops_per_s_per_cpu: list
+    zone_lock_acquisitions_per_op: float
+    keg_lock_acquisitions_per_op: float
+    contended_share: float
+    mean_wait_us: float
+    p99_wait_us: float | None
+    miss_rate: float
+    depot_ops_per_kop: float
+    messages: int
+    items_per_message: float
+    fallbacks: int
+    seed: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _worker(name, workload, seconds, seed, idx, n, ring, barrier, results, progress):
+    try:
+        a = Arena.attach(name)
+    except BaseException:
+        results.put((idx, {"error": traceback.format_exc()}))
+        barrier.abort()
+        return
+    z = a.zone("stress")
+    alloc, free = z.alloc, z.free
+    rng = random.Random(seed)
+    ops = 0
+    live = []
+    err = None
+    try:
+        ring[idx] = a.cpu_id
+        barrier.wait(JOIN_TIMEOUT)
+        nxt = ring[(idx + 1) % n]
+        end = time.monotonic() + seconds
+        while True:
+            for _ in range(64):
+                if workload == "churn":
+                    if live and (len(live) >= 64 or rng.random() < 0.5):
+                        free(live.pop(rng.randrange(len(live))))
+                    else:
+                        h = alloc(M_NOWAIT)
+                        if h is not None:
+                            live.append(h)
+                    ops += 1
+                elif workload == "bulk":
+                    hs = z.alloc_bulk(BATCH)
+                    if hs:
+                        z.free_bulk(hs)
+                        ops += 2 * BATCH
+                else:                                           # pipeline
+                    hs = [h for h in (alloc(M_NOWAIT) for _ in range(BATCH)) if h is not None]
+                    ops += len(hs)
+                    try:
+                        a.send(nxt, hs)
+                    except (MailboxFullError, CpuGoneError):
+                        z.free_bulk(hs)
+                        ops += len(hs)
+                    for h in a.recv(timeout=0):
+                        free(h)
+                        ops += 1
+            progress.value = ops
+            if time.monotonic() >= end:
+                break
+        stats = {c.cpu: c for c in a.cpu_stats()}[a.cpu_id]
+        report = {"cpu": a.cpu_id, "ops": ops, "stats": asdict(stats)}
+    except BaseException:
+        err = traceback.format_exc()
+        report = {"error": err}
+    results.put((idx, report))
+    try:
+        barrier.wait(JOIN_TIMEOUT)          # the parent reads the lock counters now
+    except BaseException:
+        pass
+    try:
+        for h in live:
+            free(h)
+        for h in a.recv(timeout=0.05):
+            free(h)
+    except ShmallocError:
+        pass
+    a.close()
+
+
+def _lock_snapshot(arena):
+    return {s.name: s for s in arena.lock_stats()}
+
+
+def run_config(workers: int, bucket: str, workload: str, xfree: str, seconds: float,
+               seed: int, on_progress=None) -> Record:
+    """Run one configuration on a fresh arena; its Record."""
+    if workload not in WORKLOADS or xfree not in XFREE_MODES:
+        raise ValueError(f"unknown workload {workload!r} or xfree mode {xfree!r}")
+    name = f"stress{os.getpid()}{secrets.token_hex(3)}"
+    ctx = mp.get_context("spawn")
+    bucket_arg = None if bucket == "adaptive" else int(bucket)
+    with Arena.create(name, ARENA_SIZE) as arena:
+        arena.zcreate("stress", ITEM_SIZE, bucket_size=bucket_arg, xfree=xfree)
+        ring = ctx.RawArray("q", workers)
+        progress = [ctx.RawValue("q", 0) for _ in range(workers)]
+        barrier = ctx.Barrier(workers + 1)
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_worker, daemon=True,
+                             args=(name, workload, seconds, seed + i, i, workers, ring,
+                                   barrier, results, progress[i]))
+                 for i in range(workers)]
+        for p in procs:
+            p.start()
+        try:
+            barrier.wait(JOIN_TIMEOUT)
+            before = _lock_snapshot(arena)
+            t0 = time.monotonic()
+            got = {}
+            while len(got) < workers:
+                if on_progress is not None:
+                    on_progress(time.monotonic() - t0, sum(v.value for v in progress))
+                try:
+                    idx, rep = results.get(timeout=0.25)
+                except Exception:
+                    if time.monotonic() - t0 > seconds + JOIN_TIMEOUT:
+                        raise TimeoutError(f"stress: workers did not report (seed {seed})")
+                    continue
+                got[idx] = rep
+            after = _lock_snapshot(arena)
+            barrier.wait(JOIN_TIMEOUT)
+        finally:
+            for p in procs:
+                p.join(JOIN_TIMEOUT)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            results.close()
+        errors = [r["error"] for r in got.values() if "error" in r]
+        if errors:
+            raise RuntimeError(f"stress worker failed (seed {seed}):\n" + errors[0])
+        arena.check()
+    return _record(workers, bucket, workload, xfree, seconds, seed, got, before, after)
+
+
+def _record(workers, bucket, workload, xfree, seconds, seed, got, before, after) -> Record:
+    ops = sum(r["ops"] for r in got.values())
+    stats = [r["stats"] for r in got.values()]
+    zb, za = before["zone:stress"], after["zone:stress"]
+    kb, ka = before["keg:stress"], after["keg:stress"]
+    acq = za.acquisitions - zb.acquisitions
+    cont = za.contended - zb.contended
+    hist = [x - y for x, y in zip(za.wait_hist, zb.wait_hist)] or [0] * WAIT_HIST_BUCKETS
+    misses = sum(s["depot_gets"] + s["depot_puts"] + s["keg_imports"] for s in stats)
+    msgs = sum(s["msgs_sent"] for s in stats)
+    items = sum(s["items_sent"] for s in stats)
+    per = max(ops, 1)
+    return Record(
+        workers=workers, bucket_size=str(bucket), workload=workload, xfree=xfree,
+        seconds=seconds, ops=ops, ops_per_s=ops / seconds,
+        ops_per_s_per_cpu=[round(got[i]["ops"] / seconds) for i in sorted(got)],
+        zone_lock_acquisitions_per_op=acq / per,
+        keg_lock_acquisitions_per_op=(ka.acquisitions - kb.acquisitions) / per,
+        contended_share=cont / acq if acq else 0.0,
+        mean_wait_us=(za.wait_ns - zb.wait_ns) / cont / 1e3 if cont else 0.0,
+        p99_wait_us=wait_percentile(hist, 0.99),
+        miss_rate=misses / per,
+        depot_ops_per_kop=1000 * sum(s["depot_gets"] + s["depot_puts"] for s in stats) / per,
+        messages=msgs, items_per_message=items / msgs if msgs else 0.0,
+        fallbacks=sum(s["fallbacks"] for s in stats), seed=seed)
+
+
+def sweep(workers, buckets, workloads, xfrees, seconds, seed, on_record=None, on_progress=None):
+    """Every configuration of the grid (xfree varies only for the pipeline, the
+    one workload whose frees cross CPUs); the list of Records."""
+    out = []
+    for workload in workloads:
+        modes = xfrees if workload == "pipeline" else xfrees[:1]
+        for xfree in modes:
+            for bucket in buckets:
+                for n in workers:
+                    label = f"{n} CPU{'s' if n > 1 else ''} bucket={bucket} {workload} {xfree}"
+                    rec = run_config(n, bucket, workload, xfree, seconds, seed,
+                                     on_progress=(lambda t, ops, label=label:
+                                                  on_progress(label, t, ops))
+                                     if on_progress else None)
+                    out.append(rec)
+                    if on_record is not None:
+                        on_record(rec)
+    return out
