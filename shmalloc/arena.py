@@ -30,6 +30,7 @@ from .ipc.lock import LocalLock, SemLock
 from .ipc.segment import Segment
 from .ipc.semaphore import LocalWakeSemaphore, WakeSemaphore
 from . import slots
+from .debug import LockOrderError, WitnessLock
 from .keg import Keg
 from .mail import CpuGoneError, MailboxFullError, PostOffice, max_handles, MSG_HANDOFF
 from .vm import Vm
@@ -145,6 +146,9 @@ class _Core:
         self.pt = self.w[g.pagetab_off // 8:g.pagetab_off // 8 + g.npages]
         self.vm = Vm(self)
         self._locks: dict[int, object] = {}
+        self.held: list = []          # debug level 2: locks this process holds, in order
+        self.debug = 0                # set from the header (and SHMALLOC_DEBUG) on open
+        self.checking = False         # debug level 3: a check() under way
         self._kegs: dict[int, Keg] = {}
         self._zeros: dict[int, array] = {}
 
@@ -171,12 +175,22 @@ class _Core:
     def lock(self, idx: int):
         lk = self._locks.get(idx)
         if lk is None:
-            lk = self._locks[idx] = self.backend.open_lock(idx, self.lock_words(idx))
+            lk = self._locks[idx] = self._witness(idx, self.backend.open_lock(
+                idx, self.lock_words(idx)))
         return lk
+
+    def _witness(self, idx, lk):
+        """Debug level 2: locks check the order they are taken in."""
+        return WitnessLock(lk, idx, self.held) if self.debug >= 2 else lk
+
+    def assert_held(self, idx: int) -> None:
+        """Debug level 2: a function's lock contract ("Lock: keg held")."""
+        if self.debug >= 2 and not any(lk.idx == idx for lk in self.held):
+            raise LockOrderError(f"lock {idx} must be held here")
 
     def create_lock(self, idx: int):
         self.w[L.lock_word(idx):L.lock_word(idx) + L.LOCK_WORDS] = self.zero_words(L.LOCK_WORDS)
-        self._locks[idx] = self.backend.create_lock(idx, self.lock_words(idx))
+        self._locks[idx] = self._witness(idx, self.backend.create_lock(idx, self.lock_words(idx)))
         return self._locks[idx]
 
     def open_locks(self) -> None:
@@ -277,6 +291,7 @@ class Arena:
         self.name = name
         self._creator = creator
         self._closed = False
+        self._closing = False
         self._owner_tid = get_ident()
         self._pid = os.getpid()
         self._zones: dict[int, Zone] = {}
@@ -327,6 +342,7 @@ class Arena:
         try:
             size = cls._validate_segment(seg)
             core = _Core(_PosixBackend(name, seg), size)
+            core.debug = max(core.w[_H["DEBUG"]], _debug_level(None))
             core.open_locks()
             return cls(core, name, creator=False)
         except BaseException:
@@ -400,6 +416,7 @@ class Arena:
         start = L.LOCKS_OFF // 8
         w[start:end] = core.zero_words(end - start)
         core.vm.format()
+        core.debug = w[_H["DEBUG"]]
         core.create_lock(L.VM_LOCK)
         if tunables:
             from .mbuf.tunables import store
@@ -719,6 +736,7 @@ class Arena:
         """Give this CPU's cached items back and its slot up; unmap."""
         if self._closed:
             return
+        self._closing = True
         for a in list(self._thread_arenas.values()):
             if a._pid == os.getpid():
                 a.close()

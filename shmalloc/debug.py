@@ -45,3 +45,110 @@ def killpoint(name: str) -> None:
     p = KILLPOINTS.get(name)
     if p is not None and _rng.random() < p:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ================================================================== INVARIANTS (SHMALLOC_DEBUG)
+# Level 1: freed items are filled with junk and checked when handed out again
+#          (UMA's trash_ctor/trash_dtor/trash_init/trash_fini), installed as hooks
+#          around the zone's own, on zones without an init/fini of their own (as UMA
+#          injects them).
+# Level 2: + every lock acquisition is checked against the lock order
+#          zone -> keg -> vm (mailbox locks are leaves), WITNESS-style, and the
+#          functions that need a lock assert it.
+# Level 3: + ``check()`` after every slow-path operation.
+JUNK = 0xDEADC0DE
+_JUNK_WORD = JUNK.to_bytes(4, "little")
+
+
+def junk(n: int) -> bytes:
+    return (_JUNK_WORD * (n // 4 + 1))[:n]
+
+
+def trash_hooks(zone, ctor, dtor, init, fini):
+    """(ctor, dtor, init, fini) with junk fill and check wrapped around the
+    zone's own.  Only for zones without their own init/fini."""
+    from .errors import UseAfterFreeError
+    core, size = zone._core, zone.size
+    fill = junk(size)
+
+    def check(h):
+        if core.mv[h:h + size] != fill:
+            view = bytes(core.mv[h:h + size])
+            off = next(i for i in range(size) if view[i] != fill[i])
+            raise UseAfterFreeError(f"zone {zone.name!r}: handle {h} was modified after it "
+                                    f"was freed (first changed byte at offset {off})")
+
+    def trash_ctor(z, h, arg, how):
+        check(h)
+        return None if ctor is None else ctor(z, h, arg, how)
+
+    def trash_dtor(z, h, arg):
+        if dtor is not None:
+            dtor(z, h, arg)
+        core.mv[h:h + size] = fill
+
+    def trash_init(z, h, how):
+        core.mv[h:h + size] = fill
+
+    def trash_fini(z, h):
+        check(h)
+
+    return trash_ctor, trash_dtor, trash_init, trash_fini
+
+
+def _lock_order_error():
+    from .errors import ShmallocError
+
+    class LockOrderError(ShmallocError):
+        """Debug level 2: a lock taken out of order, or a lock contract broken."""
+    return LockOrderError
+
+
+LockOrderError = _lock_order_error()
+
+
+# lock ranks: a lock may only be taken while every held lock ranks lower
+def lock_rank(idx: int) -> int:
+    from . import layout as L
+    if idx == L.VM_LOCK:
+        return 3
+    if idx <= L.MAX_KEGS:
+        return 2
+    if idx < L.mbox_lock_index(0):
+        return 1
+    return 4                                    # mailbox: a leaf, nothing inside it
+
+
+class WitnessLock:
+    """A lock that checks the order of acquisition (debug level 2)."""
+
+    __slots__ = ("lock", "idx", "rank", "held")
+
+    def __init__(self, lock, idx: int, held: list):
+        self.lock, self.idx, self.rank, self.held = lock, idx, lock_rank(idx), held
+
+    def acquire(self, *args, **kw):
+        for other in self.held:
+            if (other.rank, other.idx) >= (self.rank, self.idx) or other.rank == 4:
+                raise LockOrderError(f"lock {self.idx} (rank {self.rank}) taken while holding "
+                                     f"lock {other.idx} (rank {other.rank}): the order is "
+                                     f"zone -> keg -> vm (by index within a rank), mailbox "
+                                     f"locks are leaves")
+        ok = self.lock.acquire(*args, **kw)
+        if ok:
+            self.held.append(self)
+        return ok
+
+    def release(self):
+        self.held.remove(self)
+        self.lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __getattr__(self, name):
+        return getattr(self.lock, name)

@@ -175,6 +175,7 @@ class Keg:
         """Take up to ``n`` free items, tag them ``tag_word`` and append their
         handles and tag indexes to ``hs``/``ts``.  Returns how many were taken
         (fewer when the arena has no pages left).  Lock: keg."""
+        self.core.assert_held(self.lock_index)
         core = self.core
         w, tags, buf = core.w, core.tags, core.buf
         kw = self.kw
@@ -218,6 +219,7 @@ class Keg:
     def give_back(self, hs, ts) -> None:
         """Return items (handles and their tag indexes) to their slabs.
         Lock: keg."""
+        self.core.assert_held(self.lock_index)
         core = self.core
         w, tags, pt = core.w, core.tags, core.pt
         kid_bits = self.kid_bits
@@ -237,6 +239,7 @@ class Keg:
     def drain(self, keep_slabs: int = 0) -> int:
         """Give free slabs back to the vm, keeping ``keep_slabs``.  Returns slabs
         released.  Lock: keg (takes vm)."""
+        self.core.assert_held(self.lock_index)
         if self.nofree:
             return 0
         core = self.core

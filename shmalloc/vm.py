@@ -29,9 +29,10 @@ _H = L.HDR
 
 
 class Vm:
-    __slots__ = ("buf", "mv", "w", "pt", "fm", "npages", "first_page")
+    __slots__ = ("core", "buf", "mv", "w", "pt", "fm", "npages", "first_page")
 
     def __init__(self, core):
+        self.core = core
         g = core.geometry
         self.buf = core.buf
         self.mv = core.mv
@@ -59,6 +60,7 @@ class Vm:
     def reserve_run(self, npages: int) -> int:
         """Take ``npages`` contiguous pages out of the free map; -1 if none.
         The caller fills them, then calls ``map_run``."""
+        self.core.assert_held(L.VM_LOCK)
         w = self.w
         if npages > w[_H["FREE_PAGES"]]:
             return -1
@@ -82,6 +84,7 @@ class Vm:
 
     def free_run(self, base: int, npages: int) -> None:
         """Give back the run at byte offset ``base``."""
+        self.core.assert_held(L.VM_LOCK)
         page = base >> L.PAGE_SHIFT
         self.pt[page:page + npages] = array("q", [0]) * npages
         self.mv[self.fm + page:self.fm + page + npages] = b"\x01" * npages

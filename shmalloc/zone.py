@@ -43,7 +43,7 @@ from threading import get_ident
 
 from . import layout as L
 from .errors import ArenaClosedError, BadHandleError, DoubleFreeError, ForeignHandleError
-from .debug import KILLPOINTS, killpoint
+from .debug import KILLPOINTS, killpoint, trash_hooks
 from .hooks import resolve
 from .mail import MSG_XFREE
 
@@ -129,6 +129,9 @@ class Zone:
         self.dtor = resolve(self.hook_names["dtor"])
         self.init = resolve(self.hook_names["init"])
         self.fini = resolve(self.hook_names["fini"])
+        if core.debug >= 1 and self.init is None and self.fini is None:
+            self.ctor, self.dtor, self.init, self.fini = trash_hooks(
+                self, self.ctor, self.dtor, self.init, self.fini)
         self._lock_index = L.zone_lock_index(zone_id)
         self._pt, self._mv = core.pt, core.mv
         self._kid_bits, self._offmap = self.keg.kid_bits, self.keg.offmap
@@ -346,7 +349,8 @@ class _Cache:
             w[zw + _Z["BUCKET_SIZE"]] += 1
 
     def publish(self):
-        """Write this CPU's counters for the zone where every process can sum them."""
+        """Write this CPU's counters for the zone where every process can sum them;
+        at debug level 3, check the whole arena (publish ends every slow path)."""
         w, sw = self.core.w, self.sw
         a, f = self.counts()
         w[sw + _CS["ALLOCS"]] = a
@@ -361,6 +365,13 @@ class _Cache:
         w[sw + _CS["MSGS_SENT"]] = self.msgs_sent
         w[sw + _CS["ITEMS_SENT"]] = self.items_sent
         w[sw + _CS["FALLBACKS"]] = self.fallbacks
+        core = self.core
+        if core.debug >= 3 and not core.held and not core.checking and not self.arena._closing:
+            core.checking = True
+            try:
+                self.arena.check()
+            finally:
+                core.checking = False
 
     # ================================================================== alloc slow path
     def _ctor_path(self, h, arg, how):
@@ -492,6 +503,7 @@ class _Cache:
 
     def _depot_take(self, k, hs, ts):
         """Pop ``k`` items from the depot (LIFO).  Lock: zone."""
+        self.core.assert_held(self.zone._lock_index)
         w, zw = self.core.w, self.zw
         n = w[zw + _Z["DEPOT_N"]]
         cap = w[zw + _Z["DEPOT_CAP"]]
@@ -505,6 +517,7 @@ class _Cache:
 
     def _depot_put(self, hs, ts) -> bool:
         """Push items into the depot if they fit.  Lock: zone."""
+        self.core.assert_held(self.zone._lock_index)
         w, zw, tags = self.core.w, self.zw, self.core.tags
         n = w[zw + _Z["DEPOT_N"]]
         cap = w[zw + _Z["DEPOT_CAP"]]
