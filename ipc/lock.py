@@ -30,6 +30,7 @@ import time
 import posix_ipc
 
 from .errors import os_errors
+from .naming import require_private
 from .semaphore import sem_wait
 
 LOCK_WORDS = 16
@@ -232,6 +233,11 @@ class SemLock(_CountedLock):
         _check_words(words)
         with os_errors(f"semaphore {name}"):
             sem = posix_ipc.Semaphore(name)
+        try:
+            require_private("sem", name)
+        except BaseException:
+            sem.close()
+            raise
         return cls(name, sem, words)
 
     def _try_acquire(self):

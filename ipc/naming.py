@@ -14,7 +14,7 @@ import re
 
 import posix_ipc
 
-from .errors import BadNameError, os_errors
+from .errors import ArenaPermissionError, BadNameError, os_errors
 
 PREFIX = "shmalloc."
 NAME_MAX = 64
@@ -131,6 +131,21 @@ def object_path(kind, name):
     if kind == "sem":
         return f"{SHM_DIR}/{SEM_FILE_PREFIX}{name[1:]}"
     return (MQUEUE_DIR if kind == "mq" else SHM_DIR) + name
+
+
+def require_private(kind, name):
+    """Refuse (ArenaPermissionError) an object of another user, or one whose mode
+    lets group or others in: attaching to it would trust memory or locks that
+    someone else controls."""
+    what = _describe(kind, name)
+    with os_errors(what):
+        st = os.stat(object_path(kind, name))
+    if st.st_uid != os.getuid():
+        raise ArenaPermissionError(f"{what} belongs to uid {st.st_uid}, not to this user "
+                                   f"({os.getuid()})")
+    if st.st_mode & 0o077:
+        raise ArenaPermissionError(f"{what} has mode {st.st_mode & 0o777:04o}; only the owner "
+                                   f"may have access (0600)")
 
 
 def owner_uid(kind, name):

@@ -9,6 +9,7 @@ import time
 import posix_ipc
 
 from .errors import os_errors
+from .naming import require_private
 
 MODE = 0o600
 
@@ -50,7 +51,13 @@ class WakeSemaphore:
     def open(cls, name):
         """Open the existing semaphore ``name``; ArenaNotFoundError if missing."""
         with os_errors(f"semaphore {name}"):
-            return cls(name, posix_ipc.Semaphore(name))
+            sem = posix_ipc.Semaphore(name)
+        try:
+            require_private("sem", name)
+        except BaseException:
+            sem.close()
+            raise
+        return cls(name, sem)
 
     def post(self):
         """Wake one waiter, or the next one to wait."""

@@ -513,3 +513,17 @@ def test_object_kinds_are_checked():
         ipc.remove_object("pipe", "/shmalloc.x.y")
     with pytest.raises(ipc.BadNameError):
         ipc.list_objects("../etc")
+
+
+def test_semaphores_of_a_foreign_mode_are_refused(arena_name):
+    name = ipc.object_name(arena_name, "lock")
+    lk = ipc.SemLock.create(name, lock_words())
+    try:
+        os.chmod(ipc.naming.object_path("sem", name), 0o640)
+        with pytest.raises(ipc.ArenaPermissionError, match="0640"):
+            ipc.SemLock.open(name, lock_words())
+        with pytest.raises(ipc.ArenaPermissionError, match="0640"):
+            ipc.WakeSemaphore.open(name)
+    finally:
+        lk.close()
+        ipc.SemLock.unlink(name)
