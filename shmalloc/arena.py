@@ -374,20 +374,16 @@ class Arena:
         size = seg.size
         if size < L.HDR_WORDS * 8:
             raise LayoutError(f"segment {seg.name} is {size} bytes: too small to be an arena")
+        if size % L.PAGE_SIZE:
+            raise LayoutError(f"segment {seg.name} is {size} bytes, not whole pages: "
+                              f"truncated or not an arena")
         w = memoryview(seg.buf).cast("q")
         try:
-            magic, version = w[_H["MAGIC"]], w[_H["VERSION"]]
-            hsize, psize = w[_H["SIZE"]], w[_H["PAGE_SIZE"]]
+            problems = L.header_problems(w, size)
         finally:
             w.release()
-        if magic != L.MAGIC:
-            raise LayoutError(f"segment {seg.name} is not a shmalloc arena (magic {magic:#x})")
-        if version != L.LAYOUT_VERSION:
-            raise LayoutError(f"segment {seg.name} has layout version {version}; this shmalloc "
-                              f"reads version {L.LAYOUT_VERSION}")
-        if hsize != size or psize != L.PAGE_SIZE:
-            raise LayoutError(f"segment {seg.name} is {size} bytes but its header says {hsize} "
-                              f"(page size {psize}): truncated or corrupt")
+        if problems:
+            raise LayoutError(f"segment {seg.name}: " + "; ".join(problems))
         return size
 
     @staticmethod

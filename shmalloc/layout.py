@@ -253,6 +253,33 @@ def min_arena_size() -> int:
             size += PAGE_SIZE
 
 
+def header_problems(w, size: int) -> list[str]:
+    """What in the header words ``w`` of a ``size``-byte segment contradicts this
+    layout (empty: the header is sound).  Checked before anything else is read."""
+    if w[HDR["MAGIC"]] != MAGIC:
+        return [f"not a shmalloc arena (magic {w[HDR['MAGIC']]:#x})"]
+    if w[HDR["VERSION"]] != LAYOUT_VERSION:
+        return [f"layout version {w[HDR['VERSION']]}; this shmalloc reads {LAYOUT_VERSION}"]
+    if w[HDR["SIZE"]] != size or w[HDR["PAGE_SIZE"]] != PAGE_SIZE:
+        return [f"the header says {w[HDR['SIZE']]} bytes (page size {w[HDR['PAGE_SIZE']]}), "
+                f"the segment is {size}: truncated or corrupt"]
+    try:
+        g = Geometry(size)
+    except ValueError as e:
+        return [str(e)]
+    want = {"NPAGES": g.npages, "DATA_OFF": g.data_off, "LOCKS_OFF": LOCKS_OFF,
+            "CPUS_OFF": CPUS_OFF, "ZONES_OFF": ZONES_OFF, "KEGS_OFF": KEGS_OFF,
+            "PAGETAB_OFF": g.pagetab_off, "FREEMAP_OFF": g.freemap_off, "MAX_CPUS": MAX_CPUS,
+            "MAX_ZONES": MAX_ZONES, "MAX_KEGS": MAX_KEGS, "MAX_LOCKS": MAX_LOCKS}
+    out = [f"header {k} is {w[HDR[k]]}, the layout says {v}"
+           for k, v in want.items() if w[HDR[k]] != v]
+    ranges = {"NZONES": MAX_ZONES, "NKEGS": MAX_KEGS, "FREE_PAGES": g.data_pages,
+              "FREE_HINT": g.npages, "DEBUG": 3, "MANAGER_CPU": MAX_CPUS}
+    out += [f"header {k} is {w[HDR[k]]}, outside 0..{hi}"
+            for k, hi in ranges.items() if not 0 <= w[HDR[k]] <= hi]
+    return out
+
+
 # word index helpers ---------------------------------------------------------------------
 def lock_word(idx: int) -> int:
     return LOCKS_OFF // WORD + idx * LOCK_WORDS
