@@ -1,29 +1,44 @@
-"""``shmalloc bench``: shmalloc's fast and slow paths against the Python peers, in one run.
+"""``shmalloc bench``: shmalloc against its peers, every peer measured in the same run
+on the same machine, with ratios (above 1, shmalloc is better) and the targets.
 
-Measured on this machine, in this process, with ``timeit`` (best of ``--repeat``):
+Sections (``--only SECTION[,SECTION]`` runs a subset):
 
-    (a) alloc+free pair on a cache hit (2048-byte items), against
-        multiprocessing.heap.BufferWrapper(2048) create+drop, a SharedMemory segment per
-        buffer (create+close+unlink) and the Python floor ``lst.append(lst.pop())``
-    (b) 64 allocs then 64 frees, per pair (overflows the cache: depot traffic)
-    (c) alloc_bulk(64) + free_bulk, per item, with bucket_size=64 and with the default
-    (d) zone-lock acquisitions per bucket moved, in a steady-state churn
-    (e) the pair with bucket_size=0 (every operation takes the zone lock)
+    pair      (a) alloc+free pair on a cache hit (2 KiB items), against
+                  multiprocessing.heap.BufferWrapper(2048) create+drop, a SharedMemory
+                  segment per buffer (create+close+unlink) and the Python floor
+                  ``lst.append(lst.pop())``
+              (b) 64 allocs then 64 frees, per pair (overflows the cache: depot traffic)
+              (c) alloc_bulk(64) + free_bulk, per item, with bucket_size=64 and the default
+              (d) zone-lock acquisitions per bucket moved, in a steady-state churn
+              (e) the pair with bucket_size=0 (every operation takes the zone lock)
+    mbuf      (f) m_getcl+m_freem against m_gethdr+m_clget+m_freem and the raw pair
+              (g) m_copym of a 1500-byte packet                        (bench_mbuf)
+    handoff   (h) producer -> consumer of 2 KiB, 64 KiB and 1 MiB payloads between two
+                  processes: shmalloc send/recv against mp.Queue, mp.Pipe and
+                  faster_fifo (if installed)                             (bench_handoff)
+    growth    (i) the pair with 1 K .. 1 M live items, and in a 64 MiB against a much
+                  larger arena                                            (bench_scale)
+    memory    (j) bytes per 2 KiB cluster (slab, and the whole arena at a population);
+                  a worker's resident set                                (bench_memory)
+    scaling   (k) two worker processes running the pair against one     (bench_scale)
 
-Ratios are peer time / shmalloc time: above 1, shmalloc is faster.
+Times are the best of ``--repeat`` runs, for shmalloc and peers alike.
 ``python -m shmalloc.scripts.bench ARGS`` is ``shmalloc bench ARGS``.
 """
 
+import argparse
 import json
 import os
 import platform
 import secrets
+import subprocess
 import sys
+import time
 import timeit
 
 from shmalloc import Arena
 
-from . import bench_mbuf, positive_int
+from . import bench_handoff, bench_mbuf, bench_memory, bench_scale, positive_int
 
 ITEM = 2048
 BURST = 64
@@ -45,22 +60,47 @@ TARGET_PAIR_US = 0.5
 TARGET_PAIR_RATIO = 25.0
 TARGET_BULK_US = 0.15
 TARGET_LOCKS_PER_BUCKET = 2.0
+TARGET_HANDOFF_VS_QUEUE = 5.0       # items/s at 2 KiB and MB/s at 1 MiB
+TARGET_GROWTH = 1.2                 # pair cost within 20 % of the smallest configuration
+TARGET_MEM_OVERHEAD = 0.03          # per 2 KiB cluster, all metadata included
+TARGET_RSS_MB = 40.0
+TARGET_SCALING = 1.7                # two workers' pairs/s over one's
+SECTIONS = ("pair", "mbuf", "handoff", "growth", "memory", "scaling")
 
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
-                        help="tiny iteration counts (a smoke test, seconds)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+                        help="tiny sizes and counts (a smoke test, seconds)")
+    parser.add_argument("--json", metavar="FILE", help="also write every row as JSON")
     parser.add_argument("--repeat", type=positive_int, default=3, metavar="K",
-                        help="timings per measurement, the best is kept (default 3)")
+                        help="runs per measurement, the best is kept (default 3)")
+    parser.add_argument("--only", type=_sections, metavar="SECTION[,SECTION]",
+                        help=f"run these sections only, of: {', '.join(SECTIONS)}")
     parser.add_argument("--name", metavar="ARENA",
-                        help="name of the arena the benchmark creates (default: bench<pid><hex>)")
+                        help="prefix of the arenas the benchmark creates "
+                             "(default: bench<pid><hex>)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also profile (cProfile, untimed runs) the bulk path and both "
+                             "sides of the shmalloc hand-off; .prof files go to DIR")
+
+
+def _sections(text):
+    """argparse type: a comma-separated list of section names."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in SECTIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown section {', '.join(bad) or repr(text)}; "
+                                         f"sections: {', '.join(SECTIONS)}")
+    return names
 
 
 def run(args):
-    """Measure, print the table, write JSON if asked; 0 (targets missed are reported only)."""
-    report = measure(quick=args.quick, repeat=args.repeat, name=args.name)
-    print_table(report["results"])
+    """Measure, print the tables, write JSON if asked; 0 (targets missed are reported only)."""
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    report = measure(quick=args.quick, repeat=args.repeat, name=args.name,
+                     only=args.only, progress=sys.stderr, profile=args.profile)
+    print_report(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -84,23 +124,73 @@ def _us(stmt, setup="pass", ns=None, number=1, repeat=3, per=1):
     return min(timer.repeat(repeat, number)) / number / per * 1e6
 
 
-def measure(quick=False, repeat=3, name=None):
-    """Run every measurement on a new arena ``name`` (default unique); a dict: env, params,
-    results (metric -> row)."""
+class _Rows:
+    """The results being gathered: metric key -> row, each tagged with its section.
+
+    A row: label, value and unit (shmalloc's figure), peer and peer_value (the figure it
+    is compared with), ratio (above 1: shmalloc is better; peer/value when lower is
+    better, value/peer when higher is), target and ok (None when there is none)."""
+
+    def __init__(self):
+        self.results = {}
+        self.section = None
+
+    def add(self, key, label, value, unit, peer=None, peer_value=None, target=None, ok=None,
+            better="lower", **extra):
+        ratio = None
+        if peer_value and value:
+            ratio = peer_value / value if better == "lower" else value / peer_value
+        self.results[key] = {"section": self.section, "label": label, "value": value,
+                             "unit": unit, "peer": peer, "peer_value": peer_value,
+                             "ratio": ratio, "better": better, "target": target, "ok": ok,
+                             **extra}
+
+
+def measure(quick=False, repeat=3, name=None, only=None, progress=None, profile=None):
+    """Run the sections (``only``: a subset) on arenas named ``name``.<suffix> (default
+    prefix unique); a dict: env, params, results (metric -> row), the sections' raw
+    figures, notes and the seconds each section took.  ``profile``: a directory for
+    cProfile dumps of the bulk and hand-off paths."""
     n = {k: v[1] if quick else v[0] for k, v in COUNTS.items()}
-    arena = Arena.create(name or f"bench{os.getpid()}{secrets.token_hex(4)}", ARENA_SIZE)
+    base = name or f"bench{os.getpid()}{secrets.token_hex(4)}"
+    ctx = {"quick": quick, "repeat": repeat, "n": n, "base": base, "notes": [], "raw": {},
+           "profile": profile}
+    rows = _Rows()
+    seconds = {}
+    env = _env()
+    for section in SECTIONS:
+        if only and section not in only:
+            continue
+        if progress is not None:
+            progress.write(f"bench: {section}\n")
+            progress.flush()
+        t0 = time.monotonic()
+        rows.section = section
+        _SECTION_RUNS[section](rows, ctx)
+        seconds[section] = round(time.monotonic() - t0, 2)
+    env["loadavg_after"] = _loadavg()
+    return {"env": env,
+            "params": {"quick": quick, "repeat": repeat, "counts": n, "item_size": ITEM,
+                       "sections": [s for s in SECTIONS if not only or s in only],
+                       "command": "shmalloc bench " + " ".join(
+                           (["--quick"] if quick else []) + [f"--repeat {repeat}"]
+                           + ([f"--only {','.join(only)}"] if only else []))},
+            "results": rows.results, **ctx["raw"], "notes": ctx["notes"], "seconds": seconds}
+
+
+# ------------------------------------------------------------------------ sections
+def _section_pair(rows, ctx):
+    n, repeat = ctx["n"], ctx["repeat"]
+    arena = Arena.create(f"{ctx['base']}.pair", ARENA_SIZE)
     try:
         shm = _measure_shmalloc(arena, n, repeat)
+        if ctx["profile"]:
+            _profile_bulk(arena.zone("bulk64"), n["bulk"],
+                          os.path.join(ctx["profile"], "bulk64.prof"))
     finally:
         arena.destroy()
     peer = _measure_peers(n, repeat)
-    results = {}
-
-    def row(key, label, value, unit, peer_name=None, peer_value=None, target=None, ok=None):
-        ratio = peer_value / value if peer_value is not None and value else None
-        results[key] = {"label": label, "value": value, "unit": unit, "peer": peer_name,
-                        "peer_value": peer_value, "ratio": ratio, "target": target, "ok": ok}
-
+    row = rows.add
     pair_ratio = peer["heap"] / shm["pair"]
     row("pair", "(a) pair alloc+free, cache hit", shm["pair"], "us",
         "mp.heap BufferWrapper", peer["heap"],
@@ -123,10 +213,112 @@ def measure(quick=False, repeat=3, name=None):
         ok=shm["locks_per_bucket"] <= TARGET_LOCKS_PER_BUCKET)
     row("pair_nocache", "(e) pair, bucket_size=0 (zone lock)", shm["nocache"], "us",
         "mp.heap BufferWrapper", peer["heap"])
-    _mbuf_rows(row, quick)
-    return {"env": _env(), "params": {"quick": quick, "repeat": repeat, "counts": n,
-                                      "item_size": ITEM},
-            "results": results}
+
+
+def _section_mbuf(rows, ctx):
+    _mbuf_rows(rows.add, ctx["quick"])
+
+
+_SIZE_KEYS = {2048: "2k", 65536: "64k", 1 << 20: "1m"}
+
+
+def _size_label(size):
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+
+
+def _section_handoff(rows, ctx):
+    note = bench_handoff.faster_fifo_note()
+    if note:
+        ctx["notes"].append(note)
+    recs = bench_handoff.run(ctx["quick"], ctx["repeat"], ctx["base"], ctx["profile"])
+    ctx["raw"]["handoff"] = recs
+    for size in bench_handoff.SIZES:
+        at = {r["transport"]: r for r in recs if r["size"] == size}
+        shm = at["shmalloc"]
+        per_item = size < 65536                     # 2 KiB: items/s; bigger: MB/s
+        metric, unit = ("items_per_s", "items/s") if per_item else ("mb_per_s", "MB/s")
+        ff = [r for k, r in at.items() if k.startswith("faster_fifo")]
+        peers = [("queue", "mp.Queue", at["mp.Queue"]), ("pipe", "mp.Pipe", at["mp.Pipe"])]
+        if ff:
+            best = max(ff, key=lambda r: r["items_per_s"])
+            peers.append(("faster_fifo", best["transport"], best))
+        targeted = size in (2048, 1 << 20)
+        for key, label, r in peers:
+            need = TARGET_HANDOFF_VS_QUEUE if key == "queue" else 1.0
+            ratio = shm[metric] / r[metric]
+            rows.add(f"handoff_{_SIZE_KEYS[size]}_{key}",
+                     f"(h) hand-off {_size_label(size)}, {unit}", shm[metric], unit, label,
+                     r[metric], (f">= {need:g}x" if key == "queue" else "> 1x (ahead)")
+                     if targeted else None,
+                     (ratio >= need if key == "queue" else ratio > need) if targeted else None,
+                     better="higher")
+
+
+def _section_growth(rows, ctx):
+    g = bench_scale.growth(ctx["quick"], ctx["repeat"], ctx["base"], ctx["n"]["pair"])
+    ctx["raw"]["growth"] = g
+    ctx["notes"].extend(g["notes"])
+    target = f"within {TARGET_GROWTH - 1:.0%}"
+    for i, (count, us) in enumerate(g["live"]):
+        first_count, first = g["live"][0]
+        if i == 0:
+            rows.add(f"growth_live_{_count_key(count)}", f"(i) pair, {count:,} live items",
+                     us, "us")
+        else:
+            rows.add(f"growth_live_{_count_key(count)}", f"(i) pair, {count:,} live items",
+                     us, "us", f"{first_count:,} live", first, target,
+                     us <= TARGET_GROWTH * first)
+    for i, (size, us) in enumerate(g["arena"]):
+        first_size, first = g["arena"][0]
+        label = f"(i) pair, {_bytes_label(size)} arena"
+        if i == 0:
+            rows.add("growth_arena_small", label, us, "us")
+        else:
+            rows.add("growth_arena_large", label, us, "us", f"{_bytes_label(first_size)} arena",
+                     first, target, us <= TARGET_GROWTH * first)
+
+
+def _section_memory(rows, ctx):
+    m = bench_memory.overhead(ctx["base"])
+    rss = bench_memory.rss_worker(ctx["base"], ctx["quick"])
+    ctx["raw"]["memory"] = {"overhead": m, "rss_worker": rss}
+    pop = f"{m['population']:,}"
+    rows.add("mem_slab", f"(j) 2 KiB cluster slab/item bytes - 1 ({m['ppera']} pages, "
+             f"{m['ipers']} items)", 100 * m["slab_overhead"], "%")
+    rows.add("mem_metadata", f"(j) arena metadata per cluster at {pop}",
+             m["metadata_per_item"], "B")
+    rows.add("mem_total", f"(j) 2 KiB cluster, all overhead at {pop}",
+             100 * m["total_overhead"], "%", target=f"<= {TARGET_MEM_OVERHEAD:.0%}",
+             ok=m["total_overhead"] <= TARGET_MEM_OVERHEAD)
+    rows.add("mem_rss_worker", "(j) RSS of a worker (attach + churn)", rss["rss"] / 1e6, "MB",
+             target=f"<= {TARGET_RSS_MB:g} MB", ok=rss["rss"] / 1e6 <= TARGET_RSS_MB,
+             uss_mb=rss["uss"] / 1e6, shmem_mb=rss.get("RssShmem", 0) / 1e6)
+
+
+def _section_scaling(rows, ctx):
+    sc = bench_scale.scaling(ctx["quick"], ctx["repeat"], ctx["base"])
+    ctx["raw"]["scaling"] = sc
+    zone, own, floor = sc["zone"], sc["own_zone"], sc["floor"]
+    rows.add("scaling_two_workers", "(k) pairs/s, 2 workers on own caches, one zone",
+             zone["two"], "/s", "1 worker", zone["one"], f">= {TARGET_SCALING:g}x",
+             zone["two"] / zone["one"] >= TARGET_SCALING, better="higher")
+    rows.add("scaling_own_zones", "(k) pairs/s, 2 workers, a zone each", own["two"], "/s",
+             "1 worker", own["one"], better="higher")
+    rows.add("scaling_machine", "(k) machine: 2 processes vs 1, list pop+append",
+             floor["two"], "/s", "1 process", floor["one"], better="higher")
+
+
+_SECTION_RUNS = {"pair": _section_pair, "mbuf": _section_mbuf, "handoff": _section_handoff,
+                 "growth": _section_growth, "memory": _section_memory,
+                 "scaling": _section_scaling}
+
+
+def _count_key(count):
+    return f"{count // 1_000_000}m" if count >= 1_000_000 else f"{count // 1000}k"
+
+
+def _bytes_label(size):
+    return f"{size >> 30} GiB" if size >= 1 << 30 else f"{size >> 20} MiB"
 
 
 def _mbuf_rows(row, quick):
@@ -163,6 +355,20 @@ def _measure_shmalloc(arena, n, repeat):
         "locks_per_bucket": _locks_per_bucket(arena, arena.zcreate("steady", ITEM),
                                               n["steady"]),
     }
+
+
+def _profile_bulk(zone, count, path):
+    """``count`` rounds of alloc_bulk(BURST) + free_bulk under cProfile, dumped to ``path``."""
+    import cProfile
+    ab, fb = zone.alloc_bulk, zone.free_bulk
+
+    def rounds():
+        for _ in range(count):
+            fb(ab(BURST))
+    rounds()                                                  # warm up
+    prof = cProfile.Profile()
+    prof.runcall(rounds)
+    prof.dump_stats(path)
 
 
 def _locks_per_bucket(arena, zone, bursts):
@@ -206,8 +412,37 @@ def _measure_peers(n, repeat):
 def _env():
     cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "cpu": cpu, "cpu_count": os.cpu_count()}
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "cpu": cpu, "cpu_count": os.cpu_count(), "loadavg_before": _loadavg(),
+           "dev_shm_free": bench_scale.shm_free(), "git": _git()}
+    try:
+        from importlib import metadata
+        env["faster_fifo"] = metadata.version("faster-fifo")
+    except Exception:                               # noqa: BLE001 (not installed)
+        env["faster_fifo"] = None
+    return env
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _git():
+    """The source tree's commit (with "+dirty" if it has local changes), or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _lines(path):
@@ -222,19 +457,65 @@ def _lines(path):
 def _num(v, unit):
     if v is None:
         return "-"
-    return f"{v:.3f} {unit}".rstrip() if v < 10 else f"{v:,.1f} {unit}".rstrip()
+    if v < 10:
+        text = f"{v:.3f}"
+    elif v < 1000:
+        text = f"{v:.1f}"
+    else:
+        text = f"{v:,.0f}"
+    return f"{text} {unit}".rstrip()
 
 
-def print_table(results, out=sys.stdout):
+def print_table(results, out=None):
     """Print metric, shmalloc, peer, ratio, target, verdict: one line per result."""
-    out.write(f"{'metric':<42} {'shmalloc':>10}  {'peer':<32} {'ratio':>8}  "
-              f"{'target':<20} verdict\n")
+    out = out or sys.stdout
+    lines = []
     for r in results.values():
         peer = f"{r['peer']} {_num(r['peer_value'], r['unit'])}" if r["peer"] else "-"
         ratio = f"{r['ratio']:.3g}x" if r["ratio"] is not None else "-"
         verdict = {True: "ok", False: "MISSED", None: ""}[r["ok"]]
-        out.write(f"{r['label']:<42} {_num(r['value'], r['unit']):>10}  {peer:<32} {ratio:>8}  "
-                  f"{r['target'] or '-':<20} {verdict}\n")
+        lines.append((r["label"], _num(r["value"], r["unit"]), peer, ratio,
+                      r["target"] or "-", verdict))
+    head = ("metric", "shmalloc", "peer", "ratio", "target", "verdict")
+    wl, wv, wp, wr, wt = (max(len(x[i]) for x in [head, *lines]) for i in range(5))
+    for label, value, peer, ratio, target, verdict in [head, *lines]:
+        out.write(f"{label:<{wl}}  {value:>{wv}}  {peer:<{wp}}  {ratio:>{wr}}  "
+                  f"{target:<{wt}}  {verdict}".rstrip() + "\n")
+    out.flush()
+
+
+def print_handoff(recs, out=None):
+    """The hand-off matrix: per size and transport, items/s, MB/s and the ratios."""
+    out = out or sys.stdout
+    if not recs:
+        return
+    out.write("\nhand-off, producer -> consumer, two processes (best of the runs; "
+              "ratio = shmalloc / transport)\n")
+    out.write(f"{'size':>7}  {'transport':<21} {'items/s':>10} {'MB/s':>8} {'us/item':>8}  "
+              f"{'shmalloc is':>11}\n")
+    for size in sorted({r["size"] for r in recs}):
+        at = [r for r in recs if r["size"] == size]
+        shm = next(r for r in at if r["transport"] == "shmalloc")
+        for r in at:
+            ratio = "" if r is shm else f"{shm['items_per_s'] / r['items_per_s']:.2f}x"
+            name = r["transport"] + (f" (batch {r['batch']})" if r.get("batch") else "")
+            out.write(f"{_size_label(size):>7}  {name:<21} {r['items_per_s']:>10,.0f} "
+                      f"{r['mb_per_s']:>8,.0f} {r['us_per_item']:>8.2f}  {ratio:>11}\n")
+    out.flush()
+
+
+def print_report(report, out=None):
+    """The table, the hand-off matrix, then the run's environment and notes."""
+    out = out or sys.stdout
+    print_table(report["results"], out)
+    print_handoff(report.get("handoff"), out)
+    env = report["env"]
+    out.write(f"\n{report['params']['command']}: CPython {env['python']}, "
+              f"{env['cpu_count']} CPUs ({env['cpu']}), git {env['git']}, "
+              f"load {env['loadavg_before']} -> {env['loadavg_after']}; "
+              f"seconds {report['seconds']}\n")
+    for note in report["notes"]:
+        out.write(f"note: {note}\n")
     out.flush()
 
 

@@ -107,7 +107,7 @@ def test_bench_quick_writes_json_with_every_metric(arena_name, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("metric")
     report = json.loads(path.read_text())
-    assert set(report["results"]) == BENCH_METRICS
+    assert BENCH_METRICS <= set(report["results"])     # every section: tests/test_bench.py
     for key, row in report["results"].items():
         assert row["value"] > 0, key
     assert report["results"]["pair"]["peer_value"] > 0
