@@ -34,7 +34,7 @@ from .debug import LockOrderError, WitnessLock
 from .keg import Keg
 from .mail import CpuGoneError, MailboxFullError, PostOffice, max_handles, MSG_HANDOFF
 from .vm import Vm
-from .zone import BUCKET_MAX, Zone, apply_maxcache, bucket_select
+from .zone import BUCKET_MAX, Zone, apply_maxcache, as_handle, bucket_select
 
 _H, _Z, _C, _K = L.HDR, L.ZONE, L.CPU, L.KEG
 DEFAULT_SIZE = 64 << 20
@@ -295,6 +295,8 @@ class Arena:
         self._owner_tid = get_ident()
         self._pid = os.getpid()
         self._zones: dict[int, Zone] = {}
+        self._zone_by_keg: dict[tuple[int, int], Zone] = {}
+        self._wakes: dict[int, tuple[int, object]] = {}   # cpu -> (gen, open semaphore)
         self._thread_arenas: dict[tuple[int, int], Arena] = {}
         self._parent = parent
         self._wake = None
@@ -468,15 +470,18 @@ class Arena:
         if cpu == self.cpu_id:
             self._wake.post()
             return
-        try:
-            sem = self._core.backend.open_wake(cpu)
-        except (ShmallocError, KeyError):
-            return
-        try:
-            sem.post()
-        finally:
-            if not self._core.backend.local:
-                sem.close()
+        gen = self._core.w[L.cpu_word(cpu) + _C["GEN"]]
+        cached = self._wakes.get(cpu)
+        if cached is None or cached[0] != gen:          # the slot changed hands: reopen
+            if cached is not None and not self._core.backend.local:
+                cached[1].close()
+            try:
+                sem = self._core.backend.open_wake(cpu)
+            except (ShmallocError, KeyError):
+                self._wakes.pop(cpu, None)
+                return
+            cached = self._wakes[cpu] = (gen, sem)
+        cached[1].post()
 
     def _wake_sleepers(self, zone_id: int) -> None:
         """Post every sleeper of a zone (after its limit was raised)."""
@@ -744,6 +749,11 @@ class Arena:
             z._cache.disable()
         self._closed = True
         self._zones.clear()
+        self._zone_by_keg.clear()
+        if not self._core.backend.local:
+            for _, sem in self._wakes.values():
+                sem.close()
+        self._wakes.clear()
         _live_arenas.discard(self)
         if self._parent is None or not self._core.backend.local:
             if not self._core.backend.local:
@@ -815,6 +825,7 @@ class Arena:
                 out = list(self._mail.inbox)
                 self._mail.inbox.clear()
                 return out
+            self._flush_xfree()            # idle: what was freed here goes home now
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return []
@@ -822,39 +833,51 @@ class Arena:
 
     def poll(self) -> None:
         """Take this CPU's mail and send its pending remote frees home (call it
-        when idle; the slow paths do it too)."""
+        when idle; recv, sleeping allocations and the slow paths do it too)."""
         self._check_open()
         if self._mail.pending():
             self._mail.collect()
+        self._flush_xfree()
+
+    def _flush_xfree(self) -> None:
         for z in list(self._zones.values()):
-            z._cache.flush_xfree()
+            if z._cache.xbatches:
+                z._cache.flush_xfree()
 
     def _held_item(self, h):
         """(zone, tag index) of item ``h`` allocated and held by this CPU."""
-        from .zone import as_handle
-        h = as_handle(h, "?")
         core = self._core
-        if not 0 <= h < core.geometry.size:
-            raise ShmallocError(f"arena {self.name!r}: handle {h} is out of range")
-        kid = core.pt[h >> L.PAGE_SHIFT] >> L.KEG_ID_SHIFT
-        if not 1 <= kid <= L.MAX_KEGS:
-            raise ShmallocError(f"arena {self.name!r}: handle {h} is not an item")
-        keg = core.keg(kid)
-        base = keg.slab_of(h)
-        if base < 0:
-            raise ShmallocError(f"arena {self.name!r}: handle {h} is not an item")
-        t = (base >> 2) + keg.offmap[h - base]
+        try:
+            e = core.pt[h >> L.PAGE_SHIFT] if h >= 0 else 0
+            keg = core._kegs.get(e >> L.KEG_ID_SHIFT)
+            if keg is None:
+                keg = core.keg(e >> L.KEG_ID_SHIFT) if 1 <= e >> L.KEG_ID_SHIFT <= L.MAX_KEGS \
+                    else None
+            b = e ^ keg.kid_bits
+            t = (b >> 2) + keg.offmap[h - b]
+        except (IndexError, TypeError, AttributeError, KeyError):
+            as_handle(h, "?")
+            raise ShmallocError(f"arena {self.name!r}: handle {h} is not an item") from None
         tv = core.tags[t]
-        zid = next((z for z in core.zones_of_keg(kid)
-                    if core.w[L.zone_word(z) + _Z["ZIDX"]] == L.tag_zidx(tv)), -1)
-        zone = self._zone_by_id(zid) if zid >= 0 else None
-        if (zone is None or L.tag_state(tv) != L.TAG_ALLOC
-                or L.tag_holder(tv) != self.cpu_id):
+        if tv & 0xFF0F != L.TAG_ALLOC | self.cpu_id << 8:
+            zone = self._zone_of(keg.id, L.tag_zidx(tv))
             name = zone.name if zone is not None else "?"
             raise ShmallocError(f"zone {name!r}: handle {h} is not allocated and held by "
                                 f"CPU {self.cpu_id} ({L.TAG_STATE_NAMES[L.tag_state(tv)]}, "
                                 f"holder {L.tag_holder(tv)})")
-        return zone, t
+        return self._zone_of(keg.id, L.tag_zidx(tv)), t
+
+    def _zone_of(self, keg_id: int, zidx: int):
+        """The zone (of this CPU) that is zone ``zidx`` of keg ``keg_id``, or None."""
+        z = self._zone_by_keg.get((keg_id, zidx))
+        if z is None:
+            core = self._core
+            zid = next((z for z in core.zones_of_keg(keg_id)
+                        if core.w[L.zone_word(z) + _Z["ZIDX"]] == zidx), -1)
+            if zid < 0:
+                return None
+            z = self._zone_by_keg[keg_id, zidx] = self._zone_by_id(zid)
+        return z
 
     def disown(self, h) -> None:
         """Let go of item ``h`` (allocated and held by this CPU) without freeing
@@ -867,7 +890,6 @@ class Arena:
     def claim(self, h) -> None:
         """Make item ``h``, allocated and held by no CPU, this CPU's (the other
         half of ``disown``).  ShmallocError if it is not such an item."""
-        from .zone import as_handle
         h = as_handle(h, "?")
         core = self._core
         kid = core.pt[h >> L.PAGE_SHIFT] >> L.KEG_ID_SHIFT if 0 <= h < core.geometry.size else 0

@@ -53,6 +53,7 @@ M_ZERO = 0x0100
 
 BUCKET_MAX = 254               # UMA's BUCKET_SIZE(256) on LP64
 XFREE_DELAY = 0.005            # a remote-free batch waits at most this long (at the next free)
+XFREE_BATCH = 64               # items per remote-free message, whatever the bucket size
 # UMA's bucket zones: (entries, largest item size that uses them)
 _BUCKET_ZONES = ((2, 4096), (4, 3072), (8, 2048), (16, 1024), (30, 512), (62, 256),
                  (126, 128), (254, 64))
@@ -577,6 +578,7 @@ class _Cache:
             raise ValueError("timeout must be >= 0")
         w, zw, cw = self.core.w, self.zw, L.cpu_word(self.cpu)
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.arena._flush_xfree()           # what this CPU freed for others goes home first
         wake = self.arena._wake_sem()
         wake.drain()
         lk = self._zlock()
@@ -721,8 +723,12 @@ class _Cache:
         other = self._check_thread("free", h)
         if other is not None:
             return other.free(h, arg)
-        zone, core = self.zone, self.core
         h, t, tg = self._validate_free(h)
+        return self._free_validated(h, t, tg, arg)
+
+    def _free_validated(self, h, t, tg, arg):
+        """The free slow path (F2-F6) of a validated item with tag ``tg``."""
+        zone, core = self.zone, self.core
         if L.tag_holder(tg) != self.cpu:                            # F4
             tg = self._take_over(h, t, tg)
         home = L.tag_home(tg)
@@ -789,16 +795,15 @@ class _Cache:
         """Batch an item freed here for its home CPU (zone option xfree="message");
         sent when the batch fills, when it is older than XFREE_DELAY, and on close."""
         self.core.tags[t] = L.tag(L.TAG_CACHED, self.zone.zidx, self.cpu, home)
+        now = time.monotonic()
         batch = self.xbatches.get(home)
         if batch is None:
-            batch = self.xbatches[home] = ([], [], time.monotonic())
+            batch = self.xbatches[home] = ([], [], now)
         batch[0].append(h)
         batch[1].append(t)
         self.counts(0, 1)
-        if len(batch[0]) >= max(self.bsize, 1) or time.monotonic() - batch[2] > XFREE_DELAY:
-            self._xfree_send(home)
-        else:
-            self.publish()
+        if len(batch[0]) >= XFREE_BATCH or now - batch[2] > XFREE_DELAY:
+            self._xfree_send(home)              # publishes
 
     def _xfree_send(self, home):
         hs, ts, _ = self.xbatches.pop(home)
@@ -927,10 +932,9 @@ class _Cache:
                 if len(self.items) > 2 * self.bsize:
                     self._flush(len(self.items) - self.bsize if self.bsize else len(self.items))
                 return None
-        for h in hs:
-            self._validate_free(h)          # all or nothing: no item freed if one is bad
-        for h in hs:
-            self.free(h)
+        checked = [self._validate_free(h) for h in hs]   # all or nothing: none freed if one is bad
+        for h, t, tg in checked:
+            self._free_validated(h, t, tg, None)
         return None
 
     # ================================================================== limits, drain
