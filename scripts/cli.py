@@ -5,6 +5,7 @@
                     [--name ARENA]
     shmalloc bench [--quick] [--json FILE] [--repeat K]
     shmalloc serve --name ARENA [--size BYTES] [--tunable NAME=VALUE ...] [--adopt]
+                   [--idle-exit SECONDS]
     shmalloc sysctl --name ARENA [-a] [NAME[=VALUE] ...]
     shmalloc stat -z|-m --name ARENA [-w SECONDS [-c COUNT]]
     shmalloc check --name ARENA
@@ -80,6 +81,9 @@ def _parser():
                    help="boot-time tunable, e.g. kern.ipc.nmbclusters=0 (repeatable)")
     p.add_argument("--adopt", action="store_true",
                    help="take over an existing arena whose manager died")
+    p.add_argument("--idle-exit", type=_positive_float, metavar="SECONDS",
+                   help="remove the arena and exit once no other process has been attached "
+                   "for SECONDS")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log recoveries")
 
     p = command("sysctl", _sysctl, "read or raise the mbuf sysctls of a running arena")
@@ -147,7 +151,18 @@ def _tunables(items):
 def _serve(args):
     """Run the keg manager until SIGTERM/SIGINT."""
     from shmalloc.workers.manager import serve_main
-    return serve_main(args.name, args.size, _tunables(args.tunable), args.adopt, args.quiet)
+    return serve_main(args.name, args.size, _tunables(args.tunable), args.adopt, args.quiet,
+                      idle_exit=args.idle_exit)
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return v
 
 
 def _sysctl(args):

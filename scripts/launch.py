@@ -1,4 +1,9 @@
-"""``shmalloc launch``: run N worker CPUs on a private arena, then report and clean up.
+"""``shmalloc launch``: run a keg manager and N worker CPUs on a private arena, then
+report and clean up.
+
+    shmalloc launch [-n N] [--workload churn|pipeline|refcount] [--seconds S]
+                    [--kill-every SECONDS] [--kill-manager] [--size BYTES] [--seed SEED]
+                    [--name ARENA]
 
 ``python -m shmalloc.scripts.launch ARGS`` is ``shmalloc launch ARGS``; the work is done by
 ``workers.launcher.launch``.
@@ -7,7 +12,7 @@
 import argparse
 import sys
 
-from shmalloc.workers.launcher import launch
+from shmalloc.workers.launcher import WORKLOAD_NAMES, launch
 from . import positive_int
 
 MAX_SECONDS = 10.0
@@ -21,6 +26,14 @@ def _seconds(text):
     return s
 
 
+def _interval(text):
+    """argparse type: a positive number of seconds."""
+    s = float(text)
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return s
+
+
 def add_arguments(parser):
     parser.add_argument("-n", "--workers", type=positive_int, default=4, metavar="N",
                         help="worker CPUs to start (default 4)")
@@ -30,12 +43,25 @@ def add_arguments(parser):
                         help="arena size in bytes (default 64 MiB)")
     parser.add_argument("--seed", type=int, help="workload seed (default: random, printed)")
     parser.add_argument("--name", help="arena name (default: launch<pid><random hex>)")
+    parser.add_argument("--workload", choices=WORKLOAD_NAMES, default="churn",
+                        help="churn: random allocs and frees over three zones; pipeline: "
+                        "CPU 0 builds packets that go round a ring of CPUs, copied and "
+                        "dropped on the way; refcount: copies of shared clusters scattered "
+                        "over the CPUs and freed concurrently (default churn)")
+    parser.add_argument("--kill-every", type=_interval, metavar="SECONDS",
+                        help="SIGKILL a random worker every SECONDS; a new one takes its "
+                        "place and the keg manager recovers what the dead one held")
+    parser.add_argument("--kill-manager", action="store_true",
+                        help="SIGKILL the keg manager halfway and adopt the arena with a "
+                        "new one (shmalloc serve --adopt)")
 
 
 def run(args):
-    """Launch as ``args`` says; 0 if every worker succeeded and check passed, else 1."""
+    """Launch as ``args`` says; 0 if every worker succeeded (the killed ones aside),
+    check passed and no OS object was left, else 1."""
     summary = launch(n=args.workers, seconds=args.seconds, size=args.size, seed=args.seed,
-                     name=args.name)
+                     name=args.name, workload=args.workload, kill_every=args.kill_every,
+                     kill_manager=args.kill_manager)
     return 0 if summary["ok"] else 1
 
 

@@ -21,6 +21,7 @@ from .errors import (ArenaClosedError, ArenaExistsError, ArenaNotFoundError,
 from .hooks import register as register_hook
 from .stats import LockStats, ZoneStats
 from .zone import M_NOWAIT, M_WAITOK, M_ZERO, Zone
+from .default import connect, default_arena
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,17 @@ __all__ = [
     "ArenaNotFoundError", "ArenaPermissionError", "BadHandleError", "BadNameError",
     "CorruptionError", "DoubleFreeError", "ForeignHandleError", "HookError", "IpcLimitError",
     "LayoutError", "LockTimeoutError", "TooManyCpusError", "UseAfterFreeError", "ZoneError",
+    "Buffer", "BufferClosedError", "ArenaFullError", "SharedArray", "connect", "default_arena",
 ]
+
+
+def __getattr__(name):
+    """Buffers load the mbuf layer: imported on first use, so that ``import shmalloc``
+    stays the core alone (SharedArray also needs numpy, which is optional)."""
+    if name in ("Buffer", "BufferClosedError", "ArenaFullError"):
+        from . import buffer
+        return getattr(buffer, name)
+    if name == "SharedArray":
+        from .buffer import shared_array_class
+        return shared_array_class()
+    raise AttributeError(f"module 'shmalloc' has no attribute {name!r}")

@@ -31,6 +31,7 @@ from .ipc.segment import Segment
 from .ipc.semaphore import LocalWakeSemaphore, WakeSemaphore
 from . import slots
 from .debug import LockOrderError, WitnessLock
+from .hooks import DTOR_RECOVER
 from .keg import Keg
 from .mail import CpuGoneError, MailboxFullError, PostOffice, max_handles, MSG_HANDOFF
 from .vm import Vm
@@ -507,6 +508,14 @@ class Arena:
     def _other_thread_zone(self, zone_id: int) -> Zone:
         """The zone as seen by the calling thread's own CPU (each thread, and a
         forked child, gets its own CPU slot on first use)."""
+        return self._here()._zone_by_id(zone_id)
+
+    def _here(self) -> "Arena":
+        """This arena as the calling thread's own CPU: ``self`` in the thread that
+        attached it, else the CPU of the calling thread (or forked child), attached
+        on first use."""
+        if self._owner_tid == get_ident() and self._pid == os.getpid():
+            return self
         if self._closed:
             raise ArenaClosedError(f"arena {self.name!r} is closed in this process")
         key = (os.getpid(), get_ident())
@@ -520,7 +529,7 @@ class Arena:
                 a = Arena.attach(self.name)
             a._owner_tid = get_ident()
             self._thread_arenas[key] = a
-        return a._zone_by_id(zone_id)
+        return a
 
     # ------------------------------------------------------------ zones
     def zcreate(self, name: str, size: int, *, refcnt: bool = False, max_items: int = 0,
@@ -786,6 +795,8 @@ class Arena:
         MailboxFullError if the mailbox stays full for ``timeout`` seconds, and
         CpuGoneError if ``dest_cpu`` is not live; the items then stay here."""
         self._check_open()
+        if (here := self._here()) is not self:
+            return here.send(dest_cpu, handles, timeout)
         hs = [handles] if isinstance(handles, int) else list(handles)
         dest = _check_int("dest_cpu", dest_cpu, 0)
         if dest >= L.MAX_CPUS:
@@ -817,6 +828,8 @@ class Arena:
     def recv(self, timeout: float | None = 1.0) -> list[int]:
         """Handles handed to this CPU (``[]`` when none came within ``timeout``)."""
         self._check_open()
+        if (here := self._here()) is not self:
+            return here.recv(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._mail.pending():
@@ -835,6 +848,8 @@ class Arena:
         """Take this CPU's mail and send its pending remote frees home (call it
         when idle; recv, sleeping allocations and the slow paths do it too)."""
         self._check_open()
+        if (here := self._here()) is not self:
+            return here.poll()
         if self._mail.pending():
             self._mail.collect()
         self._flush_xfree()
@@ -883,6 +898,8 @@ class Arena:
         """Let go of item ``h`` (allocated and held by this CPU) without freeing
         it: it stays allocated, held by no CPU, until a process ``claim``s it.
         For references that travel by other means than ``send`` (a pickle)."""
+        if (here := self._here()) is not self:
+            return here.disown(h)
         zone, t = self._held_item(h)
         self._core.tags[t] = L.tag(L.TAG_ALLOC, zone.zidx, L.NO_CPU,
                                    L.tag_home(self._core.tags[t]))
@@ -890,6 +907,8 @@ class Arena:
     def claim(self, h) -> None:
         """Make item ``h``, allocated and held by no CPU, this CPU's (the other
         half of ``disown``).  ShmallocError if it is not such an item."""
+        if (here := self._here()) is not self:
+            return here.claim(h)
         h = as_handle(h, "?")
         core = self._core
         kid = core.pt[h >> L.PAGE_SHIFT] >> L.KEG_ID_SHIFT if 0 <= h < core.geometry.size else 0
@@ -914,8 +933,21 @@ class Arena:
             lk.release()
 
     def _free_any(self, h) -> None:
+        """Free an item this CPU holds as recovery would (a dtor that refuses,
+        such as that of an mbuf copy, gives its references back instead); an item
+        the dtor still keeps is let go of, held by no CPU."""
         zone, _ = self._held_item(h)
-        zone.free(h)
+        try:
+            zone.free(h, DTOR_RECOVER)
+        except ShmallocError:
+            if self._held_item_or_none(h) is not None:
+                self.disown(h)
+
+    def _held_item_or_none(self, h):
+        try:
+            return self._held_item(h)
+        except ShmallocError:
+            return None
 
     def _drain_caches(self) -> None:
         """Send pending remote frees and give every cached item back (close,
@@ -941,6 +973,24 @@ class Arena:
         """``kern.ipc.mbstat`` of this arena (shmalloc.mbuf.MbStat)."""
         from .mbuf.stats import mbstat
         return mbstat(self)
+
+    # ------------------------------------------------------------ Buffers (shmalloc.buffer)
+    def alloc(self, nbytes: int):
+        """A ``shmalloc.Buffer`` of ``nbytes`` bytes from the smallest zone that
+        fits (mbuf clusters up to 16 KiB, then size classes made on first use)."""
+        from .buffer import alloc
+        return alloc(self, nbytes)
+
+    def from_bytes(self, data):
+        """A Buffer holding a copy of ``data`` (any bytes-like object)."""
+        from .buffer import from_bytes
+        return from_bytes(self, data)
+
+    def ndarray(self, shape, dtype=float, order: str = "C"):
+        """A numpy array backed by a Buffer (``shmalloc.SharedArray``): zero copy,
+        pickled as a reference; the Buffer closes when the last view of it goes."""
+        from .buffer import ndarray
+        return ndarray(self, shape, dtype, order)
 
 
 def _mbuf_tunables(tunables) -> dict:

@@ -194,9 +194,12 @@ def _recover_zone_items(arena, zone_id: int, cpu: int, counts: dict) -> None:
                 tags[ti] = cache.w_import
                 imported[0].append(h)
                 imported[1].append(ti)
-            elif st in (L.TAG_ALLOC, L.TAG_INFLIGHT) and not keg.refcnt:
-                tags[ti] = cache.w_alloc
-                freeing.append(h)
+            elif st in (L.TAG_ALLOC, L.TAG_INFLIGHT):
+                if keg.refcnt:          # owned through references (mbufs): theirs now
+                    tags[ti] = L.tag(L.TAG_ALLOC, zidx, L.NO_CPU, L.tag_home(tv))
+                else:
+                    tags[ti] = cache.w_alloc
+                    freeing.append(h)
     finally:
         lk.release()
     if cached[0]:

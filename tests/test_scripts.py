@@ -20,8 +20,6 @@ import pytest
 from shmalloc import Arena
 from shmalloc.ipc import naming
 from shmalloc.scripts import cli
-from shmalloc.workers import launcher
-from shmalloc.workers.cpu import worker_main
 from shmalloc.workers.launcher import launch
 
 TIMEOUT = 120
@@ -52,25 +50,7 @@ def test_launch_in_process_runs_workers_and_reports(arena_name):
     assert naming.list_objects(arena_name) == []
 
 
-def _bad_worker(arena_name, zone_names, seed, seconds, result_queue, progress_value):
-    """Spawned in place of worker_main: an even seed dies by SIGKILL before reporting, an
-    odd one fails (on a zone that does not exist)."""
-    if seed % 2 == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-    worker_main(arena_name, ["no such zone"], seed, seconds, result_queue, progress_value)
-
-
-def test_launch_reports_failed_workers_and_still_cleans_up(arena_name, monkeypatch):
-    monkeypatch.setattr(launcher, "worker_main", _bad_worker)
-    out = io.StringIO()
-    summary = launch(n=2, seconds=0.5, size=8 << 20, seed=10, name=arena_name, out=out,
-                     live=False)
-    killed, failed = summary["errors"]
-    assert not summary["ok"]
-    assert "worker 0" in killed and f"status {-signal.SIGKILL} without a report" in killed
-    assert "worker 1" in failed and "no such zone" in failed
-    assert "error: worker 1" in out.getvalue()
-    assert naming.list_objects(arena_name) == []
+# failed workers during a launch: tests/test_launch.py
 
 
 @pytest.mark.parametrize("entry", ["console script", "cli module", "launch module"])

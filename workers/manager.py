@@ -10,8 +10,10 @@ foreground.  It creates the arena and the mbuf zones, is a CPU itself, and every
    from the item tags, and releases a lock found taken with no owner for longer
    than ``ORPHAN_SECONDS`` (a holder that died between taking the semaphore and
    writing its pid);
-3. recovers each dead CPU: its cached items back, its allocated items freed
-   through the zone's dtor (giving back the cluster references its mbufs held),
+3. recovers each dead CPU: first its mbufs (``mbuf_recovery``: copies and
+   packets freed with m_free, giving back their cluster references; packets
+   waiting for their sharers and clusters left to the references), then its
+   cached items back, its other allocated items freed through the zone's dtor,
    what was in flight to it, its mailbox and its slot (``shmalloc.recovery``);
 4. every ``TRIM_SECONDS`` trims each zone's depot to its working-set estimate
    (UMA's ``zone_trim``) and gives empty slabs back;
@@ -19,22 +21,34 @@ foreground.  It creates the arena and the mbuf zones, is a CPU itself, and every
    reclaim: the registered protocol drains (``mb_reclaim``), a drain request by
    message to every CPU, then every depot and every free slab.
 
-On SIGTERM or SIGINT it removes every OS object of the arena.  Killed itself,
+On SIGTERM or SIGINT it removes every OS object of the arena; with ``--idle-exit
+SECONDS`` it also does so once no CPU but its own has been attached for SECONDS
+(the lifetime of ``shmalloc.connect``'s default arena): it unlinks the arena's name
+under the vm lock -- the lock a CPU takes its slot under -- after checking once more
+that no CPU came, so a process attaching at that moment either is seen or finds no
+arena.  Killed itself,
 it can be restarted with ``--adopt`` on the same arena: it recovers the old
 manager like any dead CPU and carries on, losing nothing.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
+import threading
 import time
+import traceback
 
 from shmalloc import Arena, admin, recovery, slots
 from shmalloc import layout as L
 from shmalloc.errors import ShmallocError
+from shmalloc.ipc import naming
+from shmalloc.ipc.segment import Segment
 from shmalloc.mail import MSG_DRAIN
+
+from .mbuf_recovery import recover_mbufs
 
 POLL = 0.2
 ORPHAN_SECONDS = 2.0
@@ -44,13 +58,17 @@ LOWMEM = 0.05
 
 class Manager:
     def __init__(self, name: str, size: int | None = None, tunables: dict | None = None,
-                 adopt: bool = False, lowmem: float = LOWMEM, log=None):
+                 adopt: bool = False, lowmem: float = LOWMEM, log=None,
+                 idle_exit: float | None = None):
         self.log = log or (lambda msg: None)
+        self.idle_exit = idle_exit
+        self._busy_at = time.monotonic()
         self.lowmem = lowmem
         self.stopping = False
         self.recovered = 0
         self.repairs = 0
         self._orphans: dict[int, tuple[float, int]] = {}
+        self._repair_mutex = threading.Lock()      # step and the lock watchdog
         self._last_trim = time.monotonic()
         self._last_lowmem = 0.0
         if adopt:
@@ -87,17 +105,83 @@ class Manager:
     def run(self, poll: float = POLL) -> None:
         """Serve until SIGTERM/SIGINT, then remove every OS object of the arena."""
         old = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        watchdog_stop = threading.Event()
+        watchdog = threading.Thread(target=self._watch_locks, args=(watchdog_stop, poll),
+                                    name="lock watchdog", daemon=True)
+        watchdog.start()
         try:
             while not self.stopping:
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001
+                    # a recovery that fails must not take the arena down with it:
+                    # log, and the next round tries again
+                    self.log("manager: step failed:\n" + traceback.format_exc().rstrip())
+                if self.idle_exit is not None and self._retire():
+                    break
                 time.sleep(poll)
         finally:
+            watchdog_stop.set()
+            watchdog.join()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self.shutdown()
 
+    def _watch_locks(self, stop: threading.Event, poll: float) -> None:
+        """The lock watchdog, a thread of its own: every ``poll`` seconds repair the
+        locks whose holder died and release ownerless ones, also while ``step``
+        waits for one of them.  (Recovery takes zone locks without a timeout: a
+        process dying with a zone lock while the manager recovers another would
+        otherwise block the manager, the one process that could repair it.)"""
+        while not stop.wait(poll):
+            try:
+                self.repair_dead_owners()
+            except Exception as e:  # noqa: BLE001 - logged; the next round tries again
+                self.log(f"manager: lock watchdog: {e!r}")
+
+    def repair_dead_owners(self) -> int:
+        """Repair every lock whose owner pid is a dead process, and release the
+        ownerless ones (``_release_orphaned_locks``).  Returns locks repaired."""
+        core = self.arena._core
+        idxs = recovery.lock_indexes(core) + [
+            L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
+            if recovery.mailbox_lock(core, c) is not None]
+        dead = {pid for pid in (core.lock(i).owner_pid() for i in idxs)
+                if pid and pid != os.getpid() and not admin.process_alive(pid)}
+        with self._repair_mutex:
+            n = recovery.repair_locks(self.arena, dead) if dead else 0
+            self._release_orphaned_locks()
+        self.repairs += n
+        if n:
+            self.log(f"manager: lock watchdog repaired {n} lock(s) of pid "
+                     f"{'/'.join(map(str, sorted(dead)))}")
+        return n
+
     def _stop(self, signum, frame):
         self.stopping = True
+
+    def _others_attached(self) -> bool:
+        """A live CPU that is not the manager's (nor one of its threads')."""
+        return any(not self._mine(c) for c in self.arena._core.live_cpus())
+
+    def _retire(self) -> bool:
+        """--idle-exit: True once no other CPU has been attached for ``idle_exit``
+        seconds; the arena's name is then unlinked (under the vm lock, no CPU having
+        come meanwhile) and ``run`` removes the rest."""
+        now = time.monotonic()
+        if self._others_attached():
+            self._busy_at = now
+            return False
+        if now - self._busy_at < self.idle_exit:
+            return False
+        core = self.arena._core
+        with core.lock(L.VM_LOCK):
+            if self._others_attached():
+                self._busy_at = now
+                return False
+            Segment.unlink(naming.object_name(self.arena.name, "arena"))
+        self.log(f"manager: no CPU attached for {self.idle_exit:g} s: retiring")
+        return True
 
     def shutdown(self) -> None:
         self.log(f"manager: removing arena {self.arena.name!r}")
@@ -108,12 +192,15 @@ class Manager:
         dead = self.dead_cpus()
         if dead:
             pids = {self._pid(c) for c in dead}
-            self.repairs += recovery.repair_locks(self.arena, pids)
+            with self._repair_mutex:
+                self.repairs += recovery.repair_locks(self.arena, pids)
             for cpu in dead:
-                counts = recovery.recover_cpu(self.arena, cpu)
+                counts = recover_mbufs(self.arena, cpu, dead)   # before the core's pass
+                counts.update(recovery.recover_cpu(self.arena, cpu))
                 self.recovered += 1
                 self.log(f"manager: recovered CPU {cpu} (pid {self._pid_was(cpu, pids)}): {counts}")
-        self._release_orphaned_locks()
+        with self._repair_mutex:
+            self._release_orphaned_locks()
         self.arena.poll()
         now = time.monotonic()
         if now - self._last_trim >= TRIM_SECONDS:
@@ -138,8 +225,15 @@ class Manager:
         return out                        # manager's predecessor had the same pid
 
     def _mine(self, cpu: int) -> bool:
+        """True if slot ``cpu`` is an open attachment of this process to this arena:
+        the manager's, a thread's, or any other (a launcher or a test that runs the
+        manager in-process and attaches beside it)."""
+        from shmalloc.arena import _live_arenas
         a = self.arena
-        return cpu == a.cpu_id or any(t.cpu_id == cpu for t in a._thread_arenas.values())
+        if cpu == a.cpu_id or any(t.cpu_id == cpu for t in a._thread_arenas.values()):
+            return True
+        return any(x.cpu_id == cpu and x.name == a.name and not x._closed
+                   and not x._forked() for x in list(_live_arenas))
 
     def _pid(self, cpu: int) -> int:
         return self.arena._core.w[L.cpu_word(cpu) + L.CPU["PID"]]
@@ -208,8 +302,10 @@ class Manager:
         return self.arena.reclaim()
 
 
-def serve_main(name: str, size: int | None, tunables: dict, adopt: bool, quiet: bool) -> int:
+def serve_main(name: str, size: int | None, tunables: dict, adopt: bool, quiet: bool,
+               idle_exit: float | None = None) -> int:
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    mgr = Manager(name, size=size, tunables=tunables, adopt=adopt, log=log)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)    # kill -USR1: where is it?
+    mgr = Manager(name, size=size, tunables=tunables, adopt=adopt, log=log, idle_exit=idle_exit)
     mgr.run()
     return 0

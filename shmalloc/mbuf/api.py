@@ -28,7 +28,7 @@ import operator
 
 from .. import hooks
 from .. import layout as L
-from ..errors import BadHandleError, DoubleFreeError
+from ..errors import BadHandleError, DoubleFreeError, ShmallocError
 from ..zone import M_NOWAIT, M_WAITOK, M_ZERO
 from .constants import (EXT_EXTADD_TYPES, EXT_NET_DRV, EXT_PACKET, M_COPYALL, M_COPYFLAGS,
                         M_EOR, M_EXT, M_FREELIST, M_NOFREE, M_PKTHDR, M_RDONLY, MCLBYTES, MHLEN,
@@ -280,8 +280,9 @@ def m_extadd(mb, buf: int, size: int, freef, arg1: int = 0, arg2: int = 0, flags
     if size <= 0 or buf < g.data_off or buf + size > g.size:
         raise MbufError(f"m_extadd: storage {buf}+{size} is not inside the arena's data "
                         f"pages ({g.data_off}..{g.size})")
-    if any(c.core.pt[p] == 0 for p in range(buf >> L.PAGE_SHIFT,
-                                             (buf + size - 1 >> L.PAGE_SHIFT) + 1)):
+    fm = g.freemap_off
+    if c.core.buf.find(b"\x01", fm + (buf >> L.PAGE_SHIFT),
+                       fm + (buf + size - 1 >> L.PAGE_SHIFT) + 1) >= 0:
         raise MbufError(f"m_extadd: storage {buf}+{size} lies on free pages")
     name = hooks.name_of(freef)
     if not name or len(name.encode()) >= L.EXT_FREE_BYTES:
@@ -293,6 +294,14 @@ def m_extadd(mb, buf: int, size: int, freef, arg1: int = 0, arg2: int = 0, flags
     if r is None:
         return _errno.ENOMEM
     c.u32[r >> 2] = 1
+    # the count, and storage that is an item this CPU holds, belong to the
+    # references from now on: held by no CPU, so that the recovery of this CPU
+    # (should it die) leaves them to the mbufs that still point at them
+    c.arena.disown(r)
+    try:
+        c.arena.disown(buf)
+    except ShmallocError:
+        pass                                # not an item of ours: the caller's business
     w, i, h = c.w, (mb.handle >> 3), mb.handle
     w[i + EXT_BUF] = buf
     w[i + EXT_SIZE] = size
@@ -415,6 +424,11 @@ def drop_ref(c, h, i, flags, zidx):
             last = rc == 1
             if not last:
                 u32[r] = rc - 1
+                if not waiting:
+                    # the reference is gone: so is the mbuf's claim on the storage,
+                    # in the same locked step, so that a CPU killed right after is
+                    # not recovered into dropping it a second time
+                    w[i + FLAGS] &= ~M_EXT
         finally:
             lk.release()
     if typ == EXT_PACKET:
@@ -432,7 +446,8 @@ def drop_ref(c, h, i, flags, zidx):
     if last:
         z = c.zone_of_type.get(typ)
         if z is not None:
-            z.free(w[i + EXT_BUF])
+            w[i + FLAGS] &= ~M_EXT       # before the cluster goes: a crash in between
+            z.free(w[i + EXT_BUF])       # leaks it, never frees it twice
         elif typ in EXT_EXTADD_TYPES:
             u32[r] = 0
             c.zextref.free(r << 2)

@@ -1,0 +1,708 @@
+"""Kill tests: SIGKILL worker CPUs -- at random moments, and inside locked sections
+and slow paths through the kill points (``shmalloc.debug``) -- while they churn,
+pass packets round a ring, or free copies of shared clusters; kill the keg manager
+and adopt its arena; crash everything and clean up.  Afterwards nothing may be lost:
+
+- ``check`` passes from a fresh attachment;
+- every zone's USED is what the surviving workers report holding (for the mbuf
+  workloads: the copies they hold, the packets they hold or whose clusters their
+  copies share, and a cluster for every packet outside the slabs);
+- every lock is free or held by a live process, can be taken within 3 s, and no
+  acquisition ever waited longer than ``LOCK_WAIT_LIMIT`` (a dead holder's lock is
+  repaired within about two seconds);
+- the shared clusters the survivors hold still carry intact packets (every worker
+  checks the CRC of every packet it receives, copies, holds or frees);
+- the other workers never stop: no worker went ``STALL_LIMIT`` seconds without
+  progress, and all of them go on after the count;
+- at the end the keg manager removes every OS object.
+
+The fleet (``shmalloc.workers.launcher.Fleet``) runs the manager as ``shmalloc serve``
+in a subprocess and the workers as spawned processes; see workers/cpu.py for the
+phases (HOLD, COUNT) that quiesce them for a count.  The seed is in every assertion
+message; rerun one with ``SHMALLOC_TEST_SEED=<seed>``; ``SHMALLOC_LONG=1`` runs many
+more kills over more seeds.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+
+from shmalloc import Arena, M_NOWAIT, admin, recovery
+from shmalloc import layout as L
+from shmalloc.ipc import codec, naming
+from shmalloc.mail import CpuGoneError, MailboxFullError, ring_of
+from shmalloc.workers.launcher import (Fleet, lock_repairs, manager_pid, recoveries,
+                                       unrecovered_cpus)
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX shm and semaphores")
+
+LONG = bool(os.environ.get("SHMALLOC_LONG"))
+KILLS = 40 if LONG else 12               # deaths per kill test (SIGKILLs and kill points)
+SEEDS = range(5) if LONG else range(1)
+WORKERS = 3
+SIZE = 32 << 20
+KILL_GAP = (0.1, 0.4)                    # seconds between two SIGKILLs from the test
+KILL_PHASE_MAX = 60.0                    # seconds the kills may take at most
+LOCK_WAIT_LIMIT = 2.5                    # seconds any acquisition may have waited
+STALL_LIMIT = {"churn": 3.0, "pipeline": 5.0, "refcount": 5.0}
+WAIT = 30.0
+SPAWN = multiprocessing.get_context("spawn")
+
+# Kill points per workload, each probability tuned so that the points a workload
+# passes often do not kill it at once.
+KILLPOINTS = {
+    "churn": "zone.fill.locked:0.002,keg.take:0.0002,vm.reserve:0.005,depot.put:0.001,"
+             "release.fini:0.005",
+    "pipeline": "mail.post:0.001,mail.collect:0.001,depot.put:0.001,keg.take:0.0001,"
+                "zone.fill.locked:0.01,release.fini:0.02",
+    "refcount": "mail.post:0.0005,mail.collect:0.001,depot.put:0.001,keg.take:0.0001,"
+                "zone.fill.locked:0.01,release.fini:0.02",
+}
+# A SIGKILL at a random moment of an mbuf workload often lands between the
+# refcount decrement of m_free and the free of the mbuf itself; recovery then
+# drops that reference a second time (see test_a_copy_whose_free_was_cut_short...).
+DOUBLE_DROP = pytest.mark.xfail(strict=False, reason=(
+    "BUG: m_free drops a cluster reference, then frees the mbuf; a CPU killed in "
+    "between leaves an M_EXT mbuf whose reference recovery drops again (random kills "
+    "hit it often, not always: not strict)"))
+# (workload, random SIGKILLs from the test, kill points)
+CASES = [
+    pytest.param("churn", True, "", id="churn-sigkill"),
+    pytest.param("churn", True, KILLPOINTS["churn"], id="churn-sigkill+killpoints"),
+    pytest.param("pipeline", False, KILLPOINTS["pipeline"], id="pipeline-killpoints"),
+    pytest.param("refcount", False, KILLPOINTS["refcount"], id="refcount-killpoints"),
+    pytest.param("pipeline", True, "", id="pipeline-sigkill", marks=DOUBLE_DROP),
+    pytest.param("refcount", True, "", id="refcount-sigkill", marks=DOUBLE_DROP),
+]
+
+
+def _seed(base: int) -> int:
+    env = os.environ.get("SHMALLOC_TEST_SEED")
+    return int(env) if env else 7919 * base + 17
+
+
+# ============================================================================ checks
+def _expected_used(held: dict, workload: str) -> dict[str, int]:
+    """Zone -> items the workers hold, from their holdings reports."""
+    if workload == "churn":
+        out: collections.Counter = collections.Counter()
+        for h in held.values():
+            out.update(h["used"])
+        return dict(out)
+    owners = set()
+    for h in held.values():
+        owners.update(h["owners"])
+    return {"mbuf": sum(h["used"]["mbuf"] for h in held.values()),
+            "mbuf_packet": len(owners)}
+
+
+def _used_problems(arena, expected: dict) -> list[str]:
+    zones = {z.name: z for z in arena.stats().zones}
+    out = []
+    for name, z in zones.items():
+        want = expected.get(name, 0)
+        if name == "mbuf_cluster":          # one per packet outside the slabs
+            p = zones["mbuf_packet"]
+            want = p.used + p.free_cache + p.free_depot
+        if z.used != want:
+            out.append(f"zone {name}: USED {z.used}, the survivors hold {want}")
+    return out
+
+
+def _assert_used(arena, expected, why, held=None):
+    deadline = time.monotonic() + 3.0       # the manager may be between two frees
+    while True:
+        problems = _used_problems(arena, expected)
+        if not problems:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{why}: " + "; ".join(problems) + "\n"
+                        + _describe_used(arena, held or {}))
+        time.sleep(0.05)
+
+
+def _describe_used(arena, held, limit=12) -> str:
+    """The allocated items of the mbuf zones that no survivor accounts for
+    (holder, and the mbuf's type, flags, refcount, owner), for a failure message."""
+    known = set()
+    for h in held.values():
+        known.update(h.get("handles", ()))
+        known.update(h.get("owners", ()))
+    from shmalloc.mbuf.zones import EXT_OWNER, EXT_REFCNT, FLAGS, TYPE
+    core = arena._core
+    w, tags = core.w, core.tags
+    out = []
+    for name in ("mbuf_packet", "mbuf", "mbuf_cluster"):
+        if name not in arena.zones():
+            continue
+        z = arena.zone(name)
+        keg = z.keg
+        for _, base in keg.slabs():
+            t0 = (base + keg.tagoff) >> 2
+            for k, tv in enumerate(tags[t0:t0 + keg.ipers]):
+                if L.tag_zidx(tv) != z.zidx or L.tag_state(tv) not in (L.TAG_ALLOC,
+                                                                       L.TAG_INFLIGHT):
+                    continue
+                h = base + k * keg.rsize
+                if h in known:
+                    continue
+                what = f"{name} {h}: {L.TAG_STATE_NAMES[L.tag_state(tv)]} held by " \
+                       f"{L.tag_holder(tv)}"
+                if name != "mbuf_cluster":
+                    i = h >> 3
+                    what += (f", type {w[i + TYPE]}, flags {w[i + FLAGS]:#x}, refcount "
+                             f"{tags[w[i + EXT_REFCNT] >> 2]}, owner {w[i + EXT_OWNER]}")
+                out.append(what)
+                if len(out) >= limit:
+                    return "\n".join(out)
+            if name == "mbuf_cluster" and len(out) >= 3:
+                break
+    return "\n".join(out)
+
+
+def _assert_locks(arena, why):
+    """Every lock free or held by a live process, takeable within 3 s, and no
+    acquisition that ever waited more than LOCK_WAIT_LIMIT."""
+    problems = []
+    for lk in arena.lock_stats():
+        if lk.owner_pid and not admin.process_alive(lk.owner_pid):
+            problems.append(f"{lk.name} held by dead pid {lk.owner_pid}")
+        if lk.max_wait_ns > LOCK_WAIT_LIMIT * 1e9:
+            problems.append(f"{lk.name} once waited {lk.max_wait_ns / 1e9:.2f} s")
+    core = arena._core
+    idxs = recovery.lock_indexes(core) + [L.mbox_lock_index(c) for c in core.live_cpus()]
+    for idx in idxs:
+        lk = core.lock(idx)
+        if not lk.acquire(timeout=3.0, owner_id=arena.cpu_id):
+            problems.append(f"lock {idx} not taken within 3 s (owner pid {lk.owner_pid()})")
+        else:
+            lk.release()
+    assert not problems, f"{why}: " + "; ".join(problems)
+
+
+def _check(arena, why, level=1):
+    try:
+        arena.check(level)
+    except Exception as e:  # noqa: BLE001 - becomes the failure message
+        pytest.fail(f"{why}: check failed: {e}")
+
+
+def _kill_phase(fleet, rng, deaths, why, sigkill=True):
+    """SIGKILL random workers every KILL_GAP seconds (with ``sigkill``; kill points
+    add their own deaths) until ``deaths`` workers died; the fleet starts
+    replacements."""
+    deadline = time.monotonic() + KILL_PHASE_MAX
+    next_kill = time.monotonic() + rng.uniform(*KILL_GAP)
+    while len(fleet.deaths) < deaths:
+        fleet.poll()
+        assert not fleet.errors(), f"{why}: " + "\n".join(fleet.errors())
+        now = time.monotonic()
+        if now > deadline:
+            pytest.fail(f"{why}: only {len(fleet.deaths)} deaths in {KILL_PHASE_MAX:g} s")
+        if sigkill and now >= next_kill:
+            working = [i for i in fleet.alive() if fleet.team.get(i, "ops") > 0]
+            if working and rng.random() < 0.8:
+                fleet.kill(rng.choice(working))      # mostly workers at work,
+            else:
+                fleet.kill_random(rng)               # some still starting up
+            next_kill = now + rng.uniform(*KILL_GAP)
+        time.sleep(0.005)
+
+
+def _run_for(fleet, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        fleet.poll()
+        time.sleep(0.01)
+
+
+def _verify_quiesced(fleet, workload, why):
+    """Quiesce the fleet and prove nothing was lost (see the module docstring)."""
+    held = fleet.quiesce(WAIT)
+    assert not fleet.errors(), f"{why}: " + "\n".join(fleet.errors())
+    with Arena.attach(fleet.name) as fresh:
+        _check(fresh, why)
+        _assert_used(fresh, _expected_used(held, workload), why, held)
+        _assert_locks(fresh, why)
+    return held
+
+
+def _verify_goes_on_and_ends(fleet, workload, why):
+    """After the count every worker goes on working; then they free everything
+    and close: nothing is used but the clusters parked in cached packets."""
+    before = [fleet.team.get(i, "ops") for i in range(fleet.n)]
+    fleet.resume()
+    deadline = time.monotonic() + WAIT
+    while True:
+        _run_for(fleet, 0.1)
+        after = [fleet.team.get(i, "ops") for i in range(fleet.n)]
+        if all(a > b for a, b in zip(after, before)):
+            break
+        assert time.monotonic() < deadline, f"{why}: workers stopped: ops {before} -> {after}"
+    finals = fleet.stop()
+    assert not fleet.errors(), f"{why}: " + "\n".join(fleet.errors())
+    assert len(finals) == fleet.n, f"{why}: {len(finals)} final reports of {fleet.n}"
+    _check(fleet.observer, why)
+    _assert_used(fleet.observer, {}, why + " (after the workers closed)")
+
+
+# ============================================================================ kill tests
+@pytest.mark.parametrize("base", SEEDS)
+@pytest.mark.parametrize("workload,sigkill,killpoints", CASES)
+def test_killed_workers_lose_nothing(arena_name, workload, sigkill, killpoints, base):
+    seed = _seed(base)
+    rng = random.Random(seed)
+    why = (f"{workload}, {'random SIGKILLs' if sigkill else 'no SIGKILL'}, kill points "
+           f"{killpoints or 'none'}, seed {seed}")
+    print(why)
+    with Fleet(arena_name, WORKERS, workload, seed=seed, size=SIZE,
+               killpoints=killpoints, log=print) as fleet:
+        fleet.wait_running(WAIT)
+        _kill_phase(fleet, rng, KILLS, why, sigkill)
+        fleet.wait_running(WAIT)                       # every place works again
+        waited = fleet.wait_recovered(WAIT)
+        deaths = fleet.deaths
+        by_us = sum(d["killed"] for d in deaths)
+        print(f"{len(deaths)} deaths ({by_us} SIGKILLs from the test, "
+              f"{len(deaths) - by_us} at kill points); recoveries {fleet.recoveries()}, "
+              f"lock repairs {lock_repairs(fleet.observer)}; recovered {waited:.2f} s after "
+              f"the last; longest stall {max(fleet.max_stall.values()):.2f} s")
+        if killpoints:
+            assert by_us < len(deaths), f"{why}: no worker died at a kill point"
+            assert lock_repairs(fleet.observer) > 0, \
+                f"{why}: no kill landed inside a locked section"
+        stalls = {k: round(v, 2) for k, v in fleet.max_stall.items()
+                  if v > STALL_LIMIT[workload]}
+        assert not stalls, f"{why}: workers (place, generation) stalled for {stalls} s"
+        _verify_quiesced(fleet, workload, why)
+        _verify_goes_on_and_ends(fleet, workload, why)
+        fleet.detach()
+        assert fleet.stop_manager() == 0, f"{why}: the manager did not exit cleanly"
+        assert naming.list_objects(arena_name) == [], f"{why}: OS objects left"
+
+
+# ============================================================================ the manager
+def test_killed_manager_is_adopted_and_nothing_is_lost(arena_name):
+    seed = _seed(1)
+    why = f"refcount, manager killed, seed {seed}"
+    with Fleet(arena_name, WORKERS, "refcount", seed=seed, size=SIZE) as fleet:
+        fleet.wait_running(WAIT)
+        _run_for(fleet, 0.3)
+        old = fleet.kill_manager()
+        victim = fleet.team.cpus[1]
+        fleet.kill(1)
+        _run_for(fleet, 0.5)            # no manager: nobody recovers it (nor repairs the
+        assert victim in unrecovered_cpus(fleet.observer), why    # locks it held)
+        before = recoveries(fleet.observer)
+        fleet.start_manager(adopt=True)
+        assert manager_pid(fleet.observer) == fleet.manager.pid != old, why
+        fleet.wait_recovered(WAIT)
+        assert recoveries(fleet.observer) >= before + 2, \
+            f"{why}: the dead worker and the old manager's CPU should both be recovered"
+        assert any("adopting arena" in line for line in fleet.manager_lines), why
+        fleet.wait_running(WAIT)
+        _verify_quiesced(fleet, "refcount", why)
+        _verify_goes_on_and_ends(fleet, "refcount", why)
+        fleet.detach()
+        assert fleet.stop_manager() == 0, why          # SIGTERM: removes the arena
+        assert naming.list_objects(arena_name) == [], f"{why}: OS objects left"
+
+
+def test_adopting_a_live_managers_arena_is_refused(arena_name):
+    with Fleet(arena_name, 1, "churn", size=SIZE) as fleet:
+        proc = subprocess.run([sys.executable, "-m", "shmalloc.scripts.cli", "serve", "--name",
+                               arena_name, "--adopt"], capture_output=True, text=True,
+                              timeout=WAIT)
+        assert proc.returncode == 1 and "live manager" in proc.stderr, proc.stderr
+        assert manager_pid(fleet.observer) == fleet.manager.pid
+
+
+def test_cleanup_after_everything_crashed_leaves_nothing(arena_name):
+    with Fleet(arena_name, WORKERS, "pipeline", seed=_seed(2), size=SIZE,
+               replace=False) as fleet:
+        fleet.wait_running(WAIT)
+        fleet.detach()                                 # this process lets go first
+        for i in range(WORKERS):
+            fleet.kill(i)
+        fleet.kill_manager()
+        for p in fleet.procs:
+            p.join(WAIT)
+        assert naming.list_objects(arena_name), "the crash should leave the arena behind"
+        assert admin.holders(arena_name) == []
+        proc = subprocess.run([sys.executable, "-m", "shmalloc.scripts.cli", "cleanup",
+                               "--name", arena_name], capture_output=True, text=True,
+                              timeout=WAIT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "removed" in proc.stdout
+        assert admin.holders(arena_name) == []
+        assert naming.list_objects(arena_name) == []
+        assert not any(arena_name in f for f in os.listdir("/dev/shm"))
+
+
+# ============================================================================ mail
+def _child(fn_name, q, *args):
+    """Spawned target: run ``fn_name``; report ("ok", result) or ("err", traceback)."""
+    try:
+        q.put(("ok", globals()[fn_name](q, *args)))
+    except BaseException:
+        q.put(("err", traceback.format_exc()))
+
+
+def _get(q, procs, what):
+    try:
+        status, payload = q.get(timeout=WAIT)
+    except queue.Empty:
+        codes = ", ".join(f"{p.name}: {p.exitcode}" for p in procs)
+        pytest.fail(f"no word from {what} in {WAIT:g} s ({codes})")
+    assert status == "ok", f"{what} failed:\n{payload}"
+    return payload
+
+
+def _stamp(z, h):
+    z.view(h)[:8] = h.to_bytes(8, "little")
+
+
+def _stamped(z, h):
+    return bytes(z.view(h)[:8]) == h.to_bytes(8, "little")
+
+
+def receiver(q, name, go):
+    """Attach, tell the CPU id, wait for ``go``, take the mail once: check, free and
+    count what was handed over."""
+    with Arena.attach(name) as a:
+        q.put(("ok", a.cpu_id))
+        assert go.wait(WAIT)
+        z = a.zone("z")
+        got = a.recv(timeout=1.0)
+        bad = [h for h in got if not _stamped(z, h)]
+        z.free_bulk(got)
+        return {"received": len(got), "bad_items": bad, "bad_mail": a._mail.bad}
+
+
+def sleeper(q, name):
+    """Attach, tell the CPU id, never take any mail (until killed)."""
+    a = Arena.attach(name)
+    q.put(("ok", a.cpu_id))
+    time.sleep(WAIT * 4)
+
+
+def forger(q, name, dest, go):
+    """Hand ``dest`` some items properly, and write garbage into its mailbox: bad
+    msgpack, wrong shapes, a dead zone, and handles that were never handed over
+    (one of them allocated and held by this CPU)."""
+    with Arena.attach(name) as a:
+        z = a.zone("z")
+        mine = z.alloc(M_NOWAIT)
+        _stamp(z, mine)
+        good = [z.alloc(M_NOWAIT) for _ in range(8)]
+        for h in good:
+            _stamp(z, h)
+        core = a._core
+        ring = ring_of(core, dest)
+        junk = [b"\xc1\xff\x00", b"", codec.encode({"x": 1}), codec.encode([9, 0, 0, []]),
+                codec.encode([2, 0, 0, [[99, [1]]]]), bytes(range(256)) * 8,
+                codec.encode([2, a.cpu_id, 0, [[z.id, [mine, mine + 1, -5, "x", 2 ** 63 - 1]]]])]
+        with core.lock(L.mbox_lock_index(dest)):
+            for j in junk[:4]:
+                assert ring.put(j)
+        a.send(dest, good[:4])
+        with core.lock(L.mbox_lock_index(dest)):
+            for j in junk[4:]:
+                assert ring.put(j)
+        a.send(dest, good[4:])
+        go.set()
+        assert _stamped(z, mine)                       # still ours: frees normally
+        z.free(mine)
+        return {"sent": good}
+
+
+def test_a_full_mailbox_across_processes_keeps_every_item(arena_name):
+    a = Arena.create(arena_name, 16 << 20)
+    q, go = SPAWN.Queue(), SPAWN.Event()
+    p = SPAWN.Process(target=_child, args=("receiver", q, arena_name, go), daemon=True)
+    try:
+        z = a.zcreate("z", 64)
+        p.start()
+        dest = _get(q, [p], "the receiver")
+        sent, kept = [], []
+        while True:
+            hs = z.alloc_bulk(100)
+            for h in hs:
+                _stamp(z, h)
+            try:
+                a.send(dest, hs)
+            except MailboxFullError:
+                kept = hs
+                break
+            sent += hs
+        assert z.stats().used == len(sent) + len(kept)  # in flight counts as used
+        assert all(_stamped(z, h) for h in kept)
+        z.free_bulk(kept)                              # the refused ones are still ours
+        a.check()
+        go.set()
+        r = _get(q, [p], "the receiver")
+        assert r == {"received": len(sent), "bad_items": [], "bad_mail": 0}
+        p.join(WAIT)
+        assert p.exitcode == 0
+        assert z.stats().used == 0
+        a.check()
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(WAIT)
+        a.destroy()
+
+
+def test_items_handed_to_a_dead_receiver_come_back(arena_name):
+    """Packets and copies sharing clusters (their originals kept here) are handed
+    to a process that dies before taking them: the manager gives them back, the
+    clusters end with refcount 1 and intact data, and the dead CPU refuses mail."""
+    from shmalloc import mbuf as mb
+    from shmalloc.workers.manager import Manager
+
+    mgr = Manager(arena_name, size=16 << 20)
+    q = SPAWN.Queue()
+    p = SPAWN.Process(target=_child, args=("sleeper", q, arena_name), daemon=True)
+    try:
+        a = Arena.attach(arena_name)
+        z = a.zcreate("z", 64)
+        p.start()
+        dest = _get(q, [p], "the sleeper")
+        items = [z.alloc(M_NOWAIT) for _ in range(50)]
+        originals, payloads = [], []
+        for k in range(20):
+            m = mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+            data = bytes([k]) * 100 + k.to_bytes(4, "little")
+            assert mb.m_append(m, len(data), data) == 1
+            originals.append(m)
+            payloads.append(data)
+        copies = [mb.m_copym(m, 0, mb.M_COPYALL, mb.M_NOWAIT) for m in originals]
+        assert all(m.refcnt == 2 for m in originals)
+        own = [mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a) for _ in range(10)]
+        a.send(dest, items)
+        a.send(dest, [c.handle for c in copies] + [m.handle for m in own])
+        assert z.stats().used == 50
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(WAIT)
+        deadline = time.monotonic() + WAIT
+        while unrecovered_cpus(a):
+            mgr.step()
+            assert time.monotonic() < deadline, "the dead receiver was not recovered"
+        assert z.stats().used == 0
+        assert a.zone("mbuf").stats().used == 0
+        assert a.zone("mbuf_packet").stats().used == len(originals)
+        for m, data in zip(originals, payloads):
+            assert m.refcnt == 1 and mb.m_copydata(m, 0, m.m_len) == data
+        h = z.alloc(M_NOWAIT)
+        with pytest.raises(CpuGoneError):
+            a.send(dest, [h])
+        z.free(h)                                      # still ours
+        for m in originals:
+            mb.m_freem(m)
+        mgr.step()
+        a.check()
+        a.close()
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(WAIT)
+        mgr.shutdown()
+
+
+def test_garbage_in_a_mailbox_from_another_process_is_dropped(arena_name):
+    a = Arena.create(arena_name, 16 << 20)
+    q, go = SPAWN.Queue(), SPAWN.Event()
+    p = SPAWN.Process(target=_child, args=("forger", q, arena_name, a.cpu_id, go),
+                      daemon=True)
+    try:
+        z = a.zcreate("z", 64)
+        p.start()
+        assert go.wait(WAIT)
+        got = a.recv(timeout=1.0)
+        r = _get(q, [p], "the forger")
+        p.join(WAIT)
+        assert p.exitcode == 0
+        assert sorted(got) == sorted(r["sent"])        # the good ones, and only those
+        assert all(_stamped(z, h) for h in got)
+        assert a._mail.bad == 6 + 5, a._mail.bad       # 6 bad records, then 5 bad handles
+        z.free_bulk(got)
+        assert a.recv(timeout=0.05) == []              # the mailbox works on
+        assert z.stats().used == 0
+        a.check()
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(WAIT)
+        a.destroy()
+
+
+# ============================================================================ found bugs
+# Deterministic reproductions of the crash-recovery bugs the kill tests ran into:
+# fixed ones stay as regression tests, open ones are strict xfails (each turns into
+# a failure the day it is fixed, so that the mark goes too).
+
+def free_cut_short(q, name):
+    """Take the copy handed over, then die inside m_freem right after its cluster
+    reference was dropped, before the mbuf itself is freed."""
+    from shmalloc.mbuf import api
+    a = Arena.attach(name)
+    from shmalloc import mbuf as mb
+    got = a.recv(timeout=WAIT)
+    m = mb.Mbuf.from_handle(a, got[0])
+    q.put(("ok", a.cpu_id))
+    q.close()
+    q.join_thread()                       # on its way before the kill
+    api._purge_and_free = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    mb.m_freem(m)
+
+
+def packets_then_sleep(q, name):
+    """Take a few packets (the packet zone imports clusters for this CPU), free
+    them (they stay in this CPU's cache, clusters attached), wait to be killed."""
+    from shmalloc import mbuf as mb
+    a = Arena.attach(name)
+    ms = [mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a) for _ in range(4)]
+    for m in ms:
+        mb.m_freem(m)
+    q.put(("ok", a.cpu_id))
+    time.sleep(WAIT * 4)
+
+
+def _wait_recovered(mgr, a):
+    deadline = time.monotonic() + WAIT
+    while unrecovered_cpus(a):
+        mgr.step()
+        assert time.monotonic() < deadline, "not recovered"
+
+
+def test_a_copy_whose_free_was_cut_short_is_not_dropped_twice(arena_name):
+    """A CPU killed inside m_freem right after it dropped its copy's reference to a
+    shared cluster: recovery must not drop that reference again (m_free clears the
+    copy's M_EXT in the step that drops the reference)."""
+    from shmalloc import mbuf as mb
+    from shmalloc.workers.manager import Manager
+    mgr = Manager(arena_name, size=16 << 20)
+    q = SPAWN.Queue()
+    p = SPAWN.Process(target=_child, args=("free_cut_short", q, arena_name), daemon=True)
+    try:
+        a = Arena.attach(arena_name)
+        p.start()
+        m = mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+        assert mb.m_append(m, 5, b"hello") == 1
+        c1, c2 = (mb.m_copym(m, 0, mb.M_COPYALL, mb.M_NOWAIT) for _ in range(2))
+        deadline = time.monotonic() + WAIT
+        while not [c for c in a._core.live_cpus() if c not in (mgr.arena.cpu_id, a.cpu_id)]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        dest = next(c for c in a._core.live_cpus() if c not in (mgr.arena.cpu_id, a.cpu_id))
+        a.send(dest, [c1.handle])
+        _get(q, [p], "the child")
+        p.join(WAIT)
+        assert p.exitcode == -signal.SIGKILL
+        _wait_recovered(mgr, a)
+        assert m.refcnt == 2, f"the packet and c2 share the cluster, refcount {m.refcnt}"
+        mb.m_freem(c2)
+        mb.m_freem(m)
+        a.close()
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(WAIT)
+        mgr.shutdown()
+
+
+def test_core_recovery_alone_gives_a_dead_cpus_clusters_up(arena_name, monkeypatch):
+    """The clusters a dead CPU allocated for the packets it imported are left to the
+    mbufs that point at them, held by no CPU (``check`` fails while they name a CPU
+    that is not live) -- by shmalloc.recovery itself, workers.mbuf_recovery off."""
+    from shmalloc.workers import manager as manager_module
+    monkeypatch.setattr(manager_module, "recover_mbufs", lambda *args: {})
+    mgr = manager_module.Manager(arena_name, size=16 << 20)
+    q = SPAWN.Queue()
+    p = SPAWN.Process(target=_child, args=("packets_then_sleep", q, arena_name), daemon=True)
+    try:
+        a = Arena.attach(arena_name)
+        p.start()
+        _get(q, [p], "the child")
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(WAIT)
+        _wait_recovered(mgr, a)
+        try:
+            a.check()
+        finally:
+            a.close()
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(WAIT)
+        mgr.shutdown()
+
+
+def test_close_frees_an_unreceived_copy(arena_name):
+    from shmalloc import mbuf as mb
+    a = Arena.create(arena_name, 16 << 20)
+    b = Arena.attach(arena_name)
+    try:
+        m = mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+        c = mb.m_copym(m, 0, mb.M_COPYALL, mb.M_NOWAIT)
+        a.send(b.cpu_id, [c.handle])
+        b.close()
+        assert m.refcnt == 1
+        mb.m_freem(m)
+    finally:
+        b._closed = True                 # a failed close must not run again at exit
+        a.destroy()
+
+
+def die_holding_the_vm_lock(q, name):
+    a = Arena.attach(name)
+    a._core.lock(L.VM_LOCK).acquire(owner_id=a.cpu_id)
+    q.put(("ok", os.getpid()))
+    q.close()
+    q.join_thread()                       # on its way before the kill
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (shmalloc serve --adopt): a new manager takes its CPU slot (Arena.attach) "
+    "under the vm lock before it repairs anything; a process that died holding it "
+    "while no manager ran blocks the adoption for good (Fleet repairs such locks from "
+    "its own attachment before it adopts)"))
+def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
+    a = Arena.create(arena_name, 16 << 20)
+    q = SPAWN.Queue()
+    p = SPAWN.Process(target=_child, args=("die_holding_the_vm_lock", q, arena_name),
+                      daemon=True)
+    dead = 0
+    try:
+        p.start()
+        dead = _get(q, [p], "the child")
+        p.join(WAIT)
+        proc = subprocess.Popen([sys.executable, "-m", "shmalloc.scripts.cli", "serve",
+                                 "--name", arena_name, "--adopt"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 5.0
+            while manager_pid(a) != proc.pid and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert manager_pid(a) == proc.pid, "the adopting manager never came up"
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(WAIT)
+        recovery.repair_locks(a, {dead} - {0})
+        a.destroy()
