@@ -30,8 +30,7 @@ import time
 import posix_ipc
 
 from .errors import os_errors
-from .naming import require_private
-from .semaphore import sem_wait
+from .semaphore import open_private, sem_wait, unlink_semaphore
 
 LOCK_WORDS = 16
 L_OWNER_PID = 0
@@ -231,14 +230,7 @@ class SemLock(_CountedLock):
     def open(cls, name, words):
         """Open the existing semaphore ``name``; ArenaNotFoundError if missing."""
         _check_words(words)
-        with os_errors(f"semaphore {name}"):
-            sem = posix_ipc.Semaphore(name)
-        try:
-            require_private("sem", name)
-        except BaseException:
-            sem.close()
-            raise
-        return cls(name, sem, words)
+        return cls(name, open_private(name), words)
 
     def _try_acquire(self):
         try:
@@ -259,15 +251,7 @@ class SemLock(_CountedLock):
             self._sem.close()
             self._sem = None
 
-    @staticmethod
-    def unlink(name):
-        """Remove the semaphore ``name``; True if removed, False if it did not exist."""
-        with os_errors(f"semaphore {name}"):
-            try:
-                posix_ipc.unlink_semaphore(name)
-            except posix_ipc.ExistentialError:
-                return False
-        return True
+    unlink = staticmethod(unlink_semaphore)
 
 
 class LocalLock(_CountedLock):

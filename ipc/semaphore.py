@@ -31,6 +31,30 @@ def sem_wait(sem, seconds):
             seconds = deadline - time.monotonic()
 
 
+def open_private(name):
+    """Open the existing semaphore ``name``, refusing one of another user or with
+    group/other access; ArenaNotFoundError if missing."""
+    with os_errors(f"semaphore {name}"):
+        sem = posix_ipc.Semaphore(name)
+    try:
+        require_private("sem", name)
+    except BaseException:
+        sem.close()
+        raise
+    return sem
+
+
+def unlink_semaphore(name):
+    """Remove the semaphore ``name``; True if removed, False if it did not exist.
+    (posix_ipc's ``Semaphore.unlink`` after ``close`` raises in 1.3.2.)"""
+    with os_errors(f"semaphore {name}"):
+        try:
+            posix_ipc.unlink_semaphore(name)
+        except posix_ipc.ExistentialError:
+            return False
+    return True
+
+
 class WakeSemaphore:
     """A named POSIX counting semaphore, created at 0, mode 0600."""
 
@@ -50,14 +74,7 @@ class WakeSemaphore:
     @classmethod
     def open(cls, name):
         """Open the existing semaphore ``name``; ArenaNotFoundError if missing."""
-        with os_errors(f"semaphore {name}"):
-            sem = posix_ipc.Semaphore(name)
-        try:
-            require_private("sem", name)
-        except BaseException:
-            sem.close()
-            raise
-        return cls(name, sem)
+        return cls(name, open_private(name))
 
     def post(self):
         """Wake one waiter, or the next one to wait."""
@@ -84,15 +101,7 @@ class WakeSemaphore:
             self._sem.close()
             self._sem = None
 
-    @staticmethod
-    def unlink(name):
-        """Remove the semaphore ``name``; True if removed, False if it did not exist."""
-        with os_errors(f"semaphore {name}"):
-            try:
-                posix_ipc.unlink_semaphore(name)
-            except posix_ipc.ExistentialError:
-                return False
-        return True
+    unlink = staticmethod(unlink_semaphore)
 
 
 class LocalWakeSemaphore:
