@@ -660,6 +660,9 @@ def test_core_recovery_alone_gives_a_dead_cpus_clusters_up(arena_name, monkeypat
 
 
 def test_close_frees_an_unreceived_copy(arena_name):
+    """A CPU closing with a copy handed to it and never received frees it as
+    recovery would (the copy gives its reference back; the mbuf dtor alone refuses
+    an M_EXT mbuf)."""
     from shmalloc import mbuf as mb
     a = Arena.create(arena_name, 16 << 20)
     b = Arena.attach(arena_name)

@@ -9,7 +9,9 @@ foreground.  It creates the arena and the mbuf zones, is a CPU itself, and every
 2. repairs every lock a dead process held, rebuilding what the lock protects
    from the item tags, and releases a lock found taken with no owner for longer
    than ``ORPHAN_SECONDS`` (a holder that died between taking the semaphore and
-   writing its pid);
+   writing its pid) -- and so does a lock watchdog thread, every ``POLL``
+   seconds, so that a recovery waiting for a lock whose holder died meanwhile
+   does not wait for good;
 3. recovers each dead CPU: first its mbufs (``mbuf_recovery``: copies and
    packets freed with m_free, giving back their cluster references; packets
    waiting for their sharers and clusters left to the references), then its
@@ -28,7 +30,9 @@ under the vm lock -- the lock a CPU takes its slot under -- after checking once 
 that no CPU came, so a process attaching at that moment either is seen or finds no
 arena.  Killed itself,
 it can be restarted with ``--adopt`` on the same arena: it recovers the old
-manager like any dead CPU and carries on, losing nothing.
+manager like any dead CPU and carries on, losing nothing.  A step that raises
+is logged and the next round tries again: the arena is never removed because a
+recovery failed.  ``kill -USR1`` prints where every thread is (faulthandler).
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ class Manager:
         self.recovered = 0
         self.repairs = 0
         self._orphans: dict[int, tuple[float, int]] = {}
-        self._repair_mutex = threading.Lock()      # step and the lock watchdog
+        self._repair_guard = threading.Lock()      # step and the lock watchdog: held
+        self._repairing: set[int] = set()          # only to claim a lock (never waits)
         self._last_trim = time.monotonic()
         self._last_lowmem = 0.0
         if adopt:
@@ -140,22 +145,67 @@ class Manager:
                 self.log(f"manager: lock watchdog: {e!r}")
 
     def repair_dead_owners(self) -> int:
-        """Repair every lock whose owner pid is a dead process, and release the
-        ownerless ones (``_release_orphaned_locks``).  Returns locks repaired."""
+        """Repair every lock whose owner pid is a dead process -- rebuild what it
+        protects from the tags, then release it -- and release the ownerless ones
+        (``_release_orphaned_locks``).  Returns locks repaired.
+
+        Called by ``step`` and by the watchdog: a lock is claimed by one of them at
+        a time (``_repairing``), and nothing is held while a repair waits, so a
+        repair blocked by a holder that died meanwhile (a zone's rebuild takes its
+        keg lock) leaves the other thread free to repair that one."""
         core = self.arena._core
         idxs = recovery.lock_indexes(core) + [
             L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
             if recovery.mailbox_lock(core, c) is not None]
-        dead = {pid for pid in (core.lock(i).owner_pid() for i in idxs)
-                if pid and pid != os.getpid() and not admin.process_alive(pid)}
-        with self._repair_mutex:
-            n = recovery.repair_locks(self.arena, dead) if dead else 0
+        repaired, pids = 0, set()
+        for idx in idxs:                         # vm, kegs, zones, mailboxes: inner first
+            pid = core.lock(idx).owner_pid()
+            if not pid or pid == os.getpid() or admin.process_alive(pid):
+                continue
+            with self._repair_guard:
+                if idx in self._repairing:
+                    continue
+                self._repairing.add(idx)
+            try:
+                if self._repair_lock(idx, pid):
+                    repaired += 1
+                    pids.add(pid)
+            finally:
+                with self._repair_guard:
+                    self._repairing.discard(idx)
+        with self._repair_guard:
             self._release_orphaned_locks()
-        self.repairs += n
-        if n:
-            self.log(f"manager: lock watchdog repaired {n} lock(s) of pid "
-                     f"{'/'.join(map(str, sorted(dead)))}")
-        return n
+        if repaired:
+            self.repairs += repaired
+            vm = core.lock(L.VM_LOCK)
+            if vm.acquire(timeout=1.0, owner_id=self.arena.cpu_id):
+                try:
+                    core.w[L.HDR["LOCK_REPAIRS"]] += repaired
+                finally:
+                    vm.release()
+            self.log(f"manager: repaired {repaired} lock(s) of dead pid "
+                     f"{'/'.join(map(str, sorted(pids)))}")
+        return repaired
+
+    def _repair_lock(self, idx: int, pid: int) -> bool:
+        """Rebuild what lock ``idx`` protects and release it, if dead ``pid`` still
+        holds it.  A zone lock waits while its keg lock is held by a live process
+        (its rebuild needs the keg lock; a dead holder's is repaired first)."""
+        core = self.arena._core
+        lk = core.lock(idx)
+        if lk.owner_pid() != pid:
+            return False
+        if idx == L.VM_LOCK:
+            core.vm.rebuild()
+        elif idx <= L.MAX_KEGS:
+            core.keg(idx).rebuild()
+        elif idx < L.mbox_lock_index(0):
+            zone_id = idx - L.zone_lock_index(0)
+            klk = core.lock(L.keg_lock_index(core.w[L.zone_word(zone_id) + L.ZONE["KEG"]]))
+            if klk.owner_pid() or klk.is_taken():
+                return False                     # next round
+            recovery.rebuild_zone(core, zone_id, self.arena.cpu_id)
+        return lk.force_release(pid)             # (a mailbox needs no rebuild)
 
     def _stop(self, signum, frame):
         self.stopping = True
@@ -192,14 +242,13 @@ class Manager:
         dead = self.dead_cpus()
         if dead:
             pids = {self._pid(c) for c in dead}
-            with self._repair_mutex:
-                self.repairs += recovery.repair_locks(self.arena, pids)
+            self.repair_dead_owners()
             for cpu in dead:
                 counts = recover_mbufs(self.arena, cpu, dead)   # before the core's pass
                 counts.update(recovery.recover_cpu(self.arena, cpu))
                 self.recovered += 1
                 self.log(f"manager: recovered CPU {cpu} (pid {self._pid_was(cpu, pids)}): {counts}")
-        with self._repair_mutex:
+        with self._repair_guard:
             self._release_orphaned_locks()
         self.arena.poll()
         now = time.monotonic()

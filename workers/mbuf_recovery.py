@@ -114,8 +114,8 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
         if base < 0 or (owner - base) % zpack.keg.rsize:
             return True
         t = u32[zpack.keg.tag_index(base, (owner - base) // zpack.keg.rsize)]
-        if L.tag_state(t) != L.TAG_ALLOC or L.tag_zidx(t) != zpack.zidx:
-            return True
+        if L.tag_state(t) not in (L.TAG_ALLOC, L.TAG_INFLIGHT) or L.tag_zidx(t) != zpack.zidx:
+            return True                      # (a packet in flight is allocated too)
         if L.tag_holder(t) == L.NO_CPU:     # set aside for its copies (by a pass before
             return False                     # this one): this copy's reference counts
         return w[(owner >> 3) + TYPE] != mb.MT_NOTMBUF and u32[w[i + EXT_REFCNT] >> 2] <= 1
