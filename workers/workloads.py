@@ -30,7 +30,6 @@ writes it off.
 
 import contextlib
 import random
-import struct
 import time
 import zlib
 from collections import deque
@@ -44,7 +43,7 @@ BURST = 64                  # items per burst: more than a CPU caches (2 buckets
 BURST_SHARE = 0.02          # share of steps that are bursts
 PROGRESS_EVERY = 1024       # ops between progress reports
 WORKING_SET_BYTES = 512 << 10
-_STAMP = struct.Struct("<QQ")
+STAMP_SIZE = 16            # an item's stamp: its handle, then CPU << 48 | sequence
 
 
 def working_set(size):
@@ -62,12 +61,13 @@ class _Items:
         self.cpu = cpu
         self.seq = 0
         fill = (cpu * 37 + zone.size) & 0xFF
-        self.fill = bytes([fill]) * max(zone.size - _STAMP.size, 0)
+        self.fill = bytes([fill]) * max(zone.size - STAMP_SIZE, 0)
 
     def stamp(self, h):
         """Write a fresh pattern into item ``h``; return what was written."""
         self.seq += 1
-        stamp = (_STAMP.pack(h, self.cpu << 48 | self.seq) + self.fill)[:self.zone.size]
+        mark = h.to_bytes(8, "little") + (self.cpu << 48 | self.seq).to_bytes(8, "little")
+        stamp = (mark + self.fill)[:self.zone.size]
         self.zone.view(h)[:] = stamp
         return stamp
 
@@ -142,37 +142,20 @@ def churn(arena, zones, seed, stop_at, progress=None):
     returning (unchecked when the churn fails). Returns a dict of counts: allocs, frees (ops is
     their sum), bursts, bulk_allocs, bulk_frees, failures, seconds.
     """
-    rng = random.Random(seed)
-    sets = [_Items(arena.zone(name), arena.cpu_id) for name in zones]
-    counts = dict.fromkeys(("allocs", "frees", "bursts", "bulk_allocs", "bulk_frees",
-                            "failures"), 0)
+    work = Churn(arena, None, 0, seed, zones)
     started = time.monotonic()
     reported = 0
     try:
         while time.monotonic() < stop_at:
-            items = rng.choice(sets)
-            r = rng.random()
-            if r < BURST_SHARE:
-                n = items.burst(rng, counts)
-                counts["allocs"] += n
-                counts["frees"] += n
-            elif items.live and (len(items.live) >= items.limit or r < 0.5):
-                items.free_random(rng)
-                counts["frees"] += 1
-            elif items.alloc():
-                counts["allocs"] += 1
-            else:
-                counts["failures"] += 1
-            ops = counts["allocs"] + counts["frees"]
+            work.churn_once()
+            ops = work.counts["allocs"] + work.counts["frees"]
             if progress is not None and ops - reported >= PROGRESS_EVERY:
                 progress(ops)
                 reported = ops
     except BaseException:
-        for items in sets:
-            items.abandon()
+        work.abandon()
         raise
-    counts["frees"] += sum(items.release_all() for items in sets)
-    counts["ops"] = counts["allocs"] + counts["frees"]
+    counts = work.finish()
     counts["seconds"] = time.monotonic() - started
     if progress is not None:
         progress(counts["ops"])
@@ -194,23 +177,27 @@ class Churn:
         self.counts = dict.fromkeys(("ops", "allocs", "frees", "bursts", "bulk_allocs",
                                      "bulk_frees", "failures"), 0)
 
-    def step(self):
+    def churn_once(self):
+        """One churn operation: a burst, a free of a random live item, or an alloc."""
         rng, counts = self.rng, self.counts
+        items = rng.choice(self.sets)
+        r = rng.random()
+        if r < BURST_SHARE:
+            n = items.burst(rng, counts)
+            counts["allocs"] += n
+            counts["frees"] += n
+        elif items.live and (len(items.live) >= items.limit or r < 0.5):
+            items.free_random(rng)
+            counts["frees"] += 1
+        elif items.alloc():
+            counts["allocs"] += 1
+        else:
+            counts["failures"] += 1
+
+    def step(self):
         for _ in range(self.STEP_OPS):
-            items = rng.choice(self.sets)
-            r = rng.random()
-            if r < BURST_SHARE:
-                n = items.burst(rng, counts)
-                counts["allocs"] += n
-                counts["frees"] += n
-            elif items.live and (len(items.live) >= items.limit or r < 0.5):
-                items.free_random(rng)
-                counts["frees"] += 1
-            elif items.alloc():
-                counts["allocs"] += 1
-            else:
-                counts["failures"] += 1
-        counts["ops"] = counts["allocs"] + counts["frees"]
+            self.churn_once()
+        self.counts["ops"] = self.counts["allocs"] + self.counts["frees"]
 
     def hold(self, last=False):
         if not last:
@@ -232,8 +219,22 @@ class Churn:
             items.abandon()
 
 
-# a packet's data: this header, then the payload
-PKT = struct.Struct("<QIII")        # sequence number, producer's CPU, payload bytes, CRC-32
+# A packet's data is this header, then the payload: the fields' widths in bytes,
+# little-endian (it is the workload's payload, not arena metadata).
+PKT_FIELDS = (("seq", 8), ("cpu", 4), ("plen", 4), ("crc", 4))
+PKT_SIZE = sum(width for _, width in PKT_FIELDS)
+
+
+def pack_packet_header(*values):
+    return b"".join(v.to_bytes(width, "little") for v, (_, width) in zip(values, PKT_FIELDS))
+
+
+def unpack_packet_header(data):
+    out, at = [], 0
+    for _, width in PKT_FIELDS:
+        out.append(int.from_bytes(data[at:at + width], "little"))
+        at += width
+    return out
 PAYLOAD_MIN, PAYLOAD_MAX = 16, 1400
 STALL_SECONDS = 0.5
 
@@ -265,10 +266,10 @@ class _MbufWork:
             return None
         self.seq += 1
         payload = self.rng.randbytes(self.rng.randrange(PAYLOAD_MIN, PAYLOAD_MAX))
-        n = PKT.size + len(payload)
+        n = PKT_SIZE + len(payload)
         buf = mb.mtod(m)
-        PKT.pack_into(buf, 0, self.seq, self.arena.cpu_id, len(payload), zlib.crc32(payload))
-        buf[PKT.size:n] = payload
+        buf[:n] = pack_packet_header(self.seq, self.arena.cpu_id, len(payload),
+                                     zlib.crc32(payload)) + payload
         m.m_len = n
         m.m_pkthdr.len = n
         self.counts["packets"] += 1
@@ -279,13 +280,13 @@ class _MbufWork:
         n = m.m_len
         data = self.mb.mtod(m)
         problem = None
-        if not PKT.size <= n <= len(data):
+        if not PKT_SIZE <= n <= len(data):
             problem = f"length {n}"
         else:
-            seq, src, plen, crc = PKT.unpack_from(data)
-            if plen != n - PKT.size or m.m_pkthdr.len != n:
+            seq, src, plen, crc = unpack_packet_header(data)
+            if plen != n - PKT_SIZE or m.m_pkthdr.len != n:
                 problem = f"lengths {plen}/{n}/{m.m_pkthdr.len} disagree"
-            elif zlib.crc32(data[PKT.size:n]) != crc:
+            elif zlib.crc32(data[PKT_SIZE:n]) != crc:
                 problem = f"CRC mismatch (packet {seq} of CPU {src})"
             elif m.refcnt < 1:
                 problem = f"refcount {m.refcnt}"
