@@ -9,15 +9,18 @@ CLOCK_MONOTONIC, one clock for the machine).  Every transport does the same work
 producer copies the payload in once, the consumer checks the first and last byte of
 what it got (and counts a mismatch).
 
-    shmalloc    a zone of the payload size: xfree="message", a limit of INFLIGHT_BYTES
-                of items, and a bucket of one batch (``batch_for(size)``: 64 handles,
-                at most half the limit), so that the consumer's frees go home one
-                batch per message (UMA's default bucket is 8 items for 2 KiB, 1 above
-                4 KiB: a message home per item; measured 1.4x slower at 2 KiB and 2.6x
-                at 64 KiB).  The producer allocs, writes ``zone.view(h)[:] = payload``
-                and hands handles over with ``arena.send`` in batches (flushed when
-                full, when the producer is done or when it cannot get an item); the
-                consumer ``recv``s, reads ``zone.view(h)`` and frees
+    shmalloc    a zone of the payload size: xfree=XFREE ("local": a received item
+                becomes the consumer's, its free is a fast-path free and whole
+                buckets go back to the producer through the depot; measured faster
+                than "message", where frees go home in batches by mail), a limit of
+                INFLIGHT_BYTES of items, and a bucket of one batch (``batch_for(size)``:
+                64 handles, at most half the limit; UMA's default bucket, 8 items at
+                2 KiB and 1 above 4 KiB, measured 1.4x slower at 2 KiB and 2.6x at
+                64 KiB with xfree="message").  The producer allocs, writes
+                ``zone.view(h)[:] = payload`` and hands handles over with
+                ``arena.send`` in batches (flushed when full, when the producer is
+                done or when it cannot get an item); the consumer ``recv``s, reads
+                ``zone.view(h)`` and frees
     mp.Queue    put(payload) / get()
     mp.Pipe     send_bytes(payload) / recv_bytes()
     faster_fifo put(payload) / get(), and put / get_many(); a buffer of INFLIGHT_BYTES
@@ -42,6 +45,7 @@ BATCH = 64                       # handles per message at most
 INFLIGHT_BYTES = 32 << 20        # shmalloc zone limit = faster_fifo buffer
 ARENA_SIZE = 96 << 20
 ZONE = "handoff"
+XFREE = "local"                  # how the consumer's frees go back (measured: README)
 DEADLINE = 120.0                 # a run that takes longer is abandoned (a stuck peer)
 CTX = mp.get_context("fork")
 
@@ -218,13 +222,13 @@ def _consume_pipe(r, n_warm, n, check, ack):
 
 
 # ------------------------------------------------------------------ shmalloc
-def _run_shmalloc(payload, n, n_warm, arena_name, profile=None):
+def _run_shmalloc(payload, n, n_warm, arena_name, profile=None, xfree=None):
     """One hand-off run on a new arena ``arena_name`` (destroyed before returning);
     ``profile``: a path prefix for the two sides' cProfile dumps of the timed phase."""
     size = len(payload)
     arena = Arena.create(arena_name, ARENA_SIZE)
     try:
-        zone = arena.zcreate(ZONE, size, xfree="message", max_items=limit_for(size),
+        zone = arena.zcreate(ZONE, size, xfree=xfree or XFREE, max_items=limit_for(size),
                              bucket_size=batch_for(size))
         dest = []
         produce = _shmalloc_producer(arena, zone, payload, dest)

@@ -32,6 +32,7 @@ from .errors import CorruptionError
 _K = L.KEG
 _S = L.SLAB
 _ZERO_TAG = b"\0\0\0\0"
+_INT = {int}
 
 
 class Keg:
@@ -95,6 +96,26 @@ class Keg:
             return -1
         b = self.core.pt[h >> L.PAGE_SHIFT] ^ self.kid_bits
         return b if (h - b) in self.offmap else -1
+
+    def tag_indexes(self, hs) -> list[int]:
+        """The tag index of every handle in ``hs``, each an int handle of an item
+        of this keg, else KeyError (not an item of this keg), IndexError (past
+        the arena) or TypeError (not an int).  The check of a batch: handles of
+        one slab (as a bucket's mostly are) share one page-table read, for a
+        slab's pages are contiguous and all map to its base."""
+        if not set(map(type, hs)) <= _INT:
+            raise TypeError("a handle is an int")
+        pt, kid_bits, offmap, span = self.core.pt, self.kid_bits, self.offmap, self.slab_bytes
+        ts = []
+        append = ts.append
+        lo = hi = t0 = 0                        # the last slab read: [lo, hi), tags at t0
+        for h in hs:
+            if not lo <= h < hi:
+                lo = pt[h >> L.PAGE_SHIFT] ^ kid_bits     # huge unless a slab of this keg
+                hi = lo + span
+                t0 = lo >> 2
+            append(t0 + offmap[h - lo])
+        return ts
 
     def tag_index(self, base: int, i: int) -> int:
         return ((base + self.tagoff) >> 2) + i

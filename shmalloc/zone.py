@@ -139,6 +139,7 @@ class Zone:
         self._cache = _Cache(self, arena)
         self.alloc = self._cache.alloc
         self.free = self._cache.free
+        self.view = self._cache.view
 
     # ------------------------------------------------------------------ public
     def __repr__(self):
@@ -153,12 +154,11 @@ class Zone:
         return self._core.w[self._zw + _Z["BUCKET_SIZE"]]
 
     def view(self, h: int) -> memoryview:
-        """Writable memoryview over item ``h`` (zero copy)."""
-        try:
-            if 0 <= h and (h - (self._pt[h >> 12] ^ self._kid_bits)) in self._offmap:
-                return self._mv[h:h + self.size]
-        except (IndexError, TypeError):
-            pass
+        """Writable memoryview over item ``h`` (zero copy).  (Replaced per instance
+        by the cache's closure, which serves valid handles; this is its slow path.)"""
+        return self._view_slow(h)
+
+    def _view_slow(self, h) -> memoryview:
         if self.keg.slab_of(as_handle(h, self.name)) < 0:
             self._raise_bad(h, "view")
         return self._mv[h:h + self.size]
@@ -257,47 +257,54 @@ class _Cache:
         tags, pt, w = core.tags, core.pt, core.w
         kid_bits, offmap = zone.keg.kid_bits, zone.keg.offmap
         dtor = zone.dtor
-        # how values the alloc fast path serves (anything else, M_ZERO included, takes
-        # _alloc_slow); a ctor runs here too, through _ctor_path's unwinding
-        fast_how = frozenset((M_NOWAIT, M_WAITOK))
+        mv, size, view_slow = core.mv, zone.size, zone._view_slow
         ctor, ctor_path = zone.ctor, self._ctor_path
         W_ALLOC, W_CACHED = self.w_alloc, self.w_cached
         sleepers_w = self.zw + _Z["SLEEPERS"]
-        alloc_slow, free_slow = self._alloc_slow, self._free_slow
+        alloc_slow, free_slow, free_item = self._alloc_slow, self._free_slow, self._free_item
         tid = -1
         cap = 0
         nallocs = nfrees = 0
 
-        def alloc(how=M_NOWAIT, timeout=None, arg=None):
+        # how values the alloc fast path serves are M_NOWAIT and M_WAITOK (anything
+        # else, M_ZERO included, takes _alloc_slow); a ctor runs through _ctor_path
+        def alloc(how=M_NOWAIT, timeout=None, arg=None, get_ident=get_ident):
             nonlocal nallocs
-            if tid == get_ident() and items and how in fast_how:
-                h = items.pop()
+            if items and tid == get_ident() and (how == M_NOWAIT or how == M_WAITOK):
                 tags[tix.pop()] = W_ALLOC
                 nallocs += 1
                 if ctor is None:
-                    return h
-                return ctor_path(h, arg, how)
+                    return items.pop()
+                return ctor_path(items.pop(), arg, how)
             return alloc_slow(how, timeout, arg)
 
-        def free(h, arg=None):
+        def free(h, arg=None, get_ident=get_ident):
             nonlocal nfrees
-            if tid == get_ident():
-                try:
-                    b = pt[h >> 12] ^ kid_bits
-                except (IndexError, TypeError):
-                    return free_slow(h, arg)
-                x = offmap.get(h - b)
-                if x is not None:
-                    t = (b >> 2) + x
-                    if tags[t] == W_ALLOC and len(items) < cap and not w[sleepers_w]:
-                        if dtor is not None:
-                            dtor(zone, h, arg)
-                        tags[t] = W_CACHED
-                        items.append(h)
-                        tix.append(t)
-                        nfrees += 1
-                        return None
-            return free_slow(h, arg)
+            if tid != get_ident():
+                return free_slow(h, arg)
+            try:
+                b = pt[h >> 12] ^ kid_bits
+                t = (b >> 2) + offmap[h - b]
+            except (IndexError, TypeError, KeyError):
+                return free_slow(h, arg)        # not an item of this keg: the error path
+            if tags[t] == W_ALLOC and len(items) < cap and not w[sleepers_w]:
+                if dtor is not None:
+                    dtor(zone, h, arg)
+                tags[t] = W_CACHED
+                items.append(h)
+                tix.append(t)
+                nfrees += 1
+                return None
+            return free_item(h, t, arg)
+
+        def view(h):
+            try:
+                b = pt[h >> 12] ^ kid_bits
+                if h - b in offmap:
+                    return mv[h:h + size]
+            except (IndexError, TypeError):
+                pass
+            return view_slow(h)
 
         def counts(d_allocs=0, d_frees=0):
             nonlocal nallocs, nfrees
@@ -309,7 +316,7 @@ class _Cache:
             nonlocal cap, tid
             cap, tid = new_cap, new_tid
 
-        self.alloc, self.free = alloc, free
+        self.alloc, self.free, self.view = alloc, free, view
         self.counts, self.set_params = counts, set_params
         assert L.PAGE_SHIFT == 12
 
@@ -724,6 +731,15 @@ class _Cache:
         if other is not None:
             return other.free(h, arg)
         h, t, tg = self._validate_free(h)
+        return self._free_validated(h, t, tg, arg)
+
+    def _free_item(self, h, t, arg):
+        """The free fast path's way out for an item of this keg (tag index ``t``)
+        that it cannot take: not ours or not allocated, a full stack, sleepers.
+        Lock: none; the calling thread owns this CPU."""
+        tg = self.core.tags[t]
+        if tg & 0xFF != L.TAG_ALLOC | self.zone.zidx << 4:
+            self.zone._raise_bad(h, "free")
         return self._free_validated(h, t, tg, arg)
 
     def _free_validated(self, h, t, tg, arg):

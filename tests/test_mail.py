@@ -34,7 +34,28 @@ def test_send_moves_ownership_and_recv_returns_the_handles(pair):
     for h in got:
         zb.free(h)
     a.check()
-    assert za.stats().used == 0 and za.stats().xfree == 10
+    # xfree="local": a received item became the receiver's own (re-homed), so its
+    # free is a fast-path free into the receiver's cache, not a cross-CPU free
+    assert za.stats().used == 0 and za.stats().xfree == 0
+    assert set(got) <= set(zb._cache.items)
+
+
+def test_a_received_item_keeps_its_home_with_xfree_message(pair):
+    a, b = pair
+    za = a.zcreate("m", 256, xfree="message")
+    hs = [za.alloc(M_NOWAIT) for _ in range(3)]
+    a.send(b.cpu_id, hs)
+    got = b.recv(timeout=1.0)
+    tags = a._core.tags
+    for h in got:
+        tv = tags[za._cache._tag_index(h)]
+        assert (layout.tag_state(tv), layout.tag_holder(tv), layout.tag_home(tv)) == (
+            layout.TAG_ALLOC, b.cpu_id, a.cpu_id)
+    b.zone("m").free_bulk(got)
+    b.poll()
+    a.poll()
+    a.check()
+    assert za.stats().used == 0 and za.stats().xfree == 3
 
 
 def test_recv_times_out_with_an_empty_list(pair):
