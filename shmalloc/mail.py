@@ -194,17 +194,22 @@ class PostOffice:
             new, keep = L.TAG_ALLOC | zidx << 4 | me << 8 | me << 16, 0  # re-homed
         try:                                    # the usual case: every handle good
             tis = keg.tag_indexes(handles)
-            good = len(set(tis)) == len(tis) and {tags[t] & 0xFFFF for t in tis} == {want}
         except (IndexError, TypeError, KeyError):
-            good = False
-        if good:
-            for t in tis:
-                tags[t] = (tags[t] & keep) | new
-            hs.extend(handles)
-            ts.extend(tis)
-            self.received += len(tis)
-            return
-        for h in handles:                       # one by one, counting the bad ones
+            tis = ()
+        n = 0
+        for t in tis:                           # up to the first bad one (a handle
+            tv = tags[t]                        # listed twice is bad the second time)
+            if tv & 0xFFFF != want:
+                break
+            tags[t] = (tv & keep) | new
+            n += 1
+        if n:
+            hs.extend(handles[:n])
+            ts.extend(tis[:n])
+            self.received += n
+            if n == len(handles):
+                return
+        for h in handles[n:]:                   # one by one, counting the bad ones
             base = keg.slab_of(h) if type(h) is int else -1
             if base < 0:
                 self.bad += 1

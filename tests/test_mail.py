@@ -167,6 +167,23 @@ def test_garbage_in_a_mailbox_is_counted_and_dropped(pair):
     a.check()
 
 
+def test_a_record_that_lists_a_handle_twice_hands_it_over_once(pair):
+    a, b = pair
+    z = a.zcreate("z", 64)
+    hs = [z.alloc(M_NOWAIT) for _ in range(4)]
+    a.send(b.cpu_id, hs)
+    b_ring, lk = ring_of(a._core, b.cpu_id), a._core.lock(layout.mbox_lock_index(b.cpu_id))
+    with lk:                                          # the same record again, plus a float
+        rec = b_ring.take_all()[0]
+        msg = codec.decode(rec)
+        msg[3][0][1] = hs[:2] + [hs[1], float(hs[2])] + hs[2:]
+        assert b_ring.put(codec.encode(msg))
+    got = b.recv(timeout=0.05)
+    assert got == hs and b._mail.bad == 2
+    b.zone("z").free_bulk(got)
+    a.check()
+
+
 def test_close_frees_what_was_handed_over_but_never_received(pair):
     a, b = pair
     z = a.zcreate("z", 64)
