@@ -32,7 +32,6 @@ from .errors import CorruptionError
 _K = L.KEG
 _S = L.SLAB
 _ZERO_TAG = b"\0\0\0\0"
-_INT = {int}
 
 
 class Keg:
@@ -97,24 +96,53 @@ class Keg:
         b = self.core.pt[h >> L.PAGE_SHIFT] ^ self.kid_bits
         return b if (h - b) in self.offmap else -1
 
+    # The check of a batch of handles: handles of one slab (as a bucket's mostly
+    # are) share one page-table read, for a slab's pages are contiguous and all map
+    # to its base.  ``h >> PAGE_SHIFT`` also refuses a handle that is not an int
+    # (a float equal to an item's offset would pass the offset map).
     def tag_indexes(self, hs) -> list[int]:
         """The tag index of every handle in ``hs``, each an int handle of an item
         of this keg, else KeyError (not an item of this keg), IndexError (past
-        the arena) or TypeError (not an int).  The check of a batch: handles of
-        one slab (as a bucket's mostly are) share one page-table read, for a
-        slab's pages are contiguous and all map to its base."""
-        if not set(map(type, hs)) <= _INT:
-            raise TypeError("a handle is an int")
-        pt, kid_bits, offmap, span = self.core.pt, self.kid_bits, self.offmap, self.slab_bytes
+        the arena) or TypeError (not an int)."""
+        pt, kid_bits, offmap, ppera = self.core.pt, self.kid_bits, self.offmap, self.ppera
         ts = []
         append = ts.append
-        lo = hi = t0 = 0                        # the last slab read: [lo, hi), tags at t0
+        p_lo = p_hi = base = t0 = 0             # the last slab read: pages [p_lo, p_hi)
         for h in hs:
-            if not lo <= h < hi:
-                lo = pt[h >> L.PAGE_SHIFT] ^ kid_bits     # huge unless a slab of this keg
-                hi = lo + span
-                t0 = lo >> 2
-            append(t0 + offmap[h - lo])
+            p = h >> L.PAGE_SHIFT
+            if not p_lo <= p < p_hi:
+                base = pt[p] ^ kid_bits         # huge unless a slab of this keg
+                p_lo = base >> L.PAGE_SHIFT
+                p_hi = p_lo + ppera
+                t0 = base >> 2
+            append(t0 + offmap[h - base])
+        return ts
+
+    def retag(self, hs, old: int, new: int) -> list[int]:
+        """Tag ``new`` the items ``hs`` (handles) that are items of this keg tagged
+        ``old``, in order, up to the first that is not (or whose tag was already
+        changed: a handle listed twice); the tag indexes of those re-tagged.
+        Lock: the caller holds the items (their tags are its to write)."""
+        pt, kid_bits, offmap, ppera = self.core.pt, self.kid_bits, self.offmap, self.ppera
+        tags = self.core.tags
+        ts = []
+        append = ts.append
+        p_lo = p_hi = base = t0 = 0
+        try:
+            for h in hs:
+                p = h >> L.PAGE_SHIFT
+                if not p_lo <= p < p_hi:
+                    base = pt[p] ^ kid_bits
+                    p_lo = base >> L.PAGE_SHIFT
+                    p_hi = p_lo + ppera
+                    t0 = base >> 2
+                t = t0 + offmap[h - base]
+                if tags[t] != old:
+                    break
+                tags[t] = new
+                append(t)
+        except (IndexError, TypeError, KeyError):
+            pass
         return ts
 
     def tag_index(self, base: int, i: int) -> int:

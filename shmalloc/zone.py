@@ -140,6 +140,8 @@ class Zone:
         self.alloc = self._cache.alloc
         self.free = self._cache.free
         self.view = self._cache.view
+        self.alloc_bulk = self._cache.alloc_bulk
+        self.free_bulk = self._cache.free_bulk
 
     # ------------------------------------------------------------------ public
     def __repr__(self):
@@ -315,6 +317,7 @@ class _Cache:
         def set_params(new_cap, new_tid):
             nonlocal cap, tid
             cap, tid = new_cap, new_tid
+            self.tid = new_tid                  # for the bulk paths
 
         self.alloc, self.free, self.view = alloc, free, view
         self.counts, self.set_params = counts, set_params
@@ -505,9 +508,12 @@ class _Cache:
         return hs, ts
 
     def _mark_cached(self, ts):
-        tags, wc = self.core.tags, self.w_cached
+        self._mark(ts, self.w_cached)
+
+    def _mark(self, ts, tag_word):
+        tags = self.core.tags
         for t in ts:
-            tags[t] = wc
+            tags[t] = tag_word
 
     def _depot_take(self, k, hs, ts):
         """Pop ``k`` items from the depot (LIFO).  Lock: zone."""
@@ -873,18 +879,18 @@ class _Cache:
         self._release_to_keg(hs, ts, run_fini=True)
 
     # ================================================================== bulk
-    def alloc_bulk(self, n, how, timeout):
+    def alloc_bulk(self, n, how=M_NOWAIT, timeout=None):
         n = operator.index(n)
         if n < 0:
             raise ValueError(f"zone {self.zone.name!r}: alloc_bulk of {n} items")
-        other = self._check_thread()
-        if other is not None:
+        if self.tid != get_ident() and (other := self._check_thread()) is not None:
             return other.alloc_bulk(n, how, timeout)
         zone = self.zone
         items = self.items
         while len(items) < n and self._fill(n - len(items)):
             pass
-        check_how(how, zone.name)
+        if type(how) is not int or how != M_NOWAIT and how != M_WAITOK:
+            check_how(how, zone.name)
         if zone.ctor is None and not how & M_ZERO and len(items) >= n:
             cut = len(items) - n
             hs, ts = items[cut:], self.tix[cut:]
@@ -917,37 +923,26 @@ class _Cache:
 
     def free_bulk(self, handles):
         hs = list(handles)
-        other = self._check_thread()
-        if other is not None:
+        if self.tid != get_ident() and (other := self._check_thread()) is not None:
             return other.free_bulk(hs)
         zone, core = self.zone, self.core
-        if len(set(hs)) != len(hs):
-            dup = next(h for h in hs if hs.count(h) > 1)
-            raise DoubleFreeError(f"zone {zone.name!r}: free_bulk lists handle {dup} twice")
         if zone.dtor is None and not core.w[self.zw + _Z["SLEEPERS"]]:
-            keg = zone.keg
-            pt, tags, kid_bits, offmap = core.pt, core.tags, keg.kid_bits, keg.offmap
-            ts = []
-            wa = self.w_alloc
-            for h in hs:
-                try:
-                    b = pt[h >> 12] ^ kid_bits
-                    x = offmap.get(h - b)
-                except (IndexError, TypeError):
-                    x = None
-                if x is None or tags[(b >> 2) + x] != wa:
-                    break
-                ts.append((b >> 2) + x)
-            else:
-                wc = self.w_cached
-                for t in ts:
-                    tags[t] = wc
+            # F1 for the whole batch: every item allocated here and held here, and
+            # room in the stack (else F3 spills below).  All or nothing: the tags
+            # re-written before a bad handle (or the second listing of one) are
+            # put back, and the handle-by-handle path below names the error.
+            ts = zone.keg.retag(hs, self.w_alloc, self.w_cached)
+            if len(ts) == len(hs):
                 self.items.extend(hs)
                 self.tix.extend(ts)
-                self.counts(0, len(hs))
+                self.counts(0, len(ts))
                 if len(self.items) > 2 * self.bsize:
                     self._flush(len(self.items) - self.bsize if self.bsize else len(self.items))
                 return None
+            self._mark(ts, self.w_alloc)
+        if len(set(hs)) != len(hs):
+            dup = next(h for h in hs if hs.count(h) > 1)
+            raise DoubleFreeError(f"zone {zone.name!r}: free_bulk lists handle {dup} twice")
         checked = [self._validate_free(h) for h in hs]   # all or nothing: none freed if one is bad
         for h, t, tg in checked:
             self._free_validated(h, t, tg, None)
