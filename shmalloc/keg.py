@@ -32,6 +32,8 @@ from .errors import CorruptionError
 _K = L.KEG
 _S = L.SLAB
 _ZERO_TAG = b"\0\0\0\0"
+TAG_LINE = 64                   # bytes in a CPU cache line
+_ZERO_LINE = bytes(TAG_LINE)
 
 
 class Keg:
@@ -241,29 +243,71 @@ class Keg:
             free = w[sw + _S["FREE"]]
             t_lo = base + self.tagoff
             t_end = t_lo + 4 * self.ipers
-            pos = t_lo + 4 * w[sw + _S["HINT"]]
+            first = self._free_tag(buf, t_lo + 4 * w[sw + _S["HINT"]], t_lo, t_end)
+            if first < 0:
+                raise CorruptionError(f"keg {self.id}: slab {base} counts {free} free "
+                                      f"items but its tags have no more")
+            start = self._fresh_line(buf, first, t_lo, t_end)
             k = min(n - got, free)
             ti0 = t_lo >> 2
-            for _ in range(k):
-                pos = buf.find(_ZERO_TAG, pos, t_end)
-                if pos < 0:
-                    raise CorruptionError(f"keg {self.id}: slab {base} counts {free} free "
-                                          f"items but its tags have no more")
-                pos = t_lo + L.round_up(pos - t_lo, 4)
-                ti = pos >> 2
-                tags[ti] = tag_word
-                if KILLPOINTS:
-                    killpoint("keg.take")
-                hs.append(base + (ti - ti0) * self.rsize)
-                ts.append(ti)
-                pos += 4
+            taken = 0
+            after = start                   # just past the last item taken
+            # from a fresh tag line on, then (only if that ran out) the free items
+            # skipped before it
+            for pos, end in ((start, t_end), (first, start)):
+                while taken < k:
+                    pos = self._free_tag(buf, pos, t_lo, end)
+                    if pos < 0:
+                        break
+                    after = pos + 4
+                    ti = pos >> 2
+                    tags[ti] = tag_word
+                    if KILLPOINTS:
+                        killpoint("keg.take")
+                    hs.append(base + (ti - ti0) * self.rsize)
+                    ts.append(ti)
+                    pos += 4
+                    taken += 1
+            if taken < k:
+                raise CorruptionError(f"keg {self.id}: slab {base} counts {free} free "
+                                      f"items but its tags have no more")
             got += k
             free -= k
             w[sw + _S["FREE"]] = free
-            w[sw + _S["HINT"]] = (pos - t_lo) >> 2
+            # the lowest free item is at or after the hint
+            w[sw + _S["HINT"]] = ((after if start == first else first) - t_lo) >> 2
             w[kw + _K["FREE_ITEMS"]] -= k
             self._move(base, self._list_for(free))      # R1, R3
         return got
+
+    @staticmethod
+    def _free_tag(buf, pos: int, t_lo: int, end: int) -> int:
+        """Byte offset of the first free (zero) tag in ``[pos, end)``, else -1.  A
+        taken tag never ends in a zero byte (its state is not 0), so four zero
+        bytes found at any offset end in the low byte of a free tag."""
+        pos = buf.find(_ZERO_TAG, pos, end)
+        return pos if pos < 0 else t_lo + L.round_up(pos - t_lo, 4)
+
+    @staticmethod
+    def _fresh_line(buf, first: int, t_lo: int, t_end: int) -> int:
+        """Where a bucket fill starts: at the free tag ``first`` if no taken tag
+        shares its cache line, else at the first tag line of the slab that is all
+        free, if any.  So two CPUs' fills do not put their items' tags, written on
+        every alloc and free, in one cache line (false sharing between cores)."""
+        line = first & -TAG_LINE
+        lo, hi = max(line, t_lo), min(line + TAG_LINE, t_end)
+        if buf[lo:hi] == _ZERO_LINE[:hi - lo]:
+            return first
+        q = line + TAG_LINE
+        while q + TAG_LINE <= t_end:
+            q = buf.find(_ZERO_LINE, q, t_end)
+            if q < 0:
+                break
+            a = -(-q // TAG_LINE) * TAG_LINE
+            if a + TAG_LINE <= t_end and buf[a:a + TAG_LINE] == _ZERO_LINE:
+                return a
+            q = a
+        return first
 
     def give_back(self, hs, ts) -> None:
         """Return items (handles and their tag indexes) to their slabs.
