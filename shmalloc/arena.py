@@ -855,20 +855,25 @@ class Arena:
                 z._cache.flush_xfree()
 
     def _held_groups(self, hs):
-        """``[(zone_id, zidx, handles, tag_indexes)]``: the items ``hs`` grouped by
-        zone, each allocated and held by this CPU, else ShmallocError naming the
-        first that is not.  A batch from one zone (the usual case) is checked in
-        two passes, page table (``Keg.tag_indexes``) then tags; anything else, or
-        any error, goes handle by handle through ``_held_item``."""
+        """The items ``hs`` grouped by zone for ``mail.post``, each allocated and
+        held by this CPU, else ShmallocError naming the first that is not:
+        ``[(zone_id, zidx, handles, tag_indexes[, tag])]``, with ``tag`` the one tag
+        of every item when they have one.  A batch from one zone (the usual case) is
+        checked in two passes, page table (``Keg.tag_indexes``) then tags; anything
+        else, or any error, goes handle by handle through ``_held_item``."""
         zone, _ = self._held_item(hs[0])
         tags = self._core.tags
         try:
             ts = zone.keg.tag_indexes(hs)
         except (IndexError, TypeError, KeyError):
             ts = None                           # not all items of this keg
-        want = {L.TAG_ALLOC | zone.zidx << 4 | self.cpu_id << 8}
-        if ts is not None and {tags[t] & 0xFFFF for t in ts} == want:
-            return [(zone.id, zone.zidx, hs, ts)]
+        want = L.TAG_ALLOC | zone.zidx << 4 | self.cpu_id << 8
+        if ts is not None:
+            held = {tags[t] for t in ts}
+            if len(held) == 1 and next(iter(held)) & 0xFFFF == want:   # one home, too
+                return [(zone.id, zone.zidx, hs, ts, held.pop())]
+            if {tv & 0xFFFF for tv in held} == {want}:
+                return [(zone.id, zone.zidx, hs, ts)]
         groups = {}
         for h in hs:
             zone, t = self._held_item(h)

@@ -124,7 +124,8 @@ class Keg:
         """Tag ``new`` the items ``hs`` (handles) that are items of this keg tagged
         ``old``, in order, up to the first that is not (or whose tag was already
         changed: a handle listed twice); the tag indexes of those re-tagged.
-        Lock: the caller holds the items (their tags are its to write)."""
+        Lock: the tags are the caller's to write (it holds the items, or they are
+        in flight to it and it holds its mailbox lock)."""
         pt, kid_bits, offmap, ppera = self.core.pt, self.kid_bits, self.offmap, self.ppera
         tags = self.core.tags
         ts = []

@@ -87,9 +87,10 @@ class PostOffice:
 
     # ------------------------------------------------------------------ sending
     def post(self, dest: int, kind: int, groups, new_state: int) -> bool:
-        """Send one message of ``groups`` (``(zone_id, zidx, handles, tag_indexes)``)
-        to ``dest`` and re-tag its items ``new_state`` held by ``dest``.  False when
-        ``dest`` is not live or its mailbox is full (nothing changed)."""
+        """Send one message of ``groups`` (``(zone_id, zidx, handles, tag_indexes)``,
+        optionally followed by the tag every item of the group has, as checked by
+        the caller) to ``dest`` and re-tag its items ``new_state`` held by ``dest``.
+        False when ``dest`` is not live or its mailbox is full (nothing changed)."""
         core, w = self.core, self.core.w
         cw = L.cpu_word(dest)
         gen = w[cw + _C["GEN"]]
@@ -97,7 +98,7 @@ class PostOffice:
             return False
         ring = self._ring_of(dest)
         payload = codec.encode([kind, self.cpu, w[L.cpu_word(self.cpu) + _C["GEN"]],
-                                [[z, hs] for z, _, hs, _ in groups]])
+                                [[g[0], g[2]] for g in groups]])
         lk = core.lock(L.mbox_lock_index(dest))
         lk.acquire(owner_id=self.cpu)
         try:
@@ -109,9 +110,14 @@ class PostOffice:
                 killpoint("mail.post")
             tags = core.tags
             bits = new_state | dest << 8
-            for _, _, _, ts in groups:
-                for t in ts:
-                    tags[t] = (tags[t] & ~_STATE_HOLDER_MASK) | bits
+            for g in groups:
+                if len(g) > 4:                  # one tag for all: one value to write
+                    tv = (g[4] & ~_STATE_HOLDER_MASK) | bits
+                    for t in g[3]:
+                        tags[t] = tv
+                else:
+                    for t in g[3]:
+                        tags[t] = (tags[t] & ~_STATE_HOLDER_MASK) | bits
         finally:
             lk.release()
         self.arena._post_wake(dest)
@@ -160,7 +166,7 @@ class PostOffice:
             msg = self._parse(rec, live)
             if msg is None:
                 continue
-            kind, groups = msg
+            kind, src, groups = msg
             if kind == MSG_DRAIN:
                 drain = True
                 continue
@@ -170,13 +176,13 @@ class PostOffice:
                     hs, ts = xfrees.setdefault(zone_id, ([], []))
                 else:
                     hs, ts = self.inbox, []
-                self._take_group(kind, zone, handles, hs, ts)
+                self._take_group(kind, src, zone, handles, hs, ts)
         return xfrees, drain
 
-    def _take_group(self, kind, zone, handles, hs, ts) -> None:
-        """Re-tag the items of one zone that a message brings, each checked to be
-        in flight to this CPU, and append them (and their tag indexes) to ``hs``
-        and ``ts``; the rest are counted bad.
+    def _take_group(self, kind, src, zone, handles, hs, ts) -> None:
+        """Re-tag the items of one zone that a message from CPU ``src`` brings,
+        each checked to be in flight to this CPU, and append them (and their tag
+        indexes) to ``hs`` and ``ts``; the rest are counted bad.
 
         A remote free comes home CACHED.  A hand-off becomes ALLOC, held here; in
         a zone with xfree="local" it also becomes this CPU's own (home := here), so
@@ -192,13 +198,26 @@ class PostOffice:
             new, keep = L.TAG_ALLOC | zidx << 4 | me << 8, 0xFF0000      # home kept
         else:
             new, keep = L.TAG_ALLOC | zidx << 4 | me << 8 | me << 16, 0  # re-homed
-        try:                                    # the usual case: every handle good
+        # The usual case, in one pass: every item's home is the sender (a hand-off
+        # of its own items) or this CPU (a remote free coming home).  A handle
+        # listed twice is bad the second time: its tag changed.
+        home = me if kind == MSG_XFREE else src
+        done = keg.retag(handles, want | home << 16, new | home << 16 if keep else new)
+        n = len(done)
+        if n:
+            hs.extend(handles[:n])
+            ts.extend(done)
+            self.received += n
+            if n == len(handles):
+                return
+        handles = handles[n:]
+        try:                                    # other homes: the tags are masked
             tis = keg.tag_indexes(handles)
         except (IndexError, TypeError, KeyError):
             tis = ()
         n = 0
-        for t in tis:                           # up to the first bad one (a handle
-            tv = tags[t]                        # listed twice is bad the second time)
+        for t in tis:                           # up to the first bad one
+            tv = tags[t]
             if tv & 0xFFFF != want:
                 break
             tags[t] = (tv & keep) | new
@@ -225,8 +244,8 @@ class PostOffice:
             self.received += 1
 
     def _parse(self, rec, live):
-        """(kind, [(zone_id, handles)]) of a well-formed record naming only zones in
-        ``live``, else None (counted)."""
+        """(kind, src_cpu, [(zone_id, handles)]) of a well-formed record naming only
+        zones in ``live``, else None (counted)."""
         try:
             msg = codec.decode(rec)
         except codec.MessageError:
@@ -246,4 +265,4 @@ class PostOffice:
         if not ok:
             self.bad += 1
             return None
-        return msg[0], groups
+        return msg[0], msg[1], groups
