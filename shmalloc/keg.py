@@ -244,7 +244,7 @@ class Keg:
             free = w[sw + _S["FREE"]]
             t_lo = base + self.tagoff
             t_end = t_lo + 4 * self.ipers
-            first = self._free_tag(buf, t_lo + 4 * w[sw + _S["HINT"]], t_lo, t_end)
+            first = self._free_tag(buf, t_lo + 4 * w[sw + _S["HINT"]], t_end)
             if first < 0:
                 raise CorruptionError(f"keg {self.id}: slab {base} counts {free} free "
                                       f"items but its tags have no more")
@@ -257,9 +257,10 @@ class Keg:
             # skipped before it
             for pos, end in ((start, t_end), (first, start)):
                 while taken < k:
-                    pos = self._free_tag(buf, pos, t_lo, end)
+                    pos = buf.find(_ZERO_TAG, pos, end)      # as in _free_tag
                     if pos < 0:
                         break
+                    pos = (pos + 3) & -4                     # tags are 4-aligned
                     after = pos + 4
                     ti = pos >> 2
                     tags[ti] = tag_word
@@ -282,12 +283,13 @@ class Keg:
         return got
 
     @staticmethod
-    def _free_tag(buf, pos: int, t_lo: int, end: int) -> int:
+    def _free_tag(buf, pos: int, end: int) -> int:
         """Byte offset of the first free (zero) tag in ``[pos, end)``, else -1.  A
-        taken tag never ends in a zero byte (its state is not 0), so four zero
-        bytes found at any offset end in the low byte of a free tag."""
+        taken tag's low byte is never zero (its state is not 0), so four zero bytes
+        found at any offset reach into the low byte of a free tag; tags are 4-byte
+        aligned in the segment."""
         pos = buf.find(_ZERO_TAG, pos, end)
-        return pos if pos < 0 else t_lo + L.round_up(pos - t_lo, 4)
+        return pos if pos < 0 else (pos + 3) & -4
 
     @staticmethod
     def _fresh_line(buf, first: int, t_lo: int, t_end: int) -> int:
