@@ -515,8 +515,9 @@ class _Cache:
         for t in ts:
             tags[t] = tag_word
 
-    def _depot_take(self, k, hs, ts):
-        """Pop ``k`` items from the depot (LIFO).  Lock: zone."""
+    def _depot_take(self, k, hs, ts, tag_word=None):
+        """Pop ``k`` items from the depot (LIFO), tagged cached here (or
+        ``tag_word``).  Lock: zone."""
         self.core.assert_held(self.zone._lock_index)
         w, zw = self.core.w, self.zw
         n = w[zw + _Z["DEPOT_N"]]
@@ -524,7 +525,7 @@ class _Cache:
         d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
         hs.extend(w[d0 + n - k:d0 + n])
         ts.extend(w[d0 + cap + n - k:d0 + cap + n])
-        self._mark_cached(ts)
+        self._mark(ts, self.w_cached if tag_word is None else tag_word)
         w[zw + _Z["DEPOT_N"]] = n - k
         if n - k < w[zw + _Z["IMIN"]]:
             w[zw + _Z["IMIN"]] = n - k
@@ -887,9 +888,14 @@ class _Cache:
             return other.alloc_bulk(n, how, timeout)
         zone = self.zone
         items = self.items
+        plain = type(how) is int and (how == M_NOWAIT or how == M_WAITOK)
+        if not items and n and plain and zone.ctor is None:
+            hs = self._depot_bulk(n)
+            if hs is not None:
+                return hs
         while len(items) < n and self._fill(n - len(items)):
             pass
-        if type(how) is not int or how != M_NOWAIT and how != M_WAITOK:
+        if not plain:
             check_how(how, zone.name)
         if zone.ctor is None and not how & M_ZERO and len(items) >= n:
             cut = len(items) - n
@@ -920,6 +926,26 @@ class _Cache:
                 return None
             out.append(h)
         return out
+
+    def _depot_bulk(self, n):
+        """A1 for a whole bulk allocation into an empty stack: ``n`` items straight
+        from the depot, tagged allocated (the stack would hand them out at once);
+        None when the depot has fewer, or mail is waiting (``_fill`` takes it first)."""
+        if self.arena._mail.pending():
+            return None
+        lk = self._zlock()
+        try:
+            self.refresh()
+            if self.core.w[self.zw + _Z["DEPOT_N"]] < n:
+                return None
+            hs, ts = [], []
+            self._depot_take(n, hs, ts, self.w_alloc)
+            self.depot_gets += 1
+        finally:
+            lk.release()
+        self.counts(n, 0)
+        hs.reverse()
+        return hs
 
     def free_bulk(self, handles):
         hs = list(handles)
