@@ -947,6 +947,33 @@ class _Cache:
         hs.reverse()
         return hs
 
+    def _depot_put_batch(self, hs) -> bool:
+        """F3 for a whole batch: items allocated and held here go straight into the
+        depot if it has room and the zone no sleepers; False (nothing changed) if
+        not, or if one of them is not such an item.  Lock: takes zone."""
+        w, zw = self.core.w, self.zw
+        k = len(hs)
+        lk = self._zlock()
+        try:
+            n, cap = w[zw + _Z["DEPOT_N"]], w[zw + _Z["DEPOT_CAP"]]
+            if n + k > cap or w[zw + _Z["SLEEPERS"]]:
+                return False
+            ts = self.zone.keg.retag(hs, self.w_alloc, self.w_depot)
+            if len(ts) < k:
+                self._mark(ts, self.w_alloc)
+                return False
+            d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
+            w[d0 + n:d0 + n + k] = array("q", hs)
+            w[d0 + cap + n:d0 + cap + n + k] = array("q", ts)
+            w[zw + _Z["DEPOT_N"]] = n + k
+            if n + k > w[zw + _Z["IMAX"]]:
+                w[zw + _Z["IMAX"]] = n + k
+            self.depot_puts += 1
+        finally:
+            lk.release()
+        self.counts(0, k)
+        return True
+
     def free_bulk(self, handles):
         hs = list(handles)
         if self.tid != get_ident() and (other := self._check_thread()) is not None:
@@ -954,9 +981,14 @@ class _Cache:
         zone, core = self.zone, self.core
         if zone.dtor is None and not core.w[self.zw + _Z["SLEEPERS"]]:
             # F1 for the whole batch: every item allocated here and held here, and
-            # room in the stack (else F3 spills below).  All or nothing: the tags
-            # re-written before a bad handle (or the second listing of one) are
-            # put back, and the handle-by-handle path below names the error.
+            # room in the stack (else F3 spills below), or F3 at once: a batch that
+            # would overflow the stack goes to the depot whole, as UMA's full free
+            # bucket does.  All or nothing: the tags re-written before a bad handle
+            # (or the second listing of one) are put back, and the handle-by-handle
+            # path below names the error.
+            if self.bsize and len(self.items) + len(hs) > 2 * self.bsize and \
+                    self._depot_put_batch(hs):
+                return None
             ts = zone.keg.retag(hs, self.w_alloc, self.w_cached)
             if len(ts) == len(hs):
                 self.items.extend(hs)
