@@ -26,6 +26,11 @@ and ``free`` (UMA's ``uma_zfree_arg`` cases):
         zone lock, then as F1-F3 (UMA's free-anywhere)
     F5  anything else is an error: double free, foreign or bad handle
 
+The bulk calls take the same steps a batch at a time: ``alloc_bulk`` into an empty
+stack takes its batch from the depot directly (A1, never cached in between), and
+``free_bulk`` of a batch that would overflow the stack puts it in the depot whole
+(F3, as UMA's full free bucket).
+
 Limits count items outside the slabs (caches, depot, allocated), as UMA's
 ``uz_items`` does; ``ITEMS <= LIMIT`` whenever the zone lock is free.
 
