@@ -18,9 +18,12 @@ class MessageError(ShmallocError, ValueError):
     """A message that is not well-formed msgpack of the expected shape."""
 
 
+_packer = msgpack.Packer(use_bin_type=True)   # autoreset: each pack() is one whole message
+
+
 def encode(msg) -> bytes:
     """``msg`` (lists, ints, bytes, str, maps of those) as msgpack bytes."""
-    return msgpack.packb(msg, use_bin_type=True)
+    return _packer.pack(msg)
 
 
 def decode(data) -> object:

@@ -29,13 +29,14 @@ def _pad(n: int) -> int:
 class Ring:
     """One mailbox.  ``words`` covers ``RING_WORDS + capacity // 8`` words."""
 
-    __slots__ = ("words", "data", "cap")
+    __slots__ = ("words", "data", "raw", "cap")
 
     def __init__(self, words: memoryview):
         if words.format != "q" or len(words) <= RING_WORDS:
             raise ValueError("a ring needs a memoryview cast to 'q' with room for records")
         self.words = words
         self.data = words[RING_WORDS:]
+        self.raw = self.data.cast("B")
         self.cap = words[RING_CAP]
         if self.cap != len(self.data) * 8:
             raise ValueError(f"ring capacity {self.cap} does not match its region")
@@ -67,8 +68,7 @@ class Ring:
             self.data[off // 8] = WRAP
             tail += skip
             off = 0
-        raw = self.data.cast("B")
-        raw[off + 8:off + 8 + n] = payload
+        self.raw[off + 8:off + 8 + n] = payload
         self.data[off // 8] = n
         w[RING_TAIL] = tail + need                 # commit
         w[RING_PUTS] += 1
@@ -78,7 +78,7 @@ class Ring:
         """Remove and return every record.  Lock: the ring's lock held."""
         w, cap = self.words, self.cap
         head, tail = w[RING_HEAD], w[RING_TAIL]
-        raw = None
+        raw = self.raw
         out = []
         while head < tail:
             off = head % cap
@@ -89,8 +89,6 @@ class Ring:
             if not 0 <= n <= cap - off - 8:        # corrupt length: drop the rest
                 head = tail
                 break
-            if raw is None:
-                raw = self.data.cast("B")
             out.append(bytes(raw[off + 8:off + 8 + n]))
             head += 8 + _pad(n)
         w[RING_HEAD] = head

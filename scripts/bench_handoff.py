@@ -9,15 +9,19 @@ CLOCK_MONOTONIC, one clock for the machine).  Every transport does the same work
 producer copies the payload in once, the consumer checks the first and last byte of
 what it got (and counts a mismatch).
 
-    shmalloc    a zone of the payload size: xfree="message", a limit of INFLIGHT_BYTES
-                of items, and a bucket of one batch (``batch_for(size)``: 64 handles,
-                at most half the limit), so that the consumer's frees go home one
-                batch per message (UMA's default bucket is 8 items for 2 KiB, 1 above
-                4 KiB: a message home per item; measured 1.4x slower at 2 KiB and 2.6x
-                at 64 KiB).  The producer allocs, writes ``zone.view(h)[:] = payload``
-                and hands handles over with ``arena.send`` in batches (flushed when
-                full, when the producer is done or when it cannot get an item); the
-                consumer ``recv``s, reads ``zone.view(h)`` and frees
+    shmalloc    a zone of the payload size: xfree=XFREE ("local": a received item
+                becomes the consumer's, its free is a fast-path free and whole
+                buckets go back to the producer through the depot; measured faster
+                than "message", where frees go home in batches by mail), a limit of
+                INFLIGHT_BYTES of items, and a bucket of one batch (``batch_for(size)``:
+                128 handles, at most a quarter of the limit; UMA's default bucket, 8 items at
+                2 KiB and 1 above 4 KiB, measured 1.4x slower at 2 KiB and 2.6x at
+                64 KiB with xfree="message").  The producer takes a batch with
+                ``zone.alloc_bulk`` (BULK; else allocs one by one), writes
+                ``zone.view(h)[:] = payload`` into each item and hands the batch over
+                with ``arena.send``; the consumer ``recv``s, reads ``zone.view(h)``
+                of each, and gives back what it received with ``zone.free_bulk``
+                (else frees one by one)
     mp.Queue    put(payload) / get()
     mp.Pipe     send_bytes(payload) / recv_bytes()
     faster_fifo put(payload) / get(), and put / get_many(); a buffer of INFLIGHT_BYTES
@@ -38,10 +42,12 @@ from shmalloc import M_NOWAIT, Arena
 SIZES = (2048, 65536, 1 << 20)
 COUNTS = {2048: (100_000, 3_000), 65536: (20_000, 600), 1 << 20: (1_500, 60)}   # full, quick
 WARMUP = (128, 32)
-BATCH = 64                       # handles per message at most
+BATCH = 128                      # handles per message at most (measured: 64 costs 15 % more)
 INFLIGHT_BYTES = 32 << 20        # shmalloc zone limit = faster_fifo buffer
 ARENA_SIZE = 96 << 20
 ZONE = "handoff"
+XFREE = "local"                  # how the consumer's frees go back (measured: README)
+BULK = True                      # alloc_bulk a batch and free_bulk what came (else one by one)
 DEADLINE = 120.0                 # a run that takes longer is abandoned (a stuck peer)
 CTX = mp.get_context("fork")
 
@@ -56,9 +62,11 @@ def limit_for(size: int) -> int:
 
 
 def batch_for(size: int) -> int:
-    """Handles per message: BATCH, at most half the zone's limit, so that the producer
-    fills one batch while the consumer reads the other."""
-    return max(1, min(BATCH, limit_for(size) // 2))
+    """Handles per message and the zone's bucket size: BATCH, at most a quarter of the
+    zone's limit.  A CPU's cache holds up to two buckets, so the consumer's can never
+    keep so many freed items that the producer finds none (with xfree="local" they
+    reach it through the depot when the consumer's cache spills)."""
+    return max(1, min(BATCH, limit_for(size) // 4))
 
 
 def transports() -> list[str]:
@@ -218,13 +226,13 @@ def _consume_pipe(r, n_warm, n, check, ack):
 
 
 # ------------------------------------------------------------------ shmalloc
-def _run_shmalloc(payload, n, n_warm, arena_name, profile=None):
+def _run_shmalloc(payload, n, n_warm, arena_name, profile=None, xfree=None):
     """One hand-off run on a new arena ``arena_name`` (destroyed before returning);
     ``profile``: a path prefix for the two sides' cProfile dumps of the timed phase."""
     size = len(payload)
     arena = Arena.create(arena_name, ARENA_SIZE)
     try:
-        zone = arena.zcreate(ZONE, size, xfree="message", max_items=limit_for(size),
+        zone = arena.zcreate(ZONE, size, xfree=xfree or XFREE, max_items=limit_for(size),
                              bucket_size=batch_for(size))
         dest = []
         produce = _shmalloc_producer(arena, zone, payload, dest)
@@ -242,7 +250,8 @@ def _run_shmalloc(payload, n, n_warm, arena_name, profile=None):
 
 def _shmalloc_producer(arena, zone, payload, dest):
     from shmalloc.mail import MailboxFullError
-    alloc, view, send, poll = zone.alloc, zone.view, arena.send, arena.poll
+    alloc, alloc_bulk, view = zone.alloc, zone.alloc_bulk, zone.view
+    send, poll = arena.send, arena.poll
     batch_max = batch_for(len(payload))
 
     def post(batch):
@@ -272,7 +281,7 @@ def _shmalloc_producer(arena, zone, payload, dest):
                 raise HandoffError("producer got no item back within the deadline")
             time.sleep(50e-6)
 
-    def produce(k):
+    def produce_items(k):
         batch = []
         for _ in range(k):
             h = alloc(M_NOWAIT)
@@ -285,7 +294,18 @@ def _shmalloc_producer(arena, zone, payload, dest):
                 batch = []
         if batch:
             post(batch)
-    return produce
+
+    def produce_batches(k):
+        while k:
+            n = min(k, batch_max)
+            batch = alloc_bulk(n, M_NOWAIT)
+            if batch is None:               # not n at hand: as many as there are
+                batch = [get_item([])]
+            for h in batch:
+                view(h)[:] = payload
+            post(batch)
+            k -= len(batch)
+    return produce_batches if BULK else produce_items
 
 
 def _profiled(produce, n, path):
@@ -311,7 +331,7 @@ def _consume_shmalloc(arena_name, n_warm, n, check, profile, ack):
     try:
         zone = arena.zone(ZONE)
         ack.send(arena.cpu_id)
-        view, free, recv = zone.view, zone.free, arena.recv
+        view, free, free_bulk, recv = zone.view, zone.free, zone.free_bulk, arena.recv
         deadline = time.monotonic() + DEADLINE
         prof = None
         for i, phase in enumerate((n_warm, n)):
@@ -326,7 +346,10 @@ def _consume_shmalloc(arena_name, n_warm, n, check, profile, ack):
                     m = view(h)
                     if len(m) != size or m[0] != first or m[end] != last:
                         bad += 1
-                    free(h)
+                    if not BULK:
+                        free(h)
+                if BULK:
+                    free_bulk(hs)
                 got += len(hs)
                 if not hs and time.monotonic() > deadline:
                     raise HandoffError("consumer: nothing received before the deadline")

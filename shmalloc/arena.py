@@ -809,14 +809,9 @@ class Arena:
             L.cpu_word(dest) + _C["STATE"]] == L.CPU_LIVE else 1 << 30
         if len(hs) > limit:
             raise ValueError(f"send of {len(hs)} handles: at most {limit} fit in one message")
-        groups = {}
-        for h in hs:
-            zone, t = self._held_item(h)
-            groups.setdefault(zone.id, (zone.id, zone.zidx, [], []))
-            groups[zone.id][2].append(h)
-            groups[zone.id][3].append(t)
+        groups = self._held_groups(hs)
         deadline = time.monotonic() + max(timeout, 0.0)
-        while not self._mail.post(dest, MSG_HANDOFF, list(groups.values()), L.TAG_INFLIGHT):
+        while not self._mail.post(dest, MSG_HANDOFF, groups, L.TAG_INFLIGHT):
             if self._core.w[L.cpu_word(dest) + _C["STATE"]] != L.CPU_LIVE:
                 raise CpuGoneError(f"arena {self.name!r}: CPU {dest} is not live; "
                                    f"the {len(hs)} items stay with CPU {self.cpu_id}")
@@ -858,6 +853,34 @@ class Arena:
         for z in list(self._zones.values()):
             if z._cache.xbatches:
                 z._cache.flush_xfree()
+
+    def _held_groups(self, hs):
+        """The items ``hs`` grouped by zone for ``mail.post``, each allocated and
+        held by this CPU, else ShmallocError naming the first that is not:
+        ``[(zone_id, zidx, handles, tag_indexes[, tag])]``, with ``tag`` the one tag
+        of every item when they have one.  A batch from one zone (the usual case) is
+        checked in two passes, page table (``Keg.tag_indexes``) then tags; anything
+        else, or any error, goes handle by handle through ``_held_item``."""
+        zone, _ = self._held_item(hs[0])
+        tags = self._core.tags
+        try:
+            ts = zone.keg.tag_indexes(hs)
+        except (IndexError, TypeError, KeyError):
+            ts = None                           # not all items of this keg
+        want = L.TAG_ALLOC | zone.zidx << 4 | self.cpu_id << 8
+        if ts is not None:
+            held = {tags[t] for t in ts}
+            if len(held) == 1 and next(iter(held)) & 0xFFFF == want:   # one home, too
+                return [(zone.id, zone.zidx, hs, ts, held.pop())]
+            if {tv & 0xFFFF for tv in held} == {want}:
+                return [(zone.id, zone.zidx, hs, ts)]
+        groups = {}
+        for h in hs:
+            zone, t = self._held_item(h)
+            groups.setdefault(zone.id, (zone.id, zone.zidx, [], []))
+            groups[zone.id][2].append(h)
+            groups[zone.id][3].append(t)
+        return list(groups.values())
 
     def _held_item(self, h):
         """(zone, tag index) of item ``h`` allocated and held by this CPU."""

@@ -32,6 +32,8 @@ from .errors import CorruptionError
 _K = L.KEG
 _S = L.SLAB
 _ZERO_TAG = b"\0\0\0\0"
+TAG_LINE = 64                   # bytes in a CPU cache line
+_ZERO_LINE = bytes(TAG_LINE)
 
 
 class Keg:
@@ -95,6 +97,56 @@ class Keg:
             return -1
         b = self.core.pt[h >> L.PAGE_SHIFT] ^ self.kid_bits
         return b if (h - b) in self.offmap else -1
+
+    # The check of a batch of handles: handles of one slab (as a bucket's mostly
+    # are) share one page-table read, for a slab's pages are contiguous and all map
+    # to its base.  ``h >> PAGE_SHIFT`` also refuses a handle that is not an int
+    # (a float equal to an item's offset would pass the offset map).
+    def tag_indexes(self, hs) -> list[int]:
+        """The tag index of every handle in ``hs``, each an int handle of an item
+        of this keg, else KeyError (not an item of this keg), IndexError (past
+        the arena) or TypeError (not an int)."""
+        pt, kid_bits, offmap, ppera = self.core.pt, self.kid_bits, self.offmap, self.ppera
+        ts = []
+        append = ts.append
+        p_lo = p_hi = base = t0 = 0             # the last slab read: pages [p_lo, p_hi)
+        for h in hs:
+            p = h >> L.PAGE_SHIFT
+            if not p_lo <= p < p_hi:
+                base = pt[p] ^ kid_bits         # huge unless a slab of this keg
+                p_lo = base >> L.PAGE_SHIFT
+                p_hi = p_lo + ppera
+                t0 = base >> 2
+            append(t0 + offmap[h - base])
+        return ts
+
+    def retag(self, hs, old: int, new: int) -> list[int]:
+        """Tag ``new`` the items ``hs`` (handles) that are items of this keg tagged
+        ``old``, in order, up to the first that is not (or whose tag was already
+        changed: a handle listed twice); the tag indexes of those re-tagged.
+        Lock: the tags are the caller's to write (it holds the items, or they are
+        in flight to it and it holds its mailbox lock)."""
+        pt, kid_bits, offmap, ppera = self.core.pt, self.kid_bits, self.offmap, self.ppera
+        tags = self.core.tags
+        ts = []
+        append = ts.append
+        p_lo = p_hi = base = t0 = 0
+        try:
+            for h in hs:
+                p = h >> L.PAGE_SHIFT
+                if not p_lo <= p < p_hi:
+                    base = pt[p] ^ kid_bits
+                    p_lo = base >> L.PAGE_SHIFT
+                    p_hi = p_lo + ppera
+                    t0 = base >> 2
+                t = t0 + offmap[h - base]
+                if tags[t] != old:
+                    break
+                tags[t] = new
+                append(t)
+        except (IndexError, TypeError, KeyError):
+            pass
+        return ts
 
     def tag_index(self, base: int, i: int) -> int:
         return ((base + self.tagoff) >> 2) + i
@@ -192,29 +244,73 @@ class Keg:
             free = w[sw + _S["FREE"]]
             t_lo = base + self.tagoff
             t_end = t_lo + 4 * self.ipers
-            pos = t_lo + 4 * w[sw + _S["HINT"]]
+            first = self._free_tag(buf, t_lo + 4 * w[sw + _S["HINT"]], t_end)
+            if first < 0:
+                raise CorruptionError(f"keg {self.id}: slab {base} counts {free} free "
+                                      f"items but its tags have no more")
+            start = self._fresh_line(buf, first, t_lo, t_end)
             k = min(n - got, free)
             ti0 = t_lo >> 2
-            for _ in range(k):
-                pos = buf.find(_ZERO_TAG, pos, t_end)
-                if pos < 0:
-                    raise CorruptionError(f"keg {self.id}: slab {base} counts {free} free "
-                                          f"items but its tags have no more")
-                pos = t_lo + L.round_up(pos - t_lo, 4)
-                ti = pos >> 2
-                tags[ti] = tag_word
-                if KILLPOINTS:
-                    killpoint("keg.take")
-                hs.append(base + (ti - ti0) * self.rsize)
-                ts.append(ti)
-                pos += 4
+            taken = 0
+            after = start                   # just past the last item taken
+            # from a fresh tag line on, then (only if that ran out) the free items
+            # skipped before it
+            for pos, end in ((start, t_end), (first, start)):
+                while taken < k:
+                    pos = buf.find(_ZERO_TAG, pos, end)      # as in _free_tag
+                    if pos < 0:
+                        break
+                    pos = (pos + 3) & -4                     # tags are 4-aligned
+                    after = pos + 4
+                    ti = pos >> 2
+                    tags[ti] = tag_word
+                    if KILLPOINTS:
+                        killpoint("keg.take")
+                    hs.append(base + (ti - ti0) * self.rsize)
+                    ts.append(ti)
+                    pos += 4
+                    taken += 1
+            if taken < k:
+                raise CorruptionError(f"keg {self.id}: slab {base} counts {free} free "
+                                      f"items but its tags have no more")
             got += k
             free -= k
             w[sw + _S["FREE"]] = free
-            w[sw + _S["HINT"]] = (pos - t_lo) >> 2
+            # the lowest free item is at or after the hint
+            w[sw + _S["HINT"]] = ((after if start == first else first) - t_lo) >> 2
             w[kw + _K["FREE_ITEMS"]] -= k
             self._move(base, self._list_for(free))      # R1, R3
         return got
+
+    @staticmethod
+    def _free_tag(buf, pos: int, end: int) -> int:
+        """Byte offset of the first free (zero) tag in ``[pos, end)``, else -1.  A
+        taken tag's low byte is never zero (its state is not 0), so four zero bytes
+        found at any offset reach into the low byte of a free tag; tags are 4-byte
+        aligned in the segment."""
+        pos = buf.find(_ZERO_TAG, pos, end)
+        return pos if pos < 0 else (pos + 3) & -4
+
+    @staticmethod
+    def _fresh_line(buf, first: int, t_lo: int, t_end: int) -> int:
+        """Where a bucket fill starts: at the free tag ``first`` if no taken tag
+        shares its cache line, else at the first tag line of the slab that is all
+        free, if any.  So two CPUs' fills do not put their items' tags, written on
+        every alloc and free, in one cache line (false sharing between cores)."""
+        line = first & -TAG_LINE
+        lo, hi = max(line, t_lo), min(line + TAG_LINE, t_end)
+        if buf[lo:hi] == _ZERO_LINE[:hi - lo]:
+            return first
+        q = line + TAG_LINE
+        while q + TAG_LINE <= t_end:
+            q = buf.find(_ZERO_LINE, q, t_end)
+            if q < 0:
+                break
+            a = -(-q // TAG_LINE) * TAG_LINE
+            if a + TAG_LINE <= t_end and buf[a:a + TAG_LINE] == _ZERO_LINE:
+                return a
+            q = a
+        return first
 
     def give_back(self, hs, ts) -> None:
         """Return items (handles and their tag indexes) to their slabs.

@@ -158,6 +158,10 @@ NIL = -1                                # end of a slab list
 #   IMPORT -> CACHED  holder          (init done)           FREE -> CACHED when no init
 #   CACHED -> ALLOC   holder          (fast path alloc)     ALLOC -> CACHED (fast path free)
 #   CACHED -> DEPOT   zone lock held  (bucket to depot)     DEPOT -> CACHED (bucket from depot)
+#   DEPOT  -> ALLOC   zone lock held  (alloc_bulk into an empty stack: a bucket from the
+#                                      depot goes straight to the caller)
+#   ALLOC  -> DEPOT   zone lock held  (free_bulk of a batch that would overflow the
+#                                      stack: it goes straight to the depot)
 #   CACHED -> FINI    holder          (zone fini about to run, item on its way to the slab)
 #   FINI|CACHED|IMPORT -> FREE keg lock held
 #   ALLOC  -> INFLIGHT sender, dest's mailbox lock held (hand-off; holder := dest)

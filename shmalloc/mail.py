@@ -79,6 +79,7 @@ class PostOffice:
         self.core = arena._core
         self.cpu = arena.cpu_id
         self.ring = ring_of(self.core, self.cpu)
+        self._rings: dict[int, tuple] = {}      # dest -> ((offset, pages), Ring)
         self.inbox: deque[int] = deque()       # handed-over handles not yet recv()'d
         self.bad = 0                           # records or handles dropped as invalid
         self.received = 0
@@ -86,34 +87,51 @@ class PostOffice:
 
     # ------------------------------------------------------------------ sending
     def post(self, dest: int, kind: int, groups, new_state: int) -> bool:
-        """Send one message of ``groups`` (``(zone_id, zidx, handles, tag_indexes)``)
-        to ``dest`` and re-tag its items ``new_state`` held by ``dest``.  False when
-        ``dest`` is not live or its mailbox is full (nothing changed)."""
+        """Send one message of ``groups`` (``(zone_id, zidx, handles, tag_indexes)``,
+        optionally followed by the tag every item of the group has, as checked by
+        the caller) to ``dest`` and re-tag its items ``new_state`` held by ``dest``.
+        False when ``dest`` is not live or its mailbox is full (nothing changed)."""
         core, w = self.core, self.core.w
         cw = L.cpu_word(dest)
         gen = w[cw + _C["GEN"]]
         if w[cw + _C["STATE"]] != L.CPU_LIVE or not w[cw + _C["MBOX_OFF"]]:
             return False
+        ring = self._ring_of(dest)
         payload = codec.encode([kind, self.cpu, w[L.cpu_word(self.cpu) + _C["GEN"]],
-                                [[z, hs] for z, _, hs, _ in groups]])
+                                [[g[0], g[2]] for g in groups]])
         lk = core.lock(L.mbox_lock_index(dest))
         lk.acquire(owner_id=self.cpu)
         try:
             if w[cw + _C["STATE"]] != L.CPU_LIVE or w[cw + _C["GEN"]] != gen:
-                return False
-            if not ring_of(core, dest).put(payload):
+                return False            # the slot changed hands: so may its mailbox
+            if not ring.put(payload):
                 return False
             if KILLPOINTS:
                 killpoint("mail.post")
             tags = core.tags
             bits = new_state | dest << 8
-            for _, _, _, ts in groups:
-                for t in ts:
-                    tags[t] = (tags[t] & ~_STATE_HOLDER_MASK) | bits
+            for g in groups:
+                if len(g) > 4:                  # one tag for all: one value to write
+                    tv = (g[4] & ~_STATE_HOLDER_MASK) | bits
+                    for t in g[3]:
+                        tags[t] = tv
+                else:
+                    for t in g[3]:
+                        tags[t] = (tags[t] & ~_STATE_HOLDER_MASK) | bits
         finally:
             lk.release()
         self.arena._post_wake(dest)
         return True
+
+    def _ring_of(self, dest: int) -> Ring:
+        """``dest``'s mailbox, kept from one post to the next while the slot keeps
+        its mailbox (``post`` checks the slot's generation under the lock)."""
+        cw = L.cpu_word(dest)
+        where = (self.core.w[cw + _C["MBOX_OFF"]], self.core.w[cw + _C["MBOX_PAGES"]])
+        kept = self._rings.get(dest)
+        if kept is None or kept[0] != where:
+            kept = self._rings[dest] = (where, ring_of(self.core, dest))
+        return kept[1]
 
     # ------------------------------------------------------------------ receiving
     def pending(self) -> bool:
@@ -141,53 +159,98 @@ class PostOffice:
 
     def _accept(self, records):
         """Validate and re-tag.  Lock: own mailbox."""
-        core, me = self.core, self.cpu
-        tags = core.tags
         xfrees: dict[int, tuple[list, list]] = {}
         drain = False
+        live = self.core.live_zone_ids()
         for rec in records:
-            msg = self._parse(rec)
+            msg = self._parse(rec, live)
             if msg is None:
                 continue
-            kind, groups = msg
+            kind, src, groups = msg
             if kind == MSG_DRAIN:
                 drain = True
                 continue
-            want_state = L.TAG_XFREE if kind == MSG_XFREE else L.TAG_INFLIGHT
             for zone_id, handles in groups:
                 zone = self.arena._zone_by_id(zone_id)
-                keg, zidx = zone.keg, zone.zidx
-                want = want_state | zidx << 4 | me << 8
-                new = (L.TAG_CACHED if kind == MSG_XFREE else L.TAG_ALLOC) | zidx << 4 | me << 8
-                for h in handles:
-                    base = keg.slab_of(h) if isinstance(h, int) else -1
-                    if base < 0:
-                        self.bad += 1
-                        continue
-                    t = (base >> 2) + keg.offmap[h - base]
-                    tv = tags[t]
-                    if tv & _STATE_HOLDER_MASK | (tv & 0xF0) != want:
-                        self.bad += 1
-                        continue
-                    if kind == MSG_XFREE:
-                        tags[t] = new | me << 16
-                        hs, ts = xfrees.setdefault(zone_id, ([], []))
-                        hs.append(h)
-                        ts.append(t)
-                    else:
-                        tags[t] = (tv & 0xFF0000) | new
-                        self.inbox.append(h)
-                    self.received += 1
+                if kind == MSG_XFREE:
+                    hs, ts = xfrees.setdefault(zone_id, ([], []))
+                else:
+                    hs, ts = self.inbox, []
+                self._take_group(kind, src, zone, handles, hs, ts)
         return xfrees, drain
 
-    def _parse(self, rec):
-        """(kind, [(zone_id, handles)]) of a well-formed record, else None (counted)."""
+    def _take_group(self, kind, src, zone, handles, hs, ts) -> None:
+        """Re-tag the items of one zone that a message from CPU ``src`` brings,
+        each checked to be in flight to this CPU, and append them (and their tag
+        indexes) to ``hs`` and ``ts``; the rest are counted bad.
+
+        A remote free comes home CACHED.  A hand-off becomes ALLOC, held here; in
+        a zone with xfree="local" it also becomes this CPU's own (home := here), so
+        that its free is a fast-path free into this CPU's cache and whole buckets
+        go back through the depot (UMA's way); with xfree="message" it keeps its
+        home and goes back there when freed.  Lock: own mailbox."""
+        me, tags = self.cpu, self.core.tags
+        keg, zidx = zone.keg, zone.zidx
+        want = (L.TAG_XFREE if kind == MSG_XFREE else L.TAG_INFLIGHT) | zidx << 4 | me << 8
+        if kind == MSG_XFREE:
+            new, keep = L.TAG_CACHED | zidx << 4 | me << 8 | me << 16, 0
+        elif zone._cache.xfree_message:
+            new, keep = L.TAG_ALLOC | zidx << 4 | me << 8, 0xFF0000      # home kept
+        else:
+            new, keep = L.TAG_ALLOC | zidx << 4 | me << 8 | me << 16, 0  # re-homed
+        # The usual case, in one pass: every item's home is the sender (a hand-off
+        # of its own items) or this CPU (a remote free coming home).  A handle
+        # listed twice is bad the second time: its tag changed.
+        home = me if kind == MSG_XFREE else src
+        done = keg.retag(handles, want | home << 16, new | home << 16 if keep else new)
+        n = len(done)
+        if n:
+            hs.extend(handles[:n])
+            ts.extend(done)
+            self.received += n
+            if n == len(handles):
+                return
+        handles = handles[n:]
+        try:                                    # other homes: the tags are masked
+            tis = keg.tag_indexes(handles)
+        except (IndexError, TypeError, KeyError):
+            tis = ()
+        n = 0
+        for t in tis:                           # up to the first bad one
+            tv = tags[t]
+            if tv & 0xFFFF != want:
+                break
+            tags[t] = (tv & keep) | new
+            n += 1
+        if n:
+            hs.extend(handles[:n])
+            ts.extend(tis[:n])
+            self.received += n
+            if n == len(handles):
+                return
+        for h in handles[n:]:                   # one by one, counting the bad ones
+            base = keg.slab_of(h) if type(h) is int else -1
+            if base < 0:
+                self.bad += 1
+                continue
+            t = (base >> 2) + keg.offmap[h - base]
+            tv = tags[t]
+            if tv & 0xFFFF != want:
+                self.bad += 1
+                continue
+            tags[t] = (tv & keep) | new
+            hs.append(h)
+            ts.append(t)
+            self.received += 1
+
+    def _parse(self, rec, live):
+        """(kind, src_cpu, [(zone_id, handles)]) of a well-formed record naming only
+        zones in ``live``, else None (counted)."""
         try:
             msg = codec.decode(rec)
         except codec.MessageError:
             self.bad += 1
             return None
-        live = self.core.live_zone_ids()
         ok = (isinstance(msg, list) and len(msg) == 4 and msg[0] in _KINDS
               and isinstance(msg[1], int) and 0 <= msg[1] < L.MAX_CPUS
               and isinstance(msg[3], list))
@@ -202,4 +265,4 @@ class PostOffice:
         if not ok:
             self.bad += 1
             return None
-        return msg[0], groups
+        return msg[0], msg[1], groups

@@ -26,6 +26,11 @@ and ``free`` (UMA's ``uma_zfree_arg`` cases):
         zone lock, then as F1-F3 (UMA's free-anywhere)
     F5  anything else is an error: double free, foreign or bad handle
 
+The bulk calls take the same steps a batch at a time: ``alloc_bulk`` into an empty
+stack takes its batch from the depot directly (A1, never cached in between), and
+``free_bulk`` of a batch that would overflow the stack puts it in the depot whole
+(F3, as UMA's full free bucket).
+
 Limits count items outside the slabs (caches, depot, allocated), as UMA's
 ``uz_items`` does; ``ITEMS <= LIMIT`` whenever the zone lock is free.
 
@@ -139,6 +144,9 @@ class Zone:
         self._cache = _Cache(self, arena)
         self.alloc = self._cache.alloc
         self.free = self._cache.free
+        self.view = self._cache.view
+        self.alloc_bulk = self._cache.alloc_bulk
+        self.free_bulk = self._cache.free_bulk
 
     # ------------------------------------------------------------------ public
     def __repr__(self):
@@ -153,12 +161,11 @@ class Zone:
         return self._core.w[self._zw + _Z["BUCKET_SIZE"]]
 
     def view(self, h: int) -> memoryview:
-        """Writable memoryview over item ``h`` (zero copy)."""
-        try:
-            if 0 <= h and (h - (self._pt[h >> 12] ^ self._kid_bits)) in self._offmap:
-                return self._mv[h:h + self.size]
-        except (IndexError, TypeError):
-            pass
+        """Writable memoryview over item ``h`` (zero copy).  (Replaced per instance
+        by the cache's closure, which serves valid handles; this is its slow path.)"""
+        return self._view_slow(h)
+
+    def _view_slow(self, h) -> memoryview:
         if self.keg.slab_of(as_handle(h, self.name)) < 0:
             self._raise_bad(h, "view")
         return self._mv[h:h + self.size]
@@ -257,47 +264,54 @@ class _Cache:
         tags, pt, w = core.tags, core.pt, core.w
         kid_bits, offmap = zone.keg.kid_bits, zone.keg.offmap
         dtor = zone.dtor
-        # how values the alloc fast path serves (anything else, M_ZERO included, takes
-        # _alloc_slow); a ctor runs here too, through _ctor_path's unwinding
-        fast_how = frozenset((M_NOWAIT, M_WAITOK))
+        mv, size, view_slow = core.mv, zone.size, zone._view_slow
         ctor, ctor_path = zone.ctor, self._ctor_path
         W_ALLOC, W_CACHED = self.w_alloc, self.w_cached
         sleepers_w = self.zw + _Z["SLEEPERS"]
-        alloc_slow, free_slow = self._alloc_slow, self._free_slow
+        alloc_slow, free_slow, free_item = self._alloc_slow, self._free_slow, self._free_item
         tid = -1
         cap = 0
         nallocs = nfrees = 0
 
-        def alloc(how=M_NOWAIT, timeout=None, arg=None):
+        # how values the alloc fast path serves are M_NOWAIT and M_WAITOK (anything
+        # else, M_ZERO included, takes _alloc_slow); a ctor runs through _ctor_path
+        def alloc(how=M_NOWAIT, timeout=None, arg=None, get_ident=get_ident):
             nonlocal nallocs
-            if tid == get_ident() and items and how in fast_how:
-                h = items.pop()
+            if items and tid == get_ident() and (how == M_NOWAIT or how == M_WAITOK):
                 tags[tix.pop()] = W_ALLOC
                 nallocs += 1
                 if ctor is None:
-                    return h
-                return ctor_path(h, arg, how)
+                    return items.pop()
+                return ctor_path(items.pop(), arg, how)
             return alloc_slow(how, timeout, arg)
 
-        def free(h, arg=None):
+        def free(h, arg=None, get_ident=get_ident):
             nonlocal nfrees
-            if tid == get_ident():
-                try:
-                    b = pt[h >> 12] ^ kid_bits
-                except (IndexError, TypeError):
-                    return free_slow(h, arg)
-                x = offmap.get(h - b)
-                if x is not None:
-                    t = (b >> 2) + x
-                    if tags[t] == W_ALLOC and len(items) < cap and not w[sleepers_w]:
-                        if dtor is not None:
-                            dtor(zone, h, arg)
-                        tags[t] = W_CACHED
-                        items.append(h)
-                        tix.append(t)
-                        nfrees += 1
-                        return None
-            return free_slow(h, arg)
+            if tid != get_ident():
+                return free_slow(h, arg)
+            try:
+                b = pt[h >> 12] ^ kid_bits
+                t = (b >> 2) + offmap[h - b]
+            except (IndexError, TypeError, KeyError):
+                return free_slow(h, arg)        # not an item of this keg: the error path
+            if tags[t] == W_ALLOC and len(items) < cap and not w[sleepers_w]:
+                if dtor is not None:
+                    dtor(zone, h, arg)
+                tags[t] = W_CACHED
+                items.append(h)
+                tix.append(t)
+                nfrees += 1
+                return None
+            return free_item(h, t, arg)
+
+        def view(h):
+            try:
+                b = pt[h >> 12] ^ kid_bits
+                if h - b in offmap:
+                    return mv[h:h + size]
+            except (IndexError, TypeError):
+                pass
+            return view_slow(h)
 
         def counts(d_allocs=0, d_frees=0):
             nonlocal nallocs, nfrees
@@ -308,8 +322,9 @@ class _Cache:
         def set_params(new_cap, new_tid):
             nonlocal cap, tid
             cap, tid = new_cap, new_tid
+            self.tid = new_tid                  # for the bulk paths
 
-        self.alloc, self.free = alloc, free
+        self.alloc, self.free, self.view = alloc, free, view
         self.counts, self.set_params = counts, set_params
         assert L.PAGE_SHIFT == 12
 
@@ -498,12 +513,16 @@ class _Cache:
         return hs, ts
 
     def _mark_cached(self, ts):
-        tags, wc = self.core.tags, self.w_cached
-        for t in ts:
-            tags[t] = wc
+        self._mark(ts, self.w_cached)
 
-    def _depot_take(self, k, hs, ts):
-        """Pop ``k`` items from the depot (LIFO).  Lock: zone."""
+    def _mark(self, ts, tag_word):
+        tags = self.core.tags
+        for t in ts:
+            tags[t] = tag_word
+
+    def _depot_take(self, k, hs, ts, tag_word=None):
+        """Pop ``k`` items from the depot (LIFO), tagged cached here (or
+        ``tag_word``).  Lock: zone."""
         self.core.assert_held(self.zone._lock_index)
         w, zw = self.core.w, self.zw
         n = w[zw + _Z["DEPOT_N"]]
@@ -511,7 +530,7 @@ class _Cache:
         d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
         hs.extend(w[d0 + n - k:d0 + n])
         ts.extend(w[d0 + cap + n - k:d0 + cap + n])
-        self._mark_cached(ts)
+        self._mark(ts, self.w_cached if tag_word is None else tag_word)
         w[zw + _Z["DEPOT_N"]] = n - k
         if n - k < w[zw + _Z["IMIN"]]:
             w[zw + _Z["IMIN"]] = n - k
@@ -726,6 +745,15 @@ class _Cache:
         h, t, tg = self._validate_free(h)
         return self._free_validated(h, t, tg, arg)
 
+    def _free_item(self, h, t, arg):
+        """The free fast path's way out for an item of this keg (tag index ``t``)
+        that it cannot take: not ours or not allocated, a full stack, sleepers.
+        Lock: none; the calling thread owns this CPU."""
+        tg = self.core.tags[t]
+        if tg & 0xFF != L.TAG_ALLOC | self.zone.zidx << 4:
+            self.zone._raise_bad(h, "free")
+        return self._free_validated(h, t, tg, arg)
+
     def _free_validated(self, h, t, tg, arg):
         """The free slow path (F2-F6) of a validated item with tag ``tg``."""
         zone, core = self.zone, self.core
@@ -857,18 +885,23 @@ class _Cache:
         self._release_to_keg(hs, ts, run_fini=True)
 
     # ================================================================== bulk
-    def alloc_bulk(self, n, how, timeout):
+    def alloc_bulk(self, n, how=M_NOWAIT, timeout=None):
         n = operator.index(n)
         if n < 0:
             raise ValueError(f"zone {self.zone.name!r}: alloc_bulk of {n} items")
-        other = self._check_thread()
-        if other is not None:
+        if self.tid != get_ident() and (other := self._check_thread()) is not None:
             return other.alloc_bulk(n, how, timeout)
         zone = self.zone
         items = self.items
+        plain = type(how) is int and (how == M_NOWAIT or how == M_WAITOK)
+        if not items and n and plain and zone.ctor is None:
+            hs = self._depot_bulk(n)
+            if hs is not None:
+                return hs
         while len(items) < n and self._fill(n - len(items)):
             pass
-        check_how(how, zone.name)
+        if not plain:
+            check_how(how, zone.name)
         if zone.ctor is None and not how & M_ZERO and len(items) >= n:
             cut = len(items) - n
             hs, ts = items[cut:], self.tix[cut:]
@@ -899,39 +932,80 @@ class _Cache:
             out.append(h)
         return out
 
+    def _depot_bulk(self, n):
+        """A1 for a whole bulk allocation into an empty stack: ``n`` items straight
+        from the depot, tagged allocated (the stack would hand them out at once);
+        None when the depot has fewer, or mail is waiting (``_fill`` takes it first)."""
+        if self.arena._mail.pending():
+            return None
+        lk = self._zlock()
+        try:
+            self.refresh()
+            if self.core.w[self.zw + _Z["DEPOT_N"]] < n:
+                return None
+            hs, ts = [], []
+            self._depot_take(n, hs, ts, self.w_alloc)
+            self.depot_gets += 1
+        finally:
+            lk.release()
+        self.counts(n, 0)
+        hs.reverse()
+        return hs
+
+    def _depot_put_batch(self, hs) -> bool:
+        """F3 for a whole batch: items allocated and held here go straight into the
+        depot if it has room and the zone no sleepers; False (nothing changed) if
+        not, or if one of them is not such an item.  Lock: takes zone."""
+        w, zw = self.core.w, self.zw
+        k = len(hs)
+        lk = self._zlock()
+        try:
+            n, cap = w[zw + _Z["DEPOT_N"]], w[zw + _Z["DEPOT_CAP"]]
+            if n + k > cap or w[zw + _Z["SLEEPERS"]]:
+                return False
+            ts = self.zone.keg.retag(hs, self.w_alloc, self.w_depot)
+            if len(ts) < k:
+                self._mark(ts, self.w_alloc)
+                return False
+            d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
+            w[d0 + n:d0 + n + k] = array("q", hs)
+            w[d0 + cap + n:d0 + cap + n + k] = array("q", ts)
+            w[zw + _Z["DEPOT_N"]] = n + k
+            if n + k > w[zw + _Z["IMAX"]]:
+                w[zw + _Z["IMAX"]] = n + k
+            self.depot_puts += 1
+        finally:
+            lk.release()
+        self.counts(0, k)
+        return True
+
     def free_bulk(self, handles):
         hs = list(handles)
-        other = self._check_thread()
-        if other is not None:
+        if self.tid != get_ident() and (other := self._check_thread()) is not None:
             return other.free_bulk(hs)
         zone, core = self.zone, self.core
-        if len(set(hs)) != len(hs):
-            dup = next(h for h in hs if hs.count(h) > 1)
-            raise DoubleFreeError(f"zone {zone.name!r}: free_bulk lists handle {dup} twice")
         if zone.dtor is None and not core.w[self.zw + _Z["SLEEPERS"]]:
-            keg = zone.keg
-            pt, tags, kid_bits, offmap = core.pt, core.tags, keg.kid_bits, keg.offmap
-            ts = []
-            wa = self.w_alloc
-            for h in hs:
-                try:
-                    b = pt[h >> 12] ^ kid_bits
-                    x = offmap.get(h - b)
-                except (IndexError, TypeError):
-                    x = None
-                if x is None or tags[(b >> 2) + x] != wa:
-                    break
-                ts.append((b >> 2) + x)
-            else:
-                wc = self.w_cached
-                for t in ts:
-                    tags[t] = wc
+            # F1 for the whole batch: every item allocated here and held here, and
+            # room in the stack (else F3 spills below), or F3 at once: a batch that
+            # would overflow the stack goes to the depot whole, as UMA's full free
+            # bucket does.  All or nothing: the tags re-written before a bad handle
+            # (or the second listing of one) are put back, and the handle-by-handle
+            # path below names the error.
+            if self.bsize and len(self.items) + len(hs) > 2 * self.bsize and \
+                    self._depot_put_batch(hs):
+                return None
+            ts = zone.keg.retag(hs, self.w_alloc, self.w_cached)
+            if len(ts) == len(hs):
                 self.items.extend(hs)
                 self.tix.extend(ts)
-                self.counts(0, len(hs))
+                self.counts(0, len(ts))
                 if len(self.items) > 2 * self.bsize:
                     self._flush(len(self.items) - self.bsize if self.bsize else len(self.items))
                 return None
+            self._mark(ts, self.w_alloc)
+        if len(set(hs)) != len(hs):
+            dup = next(h for h in hs if hs.count(h) > 1)
+            raise DoubleFreeError(f"zone {zone.name!r}: free_bulk lists handle {dup} twice")
         checked = [self._validate_free(h) for h in hs]   # all or nothing: none freed if one is bad
         for h, t, tg in checked:
             self._free_validated(h, t, tg, None)

@@ -103,5 +103,5 @@ def test_batch_and_limit_of_the_handoff_zone():
     assert bench_handoff.batch_for(2048) == bench_handoff.BATCH
     for size in bench_handoff.SIZES:
         limit = bench_handoff.limit_for(size)
-        assert 1 <= bench_handoff.batch_for(size) <= limit // 2
+        assert 1 <= bench_handoff.batch_for(size) <= limit // 4
         assert limit * size <= max(bench_handoff.INFLIGHT_BYTES, 2 * size)

@@ -969,3 +969,22 @@ def test_waitok_times_out_when_nobody_frees(arena, full_zone):
     assert s.sleepers == 0 and s.sleeps == 1 and s.failures == fails + 1
     assert s.items == 2
     assert_consistent(arena, z)
+
+
+def test_two_cpus_bucket_fills_put_their_tags_in_different_cache_lines(arena):
+    from shmalloc.keg import TAG_LINE
+    z = arena.zcreate("lines", 2048, bucket_size=8)
+    other = arena.attach_local()
+    try:
+        zo = other.zone("lines")
+        mine = [z.alloc() for _ in range(8)]
+        theirs = [zo.alloc() for _ in range(8)]
+        lines = [{4 * z._cache._tag_index(h) // TAG_LINE for h in hs} for hs in (mine, theirs)]
+        assert not lines[0] & lines[1]
+        more = [z.alloc() for _ in range(60)]        # the items skipped are still found
+        z.free_bulk(mine + more)
+        zo.free_bulk(theirs)
+        arena.check()
+    finally:
+        other.close()
+    arena.check()

@@ -34,7 +34,28 @@ def test_send_moves_ownership_and_recv_returns_the_handles(pair):
     for h in got:
         zb.free(h)
     a.check()
-    assert za.stats().used == 0 and za.stats().xfree == 10
+    # xfree="local": a received item became the receiver's own (re-homed), so its
+    # free is a fast-path free into the receiver's cache, not a cross-CPU free
+    assert za.stats().used == 0 and za.stats().xfree == 0
+    assert set(got) <= set(zb._cache.items)
+
+
+def test_a_received_item_keeps_its_home_with_xfree_message(pair):
+    a, b = pair
+    za = a.zcreate("m", 256, xfree="message")
+    hs = [za.alloc(M_NOWAIT) for _ in range(3)]
+    a.send(b.cpu_id, hs)
+    got = b.recv(timeout=1.0)
+    tags = a._core.tags
+    for h in got:
+        tv = tags[za._cache._tag_index(h)]
+        assert (layout.tag_state(tv), layout.tag_holder(tv), layout.tag_home(tv)) == (
+            layout.TAG_ALLOC, b.cpu_id, a.cpu_id)
+    b.zone("m").free_bulk(got)
+    b.poll()
+    a.poll()
+    a.check()
+    assert za.stats().used == 0 and za.stats().xfree == 3
 
 
 def test_recv_times_out_with_an_empty_list(pair):
@@ -143,6 +164,23 @@ def test_garbage_in_a_mailbox_is_counted_and_dropped(pair):
     assert b.recv(timeout=0.05) == []
     assert b._mail.bad == 3 + 4                       # 3 bad records, then 4 bad handles
     z.free(h)                                         # never moved: still a's
+    a.check()
+
+
+def test_a_record_that_lists_a_handle_twice_hands_it_over_once(pair):
+    a, b = pair
+    z = a.zcreate("z", 64)
+    hs = [z.alloc(M_NOWAIT) for _ in range(4)]
+    a.send(b.cpu_id, hs)
+    b_ring, lk = ring_of(a._core, b.cpu_id), a._core.lock(layout.mbox_lock_index(b.cpu_id))
+    with lk:                                          # the same record again, plus a float
+        rec = b_ring.take_all()[0]
+        msg = codec.decode(rec)
+        msg[3][0][1] = hs[:2] + [hs[1], float(hs[2])] + hs[2:]
+        assert b_ring.put(codec.encode(msg))
+    got = b.recv(timeout=0.05)
+    assert got == hs and b._mail.bad == 2
+    b.zone("z").free_bulk(got)
     a.check()
 
 
