@@ -93,6 +93,7 @@ class Watch:
         self.worst: dict | None = None            # the longest hold: lock, pid, dead
         self.long_holds: list[dict] = []          # holds over the limit (one per hold)
         self.recovery_waits: list[float] = []     # per dead CPU: death seen -> slot free
+        self.worst_recovery: dict | None = None   # the longest of them: cpu, pid, times
         self._dead_seen: dict[tuple[int, int], float] = {}   # (cpu, pid) -> first seen
         self._alive: dict[int, bool] = {}
         self._reported: set = set()
@@ -146,7 +147,11 @@ class Watch:
                     pid, w[cw + L.CPU["START"]]):
                 self._dead_seen[key] = now
         for key in gone:                           # slot freed (or taken again): recovered
-            self.recovery_waits.append(now - self._dead_seen.pop(key))
+            seen = self._dead_seen.pop(key)
+            self.recovery_waits.append(now - seen)
+            if now - seen >= max(self.recovery_waits):
+                self.worst_recovery = {"cpu": key[0], "pid": key[1], "seen": seen,
+                                       "recovered": now, "seconds": round(now - seen, 3)}
 
     def _name(self, idx: int) -> str:
         from shmalloc.stats import lock_name
@@ -308,6 +313,7 @@ def _totals(result, seconds):
 
     result.update(
         seconds=round(seconds, 1), deaths=total("deaths"), random_kills=total("random_kills"),
+        random_kills_at_work=total("random_kills_at_work"),
         killpoint_kills=total("killpoint_kills"), manager_kills=total("manager_kills"),
         adoptions=total("adoptions"), recoveries=total("recoveries"),
         lock_repairs=total("lock_repairs"), items_lost=total("items_lost"),
@@ -331,11 +337,13 @@ def _round(name, r, nrounds, workload, deaths, manager_kills, killpoints, rng, s
     where = f"round {r + 1}/{nrounds} ({workload}, seed {seed})"
     rec = {"round": r, "workload": workload, "arena": name, "killpoints": killpoints,
            "deaths_asked": deaths, "manager_kills_asked": manager_kills, "deaths": 0,
-           "random_kills": 0, "killpoint_kills": 0, "manager_kills": 0, "adoptions": 0,
-           "adoption_seconds": [], "recoveries": 0, "lock_repairs": 0, "items_lost": 0,
+           "random_kills": 0, "random_kills_at_work": 0, "killpoint_kills": 0,
+           "manager_kills": 0, "adoptions": 0, "adoption_seconds": [], "recoveries": 0,
+           "lock_repairs": 0, "items_lost": 0,
            "check_ok": False, "max_lock_hold": 0.0, "max_lock_hold_dead": 0.0,
            "longest_hold": None, "max_lock_wait": 0.0, "max_recovery_wait": 0.0,
-           "max_adoption": 0.0, "max_stall": 0.0, "os_objects_left": [], "failures": []}
+           "max_adoption": 0.0, "max_stall": 0.0, "os_objects_left": [], "failures": [],
+           "_manager_down": []}
     t0 = time.monotonic()
     log(f"chaos: {where}: arena {name}, {workers} workers, {deaths} deaths, "
         f"{manager_kills} manager kills, kill points {killpoints or 'none'}")
@@ -401,6 +409,13 @@ def _lock_figures(rec, watch, where, lock_limit):
     rec["max_lock_hold_dead"] = round(watch.max_hold_dead, 3)
     rec["longest_hold"] = watch.worst
     rec["max_recovery_wait"] = round(watch.max_recovery_wait(), 3)
+    worst = watch.worst_recovery
+    if worst is not None:
+        down = rec.pop("_manager_down", [])
+        overlap = any(a < worst["recovered"] and worst["seen"] < b for a, b in down)
+        rec["worst_recovery"] = {"cpu": worst["cpu"], "pid": worst["pid"],
+                                 "seconds": worst["seconds"], "manager_was_down": overlap}
+    rec.pop("_manager_down", None)
     if watch.long_holds:
         rec["failures"].append(f"{where}: locks held longer than {lock_limit:g} s: "
                                f"{watch.long_holds}")
@@ -436,12 +451,14 @@ def _kill_phase(fleet, watch, rng, deaths, manager_kills, deadline, rec, where, 
             continue
         if now >= next_kill:
             working = [i for i in fleet.alive() if fleet.team.get(i, "ops") > 0]
-            if working and rng.random() < 0.8:
-                pid = fleet.kill(rng.choice(working))     # mostly workers at work,
-            else:
-                pid = fleet.kill_random(rng)              # some still starting up
-            if pid:
-                log(f"chaos: SIGKILL worker pid {pid}")
+            if working:
+                if rng.random() < 0.9:
+                    pid = fleet.kill(rng.choice(working))     # mostly workers at work,
+                    rec["random_kills_at_work"] += bool(pid)
+                else:
+                    pid = fleet.kill_random(rng)              # some maybe starting up
+                if pid:
+                    log(f"chaos: SIGKILL worker pid {pid}")
             next_kill = now + rng.uniform(*KILL_GAP)
         if progress is not None and now >= next_line:
             ops = fleet.counters()["ops"]
@@ -464,6 +481,7 @@ def _kill_manager(fleet, watch, rng, rec, log):
     """SIGKILL the manager, leave it dead a moment (half the time a worker dies
     meanwhile: the adopter must recover it), then adopt the arena."""
     fleet.kill_manager()
+    killed_at = time.monotonic()
     rec["manager_kills"] += 1
     down_until = time.monotonic() + rng.uniform(*MANAGER_DOWN)
     victim = rng.random() < 0.5
@@ -480,6 +498,7 @@ def _kill_manager(fleet, watch, rng, rec, log):
     fleet.start_manager(adopt=True)
     took = time.monotonic() - t0
     rec["adoptions"] += 1
+    rec["_manager_down"].append((killed_at, time.monotonic()))
     rec["adoption_seconds"].append(round(took, 3))
     rec["max_adoption"] = round(max(rec["max_adoption"], took), 3)
     log(f"chaos: adopted by a new manager (pid {fleet.manager.pid}) in {took:.2f} s")
@@ -583,9 +602,10 @@ def _describe_unheld(arena, held, roles, limit=8) -> str:
                     continue
                 cpu = L.tag_holder(tv)
                 i = h >> 3
+                typ = w[i + TYPE]
+                aside = " (MT_NOTMBUF: set aside for its copies)" if typ == 0 else ""
                 out.append(f"{zname} {h}: {L.TAG_STATE_NAMES[L.tag_state(tv)]} held by CPU "
-                           f"{cpu} ({roles.get(cpu, 'no live process')}), type {w[i + TYPE]}"
-                           f"{' (MT_NOTMBUF: set aside for its copies)' if not w[i + TYPE] else ''}, "
+                           f"{cpu} ({roles.get(cpu, 'no live process')}), type {typ}{aside}, "
                            f"flags {w[i + FLAGS]:#x}, refcount {tags[w[i + EXT_REFCNT] >> 2]}, "
                            f"owner {w[i + EXT_OWNER]}")
                 if len(out) >= limit:
@@ -664,7 +684,8 @@ def report_lines(res: dict) -> list[str]:
     out += [
         "",
         f"kills: {res['deaths']} workers died ({res['random_kills']} SIGKILLed at random "
-        f"moments, {res['killpoint_kills']} at kill points); keg manager SIGKILLed "
+        f"moments, {res['random_kills_at_work']} of them picked at work; "
+        f"{res['killpoint_kills']} at kill points); keg manager SIGKILLed "
         f"{res['manager_kills']} times, adopted {res['adoptions']} times",
         f"recoveries: {res['recoveries']} dead CPUs recovered, {res['lock_repairs']} locks "
         f"repaired; longest wait for a recovery {res['max_recovery_wait']:.2f} s, longest "
