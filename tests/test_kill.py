@@ -776,3 +776,46 @@ def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
         p.join(WAIT)
         recovery.repair_locks(a, {dead} - {0})
         a.destroy()
+
+
+def test_a_free_racing_a_recovery_retag_to_nobody_goes_on(monkeypatch):
+    """A free-anywhere reads the item's tag, then takes the item over under the zone
+    lock.  If recovery gave the item to nobody in between (a dead CPU's packet set
+    aside for its copies), the free is legitimate all the same: only the state and
+    the zone decide, and a holder that became nobody.  Another live CPU that
+    claimed the item meanwhile refuses it, nothing changed."""
+    from shmalloc.errors import BadHandleError
+    a = Arena.create_local(8 << 20)
+    b, c = a.attach_local(), a.attach_local()
+    try:
+        z = a.zcreate("z", 64)
+        cache, tags = z._cache, a._core.tags
+        take_over = cache._take_over
+
+        def retagged_first(new_holder):
+            def race(h, t, tg):
+                tags[t] = L.tag(L.TAG_ALLOC, L.tag_zidx(tg), new_holder, L.tag_home(tg))
+                return take_over(h, t, tg)
+            return race
+
+        h = b.zone("z").alloc(M_NOWAIT)                 # held by b
+        monkeypatch.setattr(cache, "_take_over", retagged_first(L.NO_CPU))
+        z.free(h)                                       # recovery disowned it meanwhile
+        t = cache._tag_index(h)
+        assert L.tag_state(tags[t]) == L.TAG_CACHED and L.tag_holder(tags[t]) == a.cpu_id
+        assert z.stats().used == 0
+        a.check()
+
+        h = b.zone("z").alloc(M_NOWAIT)
+        monkeypatch.setattr(cache, "_take_over", retagged_first(c.cpu_id))
+        with pytest.raises(BadHandleError, match=f"CPU {c.cpu_id} claimed"):
+            z.free(h)                                   # c claimed it meanwhile
+        t = cache._tag_index(h)
+        assert tags[t] == L.tag(L.TAG_ALLOC, z.zidx, c.cpu_id, b.cpu_id)
+        c.zone("z").free(h)                             # still c's to free
+        assert z.stats().used == 0
+        a.check()
+    finally:
+        c.close()
+        b.close()
+        a.destroy()
