@@ -52,6 +52,7 @@ def _assert_ok(res, arena_prefix):
     # attached has no CPU slot to recover)
     assert res["recoveries"] >= res["manager_kills"], why
     assert all(r["check_ok"] for r in res["rounds"]), why
+    assert res["checks"] == 2 * len(res["rounds"]), why     # after the count and the close
     assert [o for o in naming.list_objects() if (naming.arena_of(o[1]) or "").startswith(
         arena_prefix)] == [], why
 

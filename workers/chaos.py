@@ -317,7 +317,8 @@ def _totals(result, seconds):
         killpoint_kills=total("killpoint_kills"), manager_kills=total("manager_kills"),
         adoptions=total("adoptions"), recoveries=total("recoveries"),
         lock_repairs=total("lock_repairs"), items_lost=total("items_lost"),
-        check_ok=bool(rs) and all(r["check_ok"] for r in rs),
+        check_ok=any(r["checks"] for r in rs) and all(r["check_ok"] is not False for r in rs),
+        checks=total("checks"),
         max_lock_hold=max((r["max_lock_hold"] for r in rs), default=0.0),
         max_lock_wait=max((r["max_lock_wait"] for r in rs), default=0.0),
         max_recovery_wait=max((r["max_recovery_wait"] for r in rs), default=0.0),
@@ -340,7 +341,7 @@ def _round(name, r, nrounds, workload, deaths, manager_kills, killpoints, rng, s
            "random_kills": 0, "random_kills_at_work": 0, "killpoint_kills": 0,
            "manager_kills": 0, "adoptions": 0, "adoption_seconds": [], "recoveries": 0,
            "lock_repairs": 0, "items_lost": 0,
-           "check_ok": False, "max_lock_hold": 0.0, "max_lock_hold_dead": 0.0,
+           "check_ok": None, "checks": 0, "max_lock_hold": 0.0, "max_lock_hold_dead": 0.0,
            "longest_hold": None, "max_lock_wait": 0.0, "max_recovery_wait": 0.0,
            "max_adoption": 0.0, "max_stall": 0.0, "os_objects_left": [], "failures": [],
            "_manager_down": []}
@@ -360,6 +361,7 @@ def _round(name, r, nrounds, workload, deaths, manager_kills, killpoints, rng, s
     except (ChaosFailure, FleetError) as e:
         rec["failures"].append(f"{where}: {e}")
     except CorruptionError as e:
+        rec["check_ok"] = False
         rec["failures"].append(f"{where}: check failed: {e}")
     finally:
         if watch is not None:
@@ -530,6 +532,8 @@ def _prove(fleet, watch, workload, rec, where, stall_limit, lock_limit):
         raise ChaosFailure("\n".join(fleet.errors()))
     with Arena.attach(fleet.name) as fresh:
         fresh.check()
+        rec["checks"] += 1
+        rec["check_ok"] = True                    # every check() run so far passed
         problems, lost = _settled_used(fresh, expected_used(held))
         rec["items_lost"] = lost
         if problems:
@@ -556,13 +560,14 @@ def _prove(fleet, watch, workload, rec, where, stall_limit, lock_limit):
     watch.poll(lock_limit)
     _read_waits(rec, watch)
     fleet.observer.check()
+    rec["checks"] += 1
+    rec["check_ok"] = True
     problems, lost = _settled_used(fleet.observer, {})
     rec["items_lost"] = max(rec["items_lost"], lost)
     if problems:
         raise ChaosFailure("after the workers closed: " + "; ".join(problems) + "\n"
                            + _describe_unheld(fleet.observer, {},
                                               _roles(fleet, fleet.observer)))
-    rec["check_ok"] = True
     fleet.detach()
     status = fleet.stop_manager()
     if status != 0:
@@ -678,7 +683,8 @@ def report_lines(res: dict) -> list[str]:
         out.append(f"{r['round'] + 1:>5} {r['workload']:<9} {r['deaths']:>6} "
                    f"{r['random_kills']:>6} {r['killpoint_kills']:>6} {r['manager_kills']:>3} "
                    f"{r['recoveries']:>5} {r['lock_repairs']:>6} {r['items_lost']:>4} "
-                   f"{'ok' if r['check_ok'] else 'FAIL':>5} {r['max_lock_hold']:>6.2f} "
+                   f"{ {True: 'ok', False: 'FAIL', None: '-'}[r['check_ok']]:>5} "
+                   f"{r['max_lock_hold']:>6.2f} "
                    f"{r['max_lock_wait']:>6.2f} {r['max_recovery_wait']:>7.2f} "
                    f"{r['max_adoption']:>7.2f} {r['max_stall']:>7.2f} {r['seconds']:>7.1f}")
     out += [
@@ -695,7 +701,8 @@ def report_lines(res: dict) -> list[str]:
         f"progress: longest stretch of a worker without progress {res['max_stall']:.2f} s "
         f"(limit {res['stall_limit']:g} s)",
         f"items lost: {res['items_lost']}",
-        f"check: {'ok' if res['check_ok'] else 'FAILED'}",
+        f"check: {'ok' if res['check_ok'] else 'FAILED'} ({res['checks']} run, each round's "
+        f"after the count and after the workers closed)",
         "OS objects left: " + (", ".join(res["os_objects_left"]) or "none"),
         f"time: {res['seconds']:g} s, seed {res['seed']}",
     ]
