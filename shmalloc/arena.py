@@ -343,14 +343,31 @@ class Arena:
         name = naming.validate_name(name)
         seg = Segment.attach(naming.object_name(name, "arena"))
         try:
-            size = cls._validate_segment(seg)
-            core = _Core(_PosixBackend(name, seg), size)
-            core.debug = max(core.w[_H["DEBUG"]], _debug_level(None))
-            core.open_locks()
-            return cls(core, name, creator=False)
+            return cls(cls._core_of(name, seg), name, creator=False)
         except BaseException:
             seg.close()
             raise
+
+    @classmethod
+    def _attach_core(cls, name: str) -> _Core:
+        """The views and locks of arena ``name`` without a CPU slot (taking one
+        takes the vm lock): for a supervisor that repairs the locks of dead
+        processes before it attaches.  ``core.close()`` lets go."""
+        name = naming.validate_name(name)
+        seg = Segment.attach(naming.object_name(name, "arena"))
+        try:
+            return cls._core_of(name, seg)
+        except BaseException:
+            seg.close()
+            raise
+
+    @classmethod
+    def _core_of(cls, name: str, seg) -> _Core:
+        size = cls._validate_segment(seg)
+        core = _Core(_PosixBackend(name, seg), size)
+        core.debug = max(core.w[_H["DEBUG"]], _debug_level(None))
+        core.open_locks()
+        return core
 
     def attach_local(self) -> "Arena":
         """Another CPU on the same in-process arena (local backend only)."""

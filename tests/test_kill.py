@@ -744,12 +744,10 @@ def die_holding_the_vm_lock(q, name):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (shmalloc serve --adopt): a new manager takes its CPU slot (Arena.attach) "
-    "under the vm lock before it repairs anything; a process that died holding it "
-    "while no manager ran blocks the adoption for good (Fleet repairs such locks from "
-    "its own attachment before it adopts)"))
 def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
+    """``serve --adopt`` repairs the locks of dead processes before it takes its
+    CPU slot (under the vm lock): a process that died holding the vm lock while
+    no manager ran does not block the adoption."""
     a = Arena.create(arena_name, 16 << 20)
     q = SPAWN.Queue()
     p = SPAWN.Process(target=_child, args=("die_holding_the_vm_lock", q, arena_name),
@@ -767,6 +765,8 @@ def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
             while manager_pid(a) != proc.pid and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert manager_pid(a) == proc.pid, "the adopting manager never came up"
+            assert lock_repairs(a) >= 1
+            assert a._core.lock(L.VM_LOCK).owner_pid() != dead
         finally:
             proc.kill()
             proc.wait()
@@ -774,7 +774,7 @@ def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
         if p.is_alive():
             p.kill()
         p.join(WAIT)
-        recovery.repair_locks(a, {dead} - {0})
+        recovery.repair_dead_locks(a._core, a.cpu_id)   # the child's, the killed manager's
         a.destroy()
 
 
