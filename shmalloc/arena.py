@@ -471,14 +471,22 @@ class Arena:
             if not w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE:
                 continue
             keg = core.keg(k)
-            lk = core.lock(keg.lock_index)
-            lk.acquire(owner_id=self.cpu_id)
+            # the zone locks too: another CPU may be freeing one of these items
+            # (free-anywhere: it takes the item over under its zone's lock), and a
+            # tag read before its take-over must not be written back after it
+            locks = [core.lock(L.zone_lock_index(z)) for z in sorted(core.zones_of_keg(k))]
+            locks.append(core.lock(keg.lock_index))
+            taken = []
             try:
+                for lk in locks:
+                    lk.acquire(owner_id=self.cpu_id)
+                    taken.append(lk)
                 for ti, tv in list(keg.held_by(self.cpu_id)):
                     if L.tag_state(tv) == L.TAG_ALLOC:
                         core.tags[ti] = L.tag(L.TAG_ALLOC, L.tag_zidx(tv))
             finally:
-                lk.release()
+                for lk in reversed(taken):
+                    lk.release()
 
     def _wake_sem(self):
         return self._wake
