@@ -55,9 +55,17 @@ def mailbox_lock(core, cpu: int):
         return None
 
 
-def rebuild_zone(core, zone_id: int, owner_id: int) -> None:
-    """Depot, ITEMS and sleep queue of a zone from the tags.  Lock: the zone's
-    (repaired: held on the dead owner's behalf); takes its keg's."""
+# Run on a zone lock repaired for a dead holder before anything else, as
+# fn(core, lock_index) -> what it did or None: the layers that keep more under a
+# zone lock than the zone (the mbuf layer's refcount journal) finish their step.
+repair_hooks: list = []
+
+
+def rebuild_zone(core, zone_id: int, owner_id: int) -> list:
+    """Depot, ITEMS and sleep queue of a zone from the tags, after the
+    ``repair_hooks``.  Lock: the zone's (repaired: held on the dead owner's
+    behalf); takes its keg's.  Returns what the hooks did."""
+    done = [r for r in (fn(core, L.zone_lock_index(zone_id)) for fn in repair_hooks) if r]
     w = core.w
     zw = L.zone_word(zone_id)
     keg = core.keg(w[zw + _Z["KEG"]])
@@ -86,6 +94,7 @@ def rebuild_zone(core, zone_id: int, owner_id: int) -> None:
     w[zw + _Z["IMAX"]] = w[zw + _Z["IMIN"]] = len(hs)
     w[zw + _Z["ITEMS"]] = items
     _rebuild_sleepq(core, zone_id)
+    return done
 
 
 def _rebuild_sleepq(core, zone_id: int) -> None:

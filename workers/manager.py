@@ -54,6 +54,11 @@ from shmalloc.mail import MSG_DRAIN
 
 from .mbuf_recovery import recover_mbufs
 
+try:        # the mbuf layer's lock repair (its refcount journal) must be known to
+    from shmalloc import mbuf as _mbuf   # noqa: F401 - every repair, adopting too
+except ImportError:
+    _mbuf = None
+
 POLL = 0.2
 ORPHAN_SECONDS = 2.0
 TRIM_SECONDS = 20.0
@@ -220,7 +225,8 @@ class Manager:
             klk = core.lock(L.keg_lock_index(core.w[L.zone_word(zone_id) + L.ZONE["KEG"]]))
             if klk.owner_pid() or klk.is_taken():
                 return False                     # next round
-            recovery.rebuild_zone(core, zone_id, self.arena.cpu_id)
+            for what in recovery.rebuild_zone(core, zone_id, self.arena.cpu_id):
+                self.log(f"manager: zone lock {idx} of dead pid {pid}: {what}")
         return lk.force_release(pid)             # (a mailbox needs no rebuild)
 
     def _stop(self, signum, frame):
