@@ -898,6 +898,38 @@ def test_a_free_racing_a_recovery_retag_to_nobody_goes_on(monkeypatch):
         a.destroy()
 
 
+def test_recoveries_and_lock_repairs_show_in_the_stats(arena_name):
+    """``arena.stats()`` counts recovered CPUs and repaired locks; ``lock_stats()``
+    covers the mailbox lock of every CPU slot in use."""
+    from shmalloc.workers.manager import Manager
+    mgr = Manager(arena_name, size=16 << 20)
+    q = SPAWN.Queue()
+    p = SPAWN.Process(target=_child, args=("die_holding_the_vm_lock", q, arena_name),
+                      daemon=True)
+    try:
+        a = Arena.attach(arena_name)
+        before = a.stats()
+        assert before.recoveries == before.lock_repairs == 0
+        names = {lk.name for lk in a.lock_stats()}
+        assert {f"mailbox:{a.cpu_id}", f"mailbox:{mgr.arena.cpu_id}"} <= names, names
+        p.start()
+        dead = _get(q, [p], "the child")
+        p.join(WAIT)
+        held = {lk.name: lk.owner_pid for lk in a.lock_stats()}
+        assert held["vm"] == dead
+        _wait_recovered(mgr, a)
+        after = a.stats()
+        assert after.recoveries == 1 and after.lock_repairs == 1, after
+        assert {lk.name: lk.owner_pid for lk in a.lock_stats()}["vm"] != dead
+        a.check()
+        a.close()
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(WAIT)
+        mgr.shutdown()
+
+
 DEAD_PID = 0x7FFFFFF0              # no such process (above any pid_max)
 
 

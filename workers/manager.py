@@ -331,6 +331,12 @@ class Manager:
             elif now - seen[0] >= ORPHAN_SECONDS:
                 if lk.force_release_ownerless():
                     self.repairs += 1
+                    vm = core.lock(L.VM_LOCK)
+                    if vm.acquire(timeout=1.0, owner_id=L.NO_CPU):
+                        try:
+                            core.w[L.HDR["LOCK_REPAIRS"]] += 1
+                        finally:
+                            vm.release()
                     self.log(f"manager: released ownerless lock {idx}")
                 self._orphans.pop(idx, None)
 
