@@ -24,11 +24,11 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX shm and s
 LONG = bool(os.environ.get("SHMALLOC_LONG"))
 SEED = int(os.environ.get("SHMALLOC_TEST_SEED", "20261122"))
 TIMEOUT = 120.0
-# Open bugs (harness.KNOWN_BUGS: "limbo" and "depot" are being fixed on branch rec,
-# "revived" was found by this harness): a run that fails only through them is an
-# xfail naming them and the seed; any other failure fails.  Remove a name here once
-# its fix is merged, and the test is strict about it again.
-OPEN_BUGS = {"limbo", "depot", "revived"}
+# Bugs the harness knows by the shape of their failures (harness.KNOWN_BUGS) that are
+# still open: a run failing only through them is an xfail naming them and the seed.
+# Empty since the merge of rec's fixes (limbo: 1a050d4, depot: bb12ddf; revived not
+# seen since): the test is strict, and a regression of one of them fails it.
+OPEN_BUGS: set[str] = set()
 
 
 def _xfail_if_only_known(res):

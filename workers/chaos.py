@@ -639,20 +639,23 @@ def _roles(fleet, fresh) -> dict[int, str]:
 
 
 # ============================================================================ known bugs
-# Open bugs, recognised by the exact shape of the failure they cause, so that a
-# report says which failure is known and which is new.  A failure is known only if
-# every line of it fits (``known_bug``).  "limbo" and "depot" are being fixed on
-# branch ``rec``; "revived" was found by this harness (seed 20261122, short run).
+# Bugs this harness met, recognised by the exact shape of the failure they cause, so
+# that a report names a known one (a regression) apart from a new one.  A failure is
+# known only if every line of it fits (``known_bug``).  "limbo" and "depot" were fixed
+# on branch ``rec`` (1a050d4, bb12ddf); "revived" (found here: seed 20261122, short
+# run, before 1a050d4) went through the code 1a050d4 replaced and was not seen since.
 KNOWN_BUGS = {
     "limbo": "a packet set aside for its copies (_limbo, typed MT_NOTMBUF) by a CPU "
              "killed in m_free before it dropped its own reference is never freed "
-             "(shmalloc/mbuf/api.py drop_ref): its refcount stays 1 and nobody frees it",
+             "(shmalloc/mbuf/api.py drop_ref): its refcount stays 1 and nobody frees it "
+             "(fixed: 1a050d4)",
     "depot": "after kills at kill points the packet zone's depot count exceeds its "
-             "depot-tagged items (check: 'depot holds N items, N-1 are tagged depot')",
+             "depot-tagged items (check: 'depot holds N items, N-1 are tagged depot'; "
+             "fixed: bb12ddf)",
     "revived": "a packet that was set aside for its copies (M_PKTHDR cleared) and marked "
                "MT_DATA again by its last copy stays allocated, held by a living worker "
-               "that does not know it, refcount 1 (the last copy's free of it never "
-               "completed; found by chaos, open)",
+               "that does not know it, refcount 1 (the free that should have returned it "
+               "never completed; found by chaos; not seen since 1a050d4)",
 }
 _USED_HEAD = re.compile(r"after the (?:count|workers closed): zone mbuf_packet: USED "
                         r"(\d+), the living hold (\d+)$")
