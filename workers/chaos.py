@@ -288,6 +288,10 @@ def chaos(seed=None, workers=4, kills=100, manager_kills=3, workloads=WORKLOADS,
     guard.start()
     try:
         for r, (workload, deaths, mk) in enumerate(rounds):
+            if r and time.monotonic() > deadline:
+                result["failures"].append(f"out of time: {len(rounds) - r} of {len(rounds)} "
+                                          f"rounds not run within {timeout:g} s; seed {seed}")
+                break
             spec = KILLPOINTS[workload] if killpoints is None else killpoints
             rec = _round(f"{name}r{r}", r, len(rounds), workload, deaths, mk, spec,
                          random.Random(seed * 1009 + r), seed, workers, size, deadline,
@@ -539,8 +543,11 @@ def _prove(fleet, watch, workload, rec, where, stall_limit, lock_limit):
         problems, lost = _settled_used(fresh, expected_used(held))
         rec["items_lost"] = lost
         if problems:
-            raise ChaosFailure("after the count: " + "; ".join(problems)
-                               + f"\n{_describe_unheld(fresh, held, _roles(fleet, fresh))}")
+            roles = _roles(fleet, fresh)
+            raise ChaosFailure("after the count: " + "; ".join(problems) + "\n"
+                               + "\n".join(filter(None, (
+                                   _describe_unheld(fresh, held, roles),
+                                   _describe_clusters(fresh, roles)))))
         locks = lock_problems(fresh)
         if locks:
             raise ChaosFailure("locks: " + "; ".join(locks))
@@ -567,9 +574,11 @@ def _prove(fleet, watch, workload, rec, where, stall_limit, lock_limit):
     problems, lost = _settled_used(fleet.observer, {})
     rec["items_lost"] = max(rec["items_lost"], lost)
     if problems:
+        roles = _roles(fleet, fleet.observer)
         raise ChaosFailure("after the workers closed: " + "; ".join(problems) + "\n"
-                           + _describe_unheld(fleet.observer, {},
-                                              _roles(fleet, fleet.observer)))
+                           + "\n".join(filter(None, (
+                               _describe_unheld(fleet.observer, {}, roles),
+                               _describe_clusters(fleet.observer, roles)))))
     fleet.detach()
     status = fleet.stop_manager()
     if status != 0:
@@ -617,6 +626,48 @@ def _describe_unheld(arena, held, roles, limit=8) -> str:
                            f"owner {w[i + EXT_OWNER]}")
                 if len(out) >= limit:
                     return "\n".join(out)
+    return "\n".join(out)
+
+
+def _describe_clusters(arena, roles, limit=8) -> str:
+    """Allocated clusters that no packet (allocated, in flight, cached, in the depot
+    or on its way home) points at: the cluster's holder and every packet-zone item
+    that points at it, with its state -- for a failure message."""
+    from shmalloc.mbuf.zones import EXT_BUF, EXT_OWNER, FLAGS, TYPE
+    if not {"mbuf_packet", "mbuf_cluster"} <= set(arena.zones()):
+        return ""
+    core = arena._core
+    w, tags = core.w, core.tags
+
+    def items(zone):
+        keg = zone.keg
+        for _, base in keg.slabs():
+            t0 = (base + keg.tagoff) >> 2
+            for k, tv in enumerate(tags[t0:t0 + keg.ipers]):
+                if L.tag_zidx(tv) == zone.zidx and L.tag_state(tv) != L.TAG_FREE:
+                    yield base + k * keg.rsize, tv
+
+    counted = (L.TAG_ALLOC, L.TAG_INFLIGHT, L.TAG_CACHED, L.TAG_DEPOT, L.TAG_XFREE)
+    by_cluster: dict[int, list] = {}
+    for h, tv in items(arena.zone("mbuf_packet")):
+        by_cluster.setdefault(w[(h >> 3) + EXT_BUF], []).append((h, tv))
+    out = []
+    for cl, tv in items(arena.zone("mbuf_cluster")):
+        if L.tag_state(tv) != L.TAG_ALLOC:
+            continue
+        packets = by_cluster.get(cl, [])
+        if any(L.tag_state(ptv) in counted for _, ptv in packets):
+            continue
+        cpu = L.tag_holder(tv)
+        seen = "; ".join(f"packet {h}: {L.TAG_STATE_NAMES[L.tag_state(ptv)]} held by CPU "
+                         f"{L.tag_holder(ptv)} ({roles.get(L.tag_holder(ptv), 'no live process')})"
+                         f", type {w[(h >> 3) + TYPE]}, flags {w[(h >> 3) + FLAGS]:#x}, owner "
+                         f"{w[(h >> 3) + EXT_OWNER]}" for h, ptv in packets)
+        out.append(f"mbuf_cluster {cl}: alloc held by CPU {cpu} "
+                   f"({roles.get(cpu, 'no live process')}); "
+                   + (seen or "no packet-zone item points at it"))
+        if len(out) >= limit:
+            break
     return "\n".join(out)
 
 
@@ -724,8 +775,9 @@ def report_lines(res: dict) -> list[str]:
         f"progress: longest stretch of a worker without progress {res['max_stall']:.2f} s "
         f"(limit {res['stall_limit']:g} s)",
         f"items lost: {res['items_lost']}",
-        f"check: {'ok' if res['check_ok'] else 'FAILED'} ({res['checks']} run, each round's "
-        f"after the count and after the workers closed)",
+        "check: " + ("not run" if not res["checks"] else
+                     f"{'ok' if res['check_ok'] else 'FAILED'} ({res['checks']} run: each "
+                     f"round's after the count and after the workers closed)"),
         "OS objects left: " + (", ".join(res["os_objects_left"]) or "none"),
         f"time: {res['seconds']:g} s, seed {res['seed']}",
     ]
