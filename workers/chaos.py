@@ -435,8 +435,8 @@ def _kill_phase(fleet, watch, rng, deaths, manager_kills, deadline, rec, where, 
                 progress, result, started, r, nrounds):
     """SIGKILL random workers every KILL_GAP seconds (kill points add their own
     deaths) until ``deaths`` died, killing and adopting the manager at evenly
-    spaced points (all of its kills are done, even when kill points got to
-    ``deaths`` first)."""
+    spaced points (all of its kills are done, and at least one SIGKILL from the
+    harness, even when kill points got to ``deaths`` first)."""
     at = [deaths * (j + 1) // (manager_kills + 1) for j in range(manager_kills)]
     next_kill = time.monotonic() + rng.uniform(*KILL_GAP)
     next_line = time.monotonic() + 1.0
@@ -447,8 +447,8 @@ def _kill_phase(fleet, watch, rng, deaths, manager_kills, deadline, rec, where, 
         if fleet.errors():
             raise ChaosFailure("\n".join(fleet.errors()))
         n = sum(1 for d in fleet.deaths if fleet._expected(d))
-        if n >= deaths and not at:                    # (kill points may get there first)
-            return
+        if n >= deaths and not at and rec["random_kills"]:     # kill points may get
+            return                                            # there first
         now = time.monotonic()
         if now > deadline:
             raise ChaosFailure(f"out of time: {n} of {deaths} deaths when the run's "
@@ -457,7 +457,7 @@ def _kill_phase(fleet, watch, rng, deaths, manager_kills, deadline, rec, where, 
             at.pop(0)
             _kill_manager(fleet, watch, rng, rec, log)
             continue
-        if now >= next_kill and n < deaths:
+        if now >= next_kill and (n < deaths or not rec["random_kills"]):
             working = [i for i in fleet.alive() if fleet.team.get(i, "ops") > 0]
             if working:
                 if rng.random() < 0.9:
@@ -466,6 +466,7 @@ def _kill_phase(fleet, watch, rng, deaths, manager_kills, deadline, rec, where, 
                 else:
                     pid = fleet.kill_random(rng)              # some maybe starting up
                 if pid:
+                    rec["random_kills"] += 1          # (recounted from the deaths at the end)
                     log(f"chaos: SIGKILL worker pid {pid}")
             next_kill = now + rng.uniform(*KILL_GAP)
         if progress is not None and now >= next_line:
@@ -536,6 +537,8 @@ def _prove(fleet, watch, workload, rec, where, stall_limit, lock_limit):
     held = fleet.quiesce(WAIT)
     if fleet.errors():
         raise ChaosFailure("\n".join(fleet.errors()))
+    fleet.wait_recovered(WAIT)        # a worker may have died at a kill point as it was
+                                      # told to hold: its recovery is not the count's
     with Arena.attach(fleet.name) as fresh:
         fresh.check()
         rec["checks"] += 1
