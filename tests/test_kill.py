@@ -1019,3 +1019,32 @@ def test_a_closing_cpu_does_not_write_back_a_tag_freed_meanwhile(monkeypatch):
         a.check()
     finally:
         a.destroy()
+
+
+def test_a_last_copy_whose_free_of_its_packet_failed_can_be_freed_again(monkeypatch):
+    """The last copy of a set-aside packet took the count to the packet's own and
+    then failed to free the packet (a free-anywhere refused, as when another CPU
+    claimed it meanwhile): freeing the copy again finishes the job, dropping
+    nothing twice."""
+    from shmalloc import mbuf as mb
+    from shmalloc.errors import BadHandleError
+    from shmalloc.mbuf import api
+    a = Arena.create_local(16 << 20)
+    try:
+        m = mb.m_getcl(M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+        c = mb.m_copym(m, 0, mb.M_COPYALL, M_NOWAIT)
+        mb.m_freem(m)                                   # set aside, waits for c
+        free_set_aside = api._free_set_aside
+
+        def refused_once(*args):
+            monkeypatch.setattr(api, "_free_set_aside", free_set_aside)
+            raise BadHandleError("refused (test)")
+        monkeypatch.setattr(api, "_free_set_aside", refused_once)
+        with pytest.raises(BadHandleError):
+            mb.m_freem(c)
+        assert a.zone_stats("mbuf_packet").used == 1 and c.refcnt == 1
+        mb.m_freem(c)                                   # the retry
+        assert a.zone_stats("mbuf_packet").used == a.zone_stats("mbuf").used == 0
+        a.check()
+    finally:
+        a.destroy()
