@@ -33,7 +33,7 @@ from ..errors import BadHandleError, DoubleFreeError, ShmallocError
 from ..zone import M_NOWAIT, M_WAITOK, M_ZERO
 from .constants import (EXT_EXTADD_TYPES, EXT_NET_DRV, EXT_PACKET, M_COPYALL, M_COPYFLAGS,
                         M_EOR, M_EXT, M_FREELIST, M_NOFREE, M_PKTHDR, M_RDONLY, MCLBYTES, MHLEN,
-                        MINCLSIZE, MJUMPAGESIZE, MLEN, MSIZE, MT_NOINIT, MT_NOTMBUF)
+                        MINCLSIZE, MJUMPAGESIZE, MLEN, MSIZE, MT_DATA, MT_NOINIT, MT_NOTMBUF)
 from .errors import MbufError
 from .header import Mbuf, _wrap, refs, storage
 from .reclaim import lowmem_check
