@@ -27,6 +27,7 @@ so hooks may run twice for an item across a crash: dtor and fini must tolerate i
 
 from __future__ import annotations
 
+import importlib
 import os
 from array import array
 
@@ -65,6 +66,11 @@ def rebuild_zone(core, zone_id: int, owner_id: int) -> list:
     """Depot, ITEMS and sleep queue of a zone from the tags, after the
     ``repair_hooks``.  Lock: the zone's (repaired: held on the dead owner's
     behalf); takes its keg's.  Returns what the hooks did."""
+    if not repair_hooks:
+        try:
+            importlib.import_module(__package__ + ".mbuf")   # registers its journal's repair
+        except ImportError:
+            pass
     done = [r for r in (fn(core, L.zone_lock_index(zone_id)) for fn in repair_hooks) if r]
     w = core.w
     zw = L.zone_word(zone_id)

@@ -69,31 +69,19 @@ KILLPOINTS = {
     "refcount": "mail.post:0.0005,mail.collect:0.001,depot.put:0.001,keg.take:0.0001,"
                 "zone.fill.locked:0.01,release.fini:0.02",
 }
-# A SIGKILL at a random moment of an mbuf workload can land inside m_free's
-# refcount step -- e.g. after _limbo set a packet aside for its copies and before its
-# own reference was dropped (the cluster's refcount lock may be waited for in
-# between) -- and nothing in shared memory tells recovery whether the drop
-# happened: about one run in twenty leaves a packet nobody frees.
-SET_ASIDE = pytest.mark.xfail(strict=False, reason=(
-    "BUG (shmalloc.mbuf.api.drop_ref): a packet set aside (_limbo) by a CPU killed "
-    "before it dropped its own reference is never freed; rare, timing-dependent: not "
-    "strict"))
-# (workload, random SIGKILLs from the test, kill points)
-# Seen once in four full runs (pipeline, seed 17): after kills at the kill points,
-# check() found the packet zone's depot count above its depot-tagged items.  Under
-# investigation (issue #4 note); not strict so that the other kills keep running.
-DEPOT_RACE = pytest.mark.xfail(strict=False, reason=(
-    "BUG (intermittent): depot count and depot tags disagree after a kill at a kill "
-    "point in the pipeline workload (depot rebuild vs the manager's lock watchdog?)"))
+# (workload, random SIGKILLs from the test, kill points).  The mbuf cases were
+# non-strict xfails for two intermittent bugs, both fixed (issue #4): a packet set
+# aside for its copies by a CPU killed in m_free before it dropped its own reference
+# was never freed; and a CPU closing re-tagged its items without their zone locks, so
+# that a set-aside packet freed by its last copy meanwhile ended in the depot tagged
+# allocated ("depot holds N items, N-1 are tagged depot").
 CASES = [
     pytest.param("churn", True, "", id="churn-sigkill"),
     pytest.param("churn", True, KILLPOINTS["churn"], id="churn-sigkill+killpoints"),
-    pytest.param("pipeline", False, KILLPOINTS["pipeline"], id="pipeline-killpoints",
-                 marks=DEPOT_RACE),
-    pytest.param("refcount", False, KILLPOINTS["refcount"], id="refcount-killpoints",
-                 marks=DEPOT_RACE),
-    pytest.param("pipeline", True, "", id="pipeline-sigkill", marks=SET_ASIDE),
-    pytest.param("refcount", True, "", id="refcount-sigkill", marks=SET_ASIDE),
+    pytest.param("pipeline", False, KILLPOINTS["pipeline"], id="pipeline-killpoints"),
+    pytest.param("refcount", False, KILLPOINTS["refcount"], id="refcount-killpoints"),
+    pytest.param("pipeline", True, "", id="pipeline-sigkill"),
+    pytest.param("refcount", True, "", id="refcount-sigkill"),
 ]
 
 
@@ -1016,6 +1004,35 @@ def test_a_closing_cpu_does_not_write_back_a_tag_freed_meanwhile(monkeypatch):
         assert freed.wait(WAIT)
         monkeypatch.undo()
         assert z.stats().used == 0
+        a.check()
+    finally:
+        a.destroy()
+
+
+def test_a_last_copy_whose_free_of_its_packet_failed_can_be_freed_again(monkeypatch):
+    """The last copy of a set-aside packet took the count to the packet's own and
+    then failed to free the packet (a free-anywhere refused, as when another CPU
+    claimed it meanwhile): freeing the copy again finishes the job, dropping
+    nothing twice."""
+    from shmalloc import mbuf as mb
+    from shmalloc.errors import BadHandleError
+    from shmalloc.mbuf import api
+    a = Arena.create_local(16 << 20)
+    try:
+        m = mb.m_getcl(M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+        c = mb.m_copym(m, 0, mb.M_COPYALL, M_NOWAIT)
+        mb.m_freem(m)                                   # set aside, waits for c
+        free_set_aside = api._free_set_aside
+
+        def refused_once(*args):
+            monkeypatch.setattr(api, "_free_set_aside", free_set_aside)
+            raise BadHandleError("refused (test)")
+        monkeypatch.setattr(api, "_free_set_aside", refused_once)
+        with pytest.raises(BadHandleError):
+            mb.m_freem(c)
+        assert a.zone_stats("mbuf_packet").used == 1 and c.refcnt == 1
+        mb.m_freem(c)                                   # the retry
+        assert a.zone_stats("mbuf_packet").used == a.zone_stats("mbuf").used == 0
         a.check()
     finally:
         a.destroy()

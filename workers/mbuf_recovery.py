@@ -59,9 +59,10 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
     """Run the pass for dead CPU ``cpu`` on the manager's ``arena``; ``dead``: every
     CPU found dead in this round (their copies may be half made or half freed and
     say nothing about a packet's other references).  Returns
-    counts: freed (mbufs m_free'd), waiting (packets left to their copies),
-    unfinished (importing packets sent through fini), clusters (left to their
-    mbufs)."""
+    counts: freed (mbufs m_free'd), waiting (packets left to their copies), stale
+    (copies whose reference was gone, freed without a drop), abandoned (set-aside
+    packets whose last copy died freeing them, freed here), unfinished (importing
+    packets sent through fini), clusters (left to their mbufs)."""
     counts = dict.fromkeys(("freed", "waiting", "stale", "abandoned", "unfinished",
                             "clusters"), 0)
     names = set(arena.zones())

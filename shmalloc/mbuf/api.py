@@ -424,7 +424,9 @@ def drop_ref(c, h, i, flags, zidx):
         lk.acquire(owner_id=c.cpu)
         try:
             rc = u32[r]
-            last = rc == 2 and w[(owner >> 3) + TYPE] == MT_NOTMBUF
+            # (count 1 with the packet set aside: this copy was the last already,
+            # and its free of the packet failed -- a free retried)
+            last = 0 < rc <= 2 and w[(owner >> 3) + TYPE] == MT_NOTMBUF
             if last:
                 u32[r] = 1               # the set-aside packet's own is left
             elif rc < 2:
@@ -588,7 +590,7 @@ def _dupcl(c, n, m):
     recovery frees without a drop -- and for other storage the count first (a
     crash in between leaks a reference, never drops one twice)."""
     w, u32 = c.w, c.u32
-    im, in_ = m >> 3, n >> 3
+    im = m >> 3
     r = w[im + EXT_REFCNT] >> 2
     typ = w[im + EXT_TYPE]
     if u32[r] == 1:                      # ours alone: nobody else can touch it
