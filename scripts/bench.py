@@ -21,6 +21,8 @@ Sections (``--only SECTION[,SECTION]`` runs a subset):
     memory    (j) bytes per 2 KiB cluster (slab, and the whole arena at a population);
                   a worker's resident set                                (bench_memory)
     scaling   (k) two worker processes running the pair against one     (bench_scale)
+    debug     (l) the pair, m_getcl+m_freem and a 64-burst at SHMALLOC_DEBUG 0..3, and
+                  each level's slowdown against level 0                  (bench_debug)
 
 Times are the best of ``--repeat`` runs, for shmalloc and peers alike.
 ``python -m shmalloc.scripts.bench ARGS`` is ``shmalloc bench ARGS``.
@@ -38,7 +40,7 @@ import timeit
 
 from shmalloc import Arena
 
-from . import bench_handoff, bench_mbuf, bench_memory, bench_scale, positive_int
+from . import bench_debug, bench_handoff, bench_mbuf, bench_memory, bench_scale, positive_int
 
 ITEM = 2048
 BURST = 64
@@ -65,7 +67,7 @@ TARGET_GROWTH = 1.2                 # pair cost within 20 % of the smallest conf
 TARGET_MEM_OVERHEAD = 0.03          # per 2 KiB cluster, all metadata included
 TARGET_RSS_MB = 40.0
 TARGET_SCALING = 1.7                # two workers' pairs/s over one's
-SECTIONS = ("pair", "mbuf", "handoff", "growth", "memory", "scaling")
+SECTIONS = ("pair", "mbuf", "handoff", "growth", "memory", "scaling", "debug")
 
 
 def add_arguments(parser):
@@ -308,9 +310,20 @@ def _section_scaling(rows, ctx):
              floor["two"], "/s", "1 process", floor["one"], better="higher")
 
 
+def _section_debug(rows, ctx):
+    recs = bench_debug.run(ctx["quick"], ctx["repeat"], ctx["base"])
+    ctx["raw"]["debug"] = recs
+    zero = recs[0]
+    for r in recs:
+        for m in bench_debug.METRICS:
+            rows.add(f"debug{r['level']}_{m}", f"(l) {m}, SHMALLOC_DEBUG={r['level']}", r[m],
+                     "us", None if r is zero else "debug 0", None if r is zero else zero[m],
+                     slowdown=r["slowdown"][m])
+
+
 _SECTION_RUNS = {"pair": _section_pair, "mbuf": _section_mbuf, "handoff": _section_handoff,
                  "growth": _section_growth, "memory": _section_memory,
-                 "scaling": _section_scaling}
+                 "scaling": _section_scaling, "debug": _section_debug}
 
 
 def _count_key(count):
@@ -509,6 +522,7 @@ def print_report(report, out=None):
     out = out or sys.stdout
     print_table(report["results"], out)
     print_handoff(report.get("handoff"), out)
+    bench_debug.print_table(report.get("debug"), out)
     env = report["env"]
     out.write(f"\n{report['params']['command']}: CPython {env['python']}, "
               f"{env['cpu_count']} CPUs ({env['cpu']}), git {env['git']}, "

@@ -3,6 +3,8 @@
     shmalloc launch [-n N] [--workload churn|pipeline|refcount] [--seconds S]
                     [--kill-every SECONDS] [--kill-manager] [--size BYTES] [--seed SEED]
                     [--name ARENA]
+    shmalloc chaos [--seed N] [--workers N] [--kills N] [--manager-kills N]
+                   [--workloads pipeline,refcount] [--killpoints SPEC] [--json FILE]
     shmalloc bench [--quick] [--json FILE] [--repeat K]
     shmalloc serve --name ARENA [--size BYTES] [--tunable NAME=VALUE ...] [--adopt]
                    [--idle-exit SECONDS]
@@ -22,7 +24,7 @@ import time
 from shmalloc import Arena, CorruptionError, ShmallocError, admin
 from shmalloc.ipc import naming
 
-from . import bench, launch, positive_int, stress
+from . import bench, chaos, launch, positive_int, stress
 
 
 def main(argv=None):
@@ -57,6 +59,9 @@ def _parser():
     command("launch", launch.run, "start a keg manager and N worker CPUs on a private arena, "
             "report, clean up",
             launch.add_arguments)
+    command("chaos", chaos.run, "seeded fault injection: SIGKILL workers (at random and at "
+            "kill points) and the keg manager, then prove nothing was lost",
+            chaos.add_arguments)
     command("bench", bench.run, "benchmark shmalloc against the Python peers",
             bench.add_arguments)
     command("stress", stress.run, "lock-contention sweep: workers x bucket size x workload "

@@ -19,6 +19,7 @@ from .errors import (ArenaClosedError, ArenaExistsError, ArenaNotFoundError,
                      LockTimeoutError, ShmallocError, TooManyCpusError, UseAfterFreeError,
                      ZoneError)
 from .hooks import register as register_hook
+from .mail import CpuGoneError, MailboxFullError
 from .stats import LockStats, ZoneStats
 from .zone import M_NOWAIT, M_WAITOK, M_ZERO, Zone
 from .default import connect, default_arena
@@ -31,6 +32,7 @@ __all__ = [
     "ArenaNotFoundError", "ArenaPermissionError", "BadHandleError", "BadNameError",
     "CorruptionError", "DoubleFreeError", "ForeignHandleError", "HookError", "IpcLimitError",
     "LayoutError", "LockTimeoutError", "TooManyCpusError", "UseAfterFreeError", "ZoneError",
+    "MailboxFullError", "CpuGoneError",
     "Buffer", "BufferClosedError", "ArenaFullError", "SharedArray", "connect", "default_arena",
 ]
 

@@ -343,14 +343,31 @@ class Arena:
         name = naming.validate_name(name)
         seg = Segment.attach(naming.object_name(name, "arena"))
         try:
-            size = cls._validate_segment(seg)
-            core = _Core(_PosixBackend(name, seg), size)
-            core.debug = max(core.w[_H["DEBUG"]], _debug_level(None))
-            core.open_locks()
-            return cls(core, name, creator=False)
+            return cls(cls._core_of(name, seg), name, creator=False)
         except BaseException:
             seg.close()
             raise
+
+    @classmethod
+    def _attach_core(cls, name: str) -> _Core:
+        """The views and locks of arena ``name`` without a CPU slot (taking one
+        takes the vm lock): for a supervisor that repairs the locks of dead
+        processes before it attaches.  ``core.close()`` lets go."""
+        name = naming.validate_name(name)
+        seg = Segment.attach(naming.object_name(name, "arena"))
+        try:
+            return cls._core_of(name, seg)
+        except BaseException:
+            seg.close()
+            raise
+
+    @classmethod
+    def _core_of(cls, name: str, seg) -> _Core:
+        size = cls._validate_segment(seg)
+        core = _Core(_PosixBackend(name, seg), size)
+        core.debug = max(core.w[_H["DEBUG"]], _debug_level(None))
+        core.open_locks()
+        return core
 
     def attach_local(self) -> "Arena":
         """Another CPU on the same in-process arena (local backend only)."""
@@ -454,14 +471,22 @@ class Arena:
             if not w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE:
                 continue
             keg = core.keg(k)
-            lk = core.lock(keg.lock_index)
-            lk.acquire(owner_id=self.cpu_id)
+            # the zone locks too: another CPU may be freeing one of these items
+            # (free-anywhere: it takes the item over under its zone's lock), and a
+            # tag read before its take-over must not be written back after it
+            locks = [core.lock(L.zone_lock_index(z)) for z in sorted(core.zones_of_keg(k))]
+            locks.append(core.lock(keg.lock_index))
+            taken = []
             try:
+                for lk in locks:
+                    lk.acquire(owner_id=self.cpu_id)
+                    taken.append(lk)
                 for ti, tv in list(keg.held_by(self.cpu_id)):
                     if L.tag_state(tv) == L.TAG_ALLOC:
                         core.tags[ti] = L.tag(L.TAG_ALLOC, L.tag_zidx(tv))
             finally:
-                lk.release()
+                for lk in reversed(taken):
+                    lk.release()
 
     def _wake_sem(self):
         return self._wake

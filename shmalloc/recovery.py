@@ -27,10 +27,12 @@ so hooks may run twice for an item across a crash: dtor and fini must tolerate i
 
 from __future__ import annotations
 
+import importlib
+import os
 from array import array
 
+from . import admin, slots
 from . import layout as L
-from . import slots
 from .errors import ShmallocError
 from .hooks import DTOR_RECOVER
 
@@ -54,9 +56,22 @@ def mailbox_lock(core, cpu: int):
         return None
 
 
-def rebuild_zone(core, zone_id: int, owner_id: int) -> None:
-    """Depot, ITEMS and sleep queue of a zone from the tags.  Lock: the zone's
-    (repaired: held on the dead owner's behalf); takes its keg's."""
+# Run on a zone lock repaired for a dead holder before anything else, as
+# fn(core, lock_index) -> what it did or None: the layers that keep more under a
+# zone lock than the zone (the mbuf layer's refcount journal) finish their step.
+repair_hooks: list = []
+
+
+def rebuild_zone(core, zone_id: int, owner_id: int) -> list:
+    """Depot, ITEMS and sleep queue of a zone from the tags, after the
+    ``repair_hooks``.  Lock: the zone's (repaired: held on the dead owner's
+    behalf); takes its keg's.  Returns what the hooks did."""
+    if not repair_hooks:
+        try:
+            importlib.import_module(__package__ + ".mbuf")   # registers its journal's repair
+        except ImportError:
+            pass
+    done = [r for r in (fn(core, L.zone_lock_index(zone_id)) for fn in repair_hooks) if r]
     w = core.w
     zw = L.zone_word(zone_id)
     keg = core.keg(w[zw + _Z["KEG"]])
@@ -85,6 +100,7 @@ def rebuild_zone(core, zone_id: int, owner_id: int) -> None:
     w[zw + _Z["IMAX"]] = w[zw + _Z["IMIN"]] = len(hs)
     w[zw + _Z["ITEMS"]] = items
     _rebuild_sleepq(core, zone_id)
+    return done
 
 
 def _rebuild_sleepq(core, zone_id: int) -> None:
@@ -108,11 +124,39 @@ def _rebuild_sleepq(core, zone_id: int) -> None:
     w[zw + _Z["SLEEPERS"]] = len(keep)
 
 
+def all_lock_indexes(core) -> list[int]:
+    """``lock_indexes``, then the mailbox lock of every slot that ever had one."""
+    return lock_indexes(core) + [L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
+                                 if mailbox_lock(core, c) is not None]
+
+
+def dead_lock_owners(core) -> set[int]:
+    """Pids of the dead processes that hold a lock of the arena (this process
+    is never one of them)."""
+    me = os.getpid()
+    pids = {core.lock(idx).owner_pid() for idx in all_lock_indexes(core)}
+    return {pid for pid in pids if pid and pid != me and not admin.process_alive(pid)}
+
+
+def repair_dead_locks(core, owner_id: int = L.NO_CPU) -> int:
+    """Rebuild and release every lock whose holder died (``dead_lock_owners``),
+    for a supervisor -- the keg manager, or one about to adopt the arena, which
+    has no CPU slot yet (``owner_id`` names who holds the locks it takes meanwhile:
+    no CPU).  Returns how many were repaired."""
+    dead = dead_lock_owners(core)
+    return repair_core_locks(core, dead, owner_id) if dead else 0
+
+
 def repair_locks(arena, dead_pids: set[int]) -> int:
-    """Rebuild and release every lock held by a process in ``dead_pids``.
-    Returns how many were repaired."""
-    core = arena._core
-    me = arena.cpu_id
+    """Rebuild and release every lock held by a process in ``dead_pids``, from
+    ``arena``'s attachment.  Returns how many were repaired."""
+    return repair_core_locks(arena._core, dead_pids, arena.cpu_id)
+
+
+def repair_core_locks(core, dead_pids: set[int], me: int) -> int:
+    """``repair_locks`` on the views of an arena (``me``: the CPU slot, or
+    NO_CPU, on whose behalf locks are taken).  Lock: takes each lock's inner
+    locks as its rebuild needs them (a zone's: its keg's), then vm."""
     repaired = 0
     mailboxes = [lk for lk in (mailbox_lock(core, c) for c in range(L.MAX_CPUS)) if lk]
     for idx in lock_indexes(core):                       # vm, kegs, then zones

@@ -73,6 +73,8 @@ class ArenaStats:
     total_pages: int
     cpus: int
     zones: tuple
+    recoveries: int = 0      # dead CPUs recovered (by the keg manager)
+    lock_repairs: int = 0    # locks rebuilt and released after their holder died
 
 
 def zone_stats(core, zone_id: int) -> ZoneStats:
@@ -137,7 +139,8 @@ def arena_stats(core) -> ArenaStats:
     w = core.w
     return ArenaStats(size=core.geometry.size, free_pages=w[L.HDR["FREE_PAGES"]],
                       total_pages=core.geometry.data_pages, cpus=len(core.live_cpus()),
-                      zones=tuple(zone_stats(core, z) for z in core.live_zone_ids()))
+                      zones=tuple(zone_stats(core, z) for z in core.live_zone_ids()),
+                      recoveries=w[L.HDR["RECOVERIES"]], lock_repairs=w[L.HDR["LOCK_REPAIRS"]])
 
 
 def lock_name(core, idx: int) -> str:
@@ -145,15 +148,22 @@ def lock_name(core, idx: int) -> str:
         return "vm"
     if idx <= L.MAX_KEGS:
         return "keg:" + core.zone_names_of_keg(idx).replace("'", "")
+    if idx >= L.mbox_lock_index(0):
+        return f"mailbox:{idx - L.mbox_lock_index(0)}"
     return "zone:" + core.zone_name(idx - 1 - L.MAX_KEGS)
 
 
 def lock_stats(core) -> list[LockStats]:
+    """The vm lock, each keg's and zone's, then the mailbox lock of every CPU slot
+    in use (or held: a dead holder's shows until it is repaired)."""
     w = core.w
     idxs = [L.VM_LOCK]
     idxs += [L.keg_lock_index(k) for k in range(1, w[L.HDR["NKEGS"]] + 1)
              if w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE]
     idxs += [L.zone_lock_index(z) for z in core.live_zone_ids()]
+    idxs += [L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
+             if w[L.cpu_word(c) + _C["STATE"]] != L.CPU_FREE
+             or w[L.lock_word(L.mbox_lock_index(c)) + _LK["OWNER_PID"]]]
     out = []
     for idx in idxs:
         lw = L.lock_word(idx)

@@ -805,12 +805,24 @@ class _Cache:
     def _take_over(self, h, t, tg):
         """F4: an item held by another CPU (or by none: its CPU closed) is freed
         here; it becomes this CPU's, keeping its home.  Returns the new tag.
-        Lock: takes zone."""
+        Lock: takes zone.
+
+        What makes the free legitimate is the state and the zone (still an
+        allocated item of this zone) and that no other CPU has claimed it since
+        ``tg`` was read: its holder is the same, or nobody -- recovery gives a dead
+        CPU's set-aside items to nobody, and a CPU that closes its own, while a
+        free of them may be on its way.  Another live holder (a take-over, a
+        hand-off received, recovery claiming the item to free it) refuses it."""
         lk = self._zlock()
         try:
-            if self.core.tags[t] != tg:
+            cur = self.core.tags[t]
+            holder = L.tag_holder(cur)
+            if (cur ^ tg) & 0xFF:
                 self.zone._raise_bad(h, "free")
-            home = L.tag_home(tg)
+            if holder != L.tag_holder(tg) and holder != L.NO_CPU:
+                raise BadHandleError(f"zone {self.zone.name!r}: free of handle {h}: CPU "
+                                     f"{holder} claimed the item while this free was under way")
+            home = L.tag_home(cur)
             new = L.tag(L.TAG_ALLOC, self.zone.zidx, self.cpu,
                         home if home < L.MAX_CPUS else self.cpu)
             self.core.tags[t] = new

@@ -45,7 +45,8 @@ def test_quick_run_has_every_section(arena_name, tmp_path):
     for key in ("pair", "bulk_bucket64", "zone_lock_per_bucket", "m_getcl",
                 "handoff_2k_queue", "handoff_2k_pipe", "handoff_1m_queue", "handoff_1m_pipe",
                 "growth_live_1k", "growth_live_10k", "growth_arena_small", "mem_total",
-                "mem_rss_worker", "scaling_two_workers"):
+                "mem_rss_worker", "scaling_two_workers", "debug0_pair", "debug1_pair",
+                "debug3_m_getcl", "debug2_burst"):
         assert key in results, key
     assert ("handoff_2k_faster_fifo" in results) == HAS_FASTER_FIFO
     assert results["handoff_2k_queue"]["target"] and results["handoff_64k_queue"]["target"] is None
@@ -58,6 +59,9 @@ def test_quick_run_has_every_section(arena_name, tmp_path):
     for setup in ("zone", "own_zone", "floor"):
         assert report["scaling"][setup]["one"] > 0
         assert len(report["scaling"][setup]["two_each"]) == 2
+    assert [r["level"] for r in report["debug"]] == [0, 1, 2, 3]
+    assert all(r["slowdown"]["pair"] > 0 for r in report["debug"])
+    assert "debug levels (SHMALLOC_DEBUG" in proc.stdout
     assert report["params"]["quick"] is True
     assert report["params"]["sections"] == list(bench.SECTIONS)
     assert _objects_of(arena_name) == []

@@ -69,31 +69,19 @@ KILLPOINTS = {
     "refcount": "mail.post:0.0005,mail.collect:0.001,depot.put:0.001,keg.take:0.0001,"
                 "zone.fill.locked:0.01,release.fini:0.02",
 }
-# A SIGKILL at a random moment of an mbuf workload can land inside m_free's
-# refcount step -- e.g. after _limbo set a packet aside for its copies and before its
-# own reference was dropped (the cluster's refcount lock may be waited for in
-# between) -- and nothing in shared memory tells recovery whether the drop
-# happened: about one run in twenty leaves a packet nobody frees.
-SET_ASIDE = pytest.mark.xfail(strict=False, reason=(
-    "BUG (shmalloc.mbuf.api.drop_ref): a packet set aside (_limbo) by a CPU killed "
-    "before it dropped its own reference is never freed; rare, timing-dependent: not "
-    "strict"))
-# (workload, random SIGKILLs from the test, kill points)
-# Seen once in four full runs (pipeline, seed 17): after kills at the kill points,
-# check() found the packet zone's depot count above its depot-tagged items.  Under
-# investigation (issue #4 note); not strict so that the other kills keep running.
-DEPOT_RACE = pytest.mark.xfail(strict=False, reason=(
-    "BUG (intermittent): depot count and depot tags disagree after a kill at a kill "
-    "point in the pipeline workload (depot rebuild vs the manager's lock watchdog?)"))
+# (workload, random SIGKILLs from the test, kill points).  The mbuf cases were
+# non-strict xfails for two intermittent bugs, both fixed (issue #4): a packet set
+# aside for its copies by a CPU killed in m_free before it dropped its own reference
+# was never freed; and a CPU closing re-tagged its items without their zone locks, so
+# that a set-aside packet freed by its last copy meanwhile ended in the depot tagged
+# allocated ("depot holds N items, N-1 are tagged depot").
 CASES = [
     pytest.param("churn", True, "", id="churn-sigkill"),
     pytest.param("churn", True, KILLPOINTS["churn"], id="churn-sigkill+killpoints"),
-    pytest.param("pipeline", False, KILLPOINTS["pipeline"], id="pipeline-killpoints",
-                 marks=DEPOT_RACE),
-    pytest.param("refcount", False, KILLPOINTS["refcount"], id="refcount-killpoints",
-                 marks=DEPOT_RACE),
-    pytest.param("pipeline", True, "", id="pipeline-sigkill", marks=SET_ASIDE),
-    pytest.param("refcount", True, "", id="refcount-sigkill", marks=SET_ASIDE),
+    pytest.param("pipeline", False, KILLPOINTS["pipeline"], id="pipeline-killpoints"),
+    pytest.param("refcount", False, KILLPOINTS["refcount"], id="refcount-killpoints"),
+    pytest.param("pipeline", True, "", id="pipeline-sigkill"),
+    pytest.param("refcount", True, "", id="refcount-sigkill"),
 ]
 
 
@@ -700,11 +688,32 @@ def set_aside_then_die(q, name, dest):
     mb.m_freem(m)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (shmalloc.mbuf.api.drop_ref): a packet set aside for its copies (_limbo) by a "
-    "CPU killed before it dropped its own reference is never freed: recovery cannot "
-    "tell whether the drop happened"))
-def test_a_packet_set_aside_by_a_dying_cpu_is_freed_by_its_last_copy(arena_name):
+def unlinked_then_die(q, name, dest):
+    """As ``set_aside_then_die``, but die inside m_free before the packet is set
+    aside: its tags and links are gone, its type not yet written."""
+    from shmalloc import mbuf as mb
+    from shmalloc.mbuf import api
+    a = Arena.attach(name)
+    m = mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+    c = mb.m_copym(m, 0, mb.M_COPYALL, mb.M_NOWAIT)
+    a.send(dest, [c.handle])
+    q.put(("ok", m.handle))
+    q.close()
+    q.join_thread()
+    unlink = api._unlink
+
+    def unlink_then_die(*args):
+        unlink(*args)
+        os.kill(os.getpid(), signal.SIGKILL)
+    api._unlink = unlink_then_die
+    mb.m_freem(m)
+
+
+@pytest.mark.parametrize("child", ["set_aside_then_die", "unlinked_then_die"])
+def test_a_packet_set_aside_by_a_dying_cpu_is_freed_by_its_last_copy(arena_name, child):
+    """A CPU dies inside m_free of a packet whose cluster a copy shares, after the
+    packet was set aside (one word under the refcount lock: the packet keeps its
+    reference) or just before: either way the last copy frees it."""
     from shmalloc import mbuf as mb
     from shmalloc.workers.manager import Manager
     mgr = Manager(arena_name, size=16 << 20)
@@ -712,8 +721,7 @@ def test_a_packet_set_aside_by_a_dying_cpu_is_freed_by_its_last_copy(arena_name)
     p = None
     try:
         a = Arena.attach(arena_name)
-        p = SPAWN.Process(target=_child, args=("set_aside_then_die", q, arena_name,
-                                               a.cpu_id), daemon=True)
+        p = SPAWN.Process(target=_child, args=(child, q, arena_name, a.cpu_id), daemon=True)
         p.start()
         _get(q, [p], "the child")
         p.join(WAIT)
@@ -721,10 +729,14 @@ def test_a_packet_set_aside_by_a_dying_cpu_is_freed_by_its_last_copy(arena_name)
         _wait_recovered(mgr, a)
         got = a.recv(timeout=1.0)
         assert len(got) == 1
-        mb.m_freem(mb.Mbuf.from_handle(a, got[0]))     # the last reference: frees both
+        c = mb.Mbuf.from_handle(a, got[0])
+        assert c.refcnt == 1 and c.writable            # the packet's reference is no one's
+        mb.m_freem(c)                                  # the last reference: frees both
         mgr.step()
         try:
             assert a.zone("mbuf_packet").stats().used == 0, _describe_used(a, {})
+            assert a.zone("mbuf").stats().used == 0, _describe_used(a, {})
+            a.check()
         finally:
             a.close()
     finally:
@@ -732,6 +744,59 @@ def test_a_packet_set_aside_by_a_dying_cpu_is_freed_by_its_last_copy(arena_name)
             p.kill()
         if p is not None:
             p.join(WAIT)
+        mgr.shutdown()
+
+
+def last_copy_dies_freeing(q, name):
+    """Take the copy handed over (its packet set aside by the sender), then die in
+    m_free right after its reference went, before it freed the packet."""
+    from shmalloc import mbuf as mb
+    from shmalloc.mbuf import api
+    a = Arena.attach(name)
+    q.put(("ok", a.cpu_id))
+    got = a.recv(timeout=WAIT)
+    c = mb.Mbuf.from_handle(a, got[0])
+    q.put(("ok", c.refcnt))
+    q.close()
+    q.join_thread()
+    api._free_set_aside = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    mb.m_freem(c)
+
+
+def test_a_set_aside_packet_whose_last_copy_died_freeing_it_is_freed(arena_name):
+    """The last copy of a set-aside packet drops its reference (the count is the
+    packet's own then) and its CPU dies before it frees the packet: recovery frees
+    the packet and the copy, dropping nothing twice."""
+    from shmalloc import mbuf as mb
+    from shmalloc.workers.manager import Manager
+    mgr = Manager(arena_name, size=16 << 20)
+    q = SPAWN.Queue()
+    p = SPAWN.Process(target=_child, args=("last_copy_dies_freeing", q, arena_name),
+                      daemon=True)
+    try:
+        a = Arena.attach(arena_name)
+        p.start()
+        dest = _get(q, [p], "the child")
+        m = mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+        c = mb.m_copym(m, 0, mb.M_COPYALL, mb.M_NOWAIT)
+        mb.m_freem(m)                                  # set aside: waits for c
+        assert a.zone("mbuf_packet").stats().used == 1 and c.refcnt == 1
+        a.send(dest, [c.handle])
+        assert _get(q, [p], "the child") == 1
+        p.join(WAIT)
+        assert p.exitcode == -signal.SIGKILL
+        _wait_recovered(mgr, a)
+        mgr.step()
+        try:
+            assert a.zone("mbuf_packet").stats().used == 0, _describe_used(a, {})
+            assert a.zone("mbuf").stats().used == 0, _describe_used(a, {})
+            a.check()
+        finally:
+            a.close()
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(WAIT)
         mgr.shutdown()
 
 
@@ -744,12 +809,10 @@ def die_holding_the_vm_lock(q, name):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (shmalloc serve --adopt): a new manager takes its CPU slot (Arena.attach) "
-    "under the vm lock before it repairs anything; a process that died holding it "
-    "while no manager ran blocks the adoption for good (Fleet repairs such locks from "
-    "its own attachment before it adopts)"))
 def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
+    """``serve --adopt`` repairs the locks of dead processes before it takes its
+    CPU slot (under the vm lock): a process that died holding the vm lock while
+    no manager ran does not block the adoption."""
     a = Arena.create(arena_name, 16 << 20)
     q = SPAWN.Queue()
     p = SPAWN.Process(target=_child, args=("die_holding_the_vm_lock", q, arena_name),
@@ -767,6 +830,8 @@ def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
             while manager_pid(a) != proc.pid and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert manager_pid(a) == proc.pid, "the adopting manager never came up"
+            assert lock_repairs(a) >= 1
+            assert a._core.lock(L.VM_LOCK).owner_pid() != dead
         finally:
             proc.kill()
             proc.wait()
@@ -774,5 +839,200 @@ def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
         if p.is_alive():
             p.kill()
         p.join(WAIT)
-        recovery.repair_locks(a, {dead} - {0})
+        recovery.repair_dead_locks(a._core, a.cpu_id)   # the child's, the killed manager's
+        a.destroy()
+
+
+def test_a_free_racing_a_recovery_retag_to_nobody_goes_on(monkeypatch):
+    """A free-anywhere reads the item's tag, then takes the item over under the zone
+    lock.  If recovery gave the item to nobody in between (a dead CPU's packet set
+    aside for its copies), the free is legitimate all the same: only the state and
+    the zone decide, and a holder that became nobody.  Another live CPU that
+    claimed the item meanwhile refuses it, nothing changed."""
+    from shmalloc.errors import BadHandleError
+    a = Arena.create_local(8 << 20)
+    b, c = a.attach_local(), a.attach_local()
+    try:
+        z = a.zcreate("z", 64)
+        cache, tags = z._cache, a._core.tags
+        take_over = cache._take_over
+
+        def retagged_first(new_holder):
+            def race(h, t, tg):
+                tags[t] = L.tag(L.TAG_ALLOC, L.tag_zidx(tg), new_holder, L.tag_home(tg))
+                return take_over(h, t, tg)
+            return race
+
+        h = b.zone("z").alloc(M_NOWAIT)                 # held by b
+        monkeypatch.setattr(cache, "_take_over", retagged_first(L.NO_CPU))
+        z.free(h)                                       # recovery disowned it meanwhile
+        t = cache._tag_index(h)
+        assert L.tag_state(tags[t]) == L.TAG_CACHED and L.tag_holder(tags[t]) == a.cpu_id
+        assert z.stats().used == 0
+        a.check()
+
+        h = b.zone("z").alloc(M_NOWAIT)
+        monkeypatch.setattr(cache, "_take_over", retagged_first(c.cpu_id))
+        with pytest.raises(BadHandleError, match=f"CPU {c.cpu_id} claimed"):
+            z.free(h)                                   # c claimed it meanwhile
+        t = cache._tag_index(h)
+        assert tags[t] == L.tag(L.TAG_ALLOC, z.zidx, c.cpu_id, b.cpu_id)
+        c.zone("z").free(h)                             # still c's to free
+        assert z.stats().used == 0
+        a.check()
+    finally:
+        c.close()
+        b.close()
+        a.destroy()
+
+
+def test_recoveries_and_lock_repairs_show_in_the_stats(arena_name):
+    """``arena.stats()`` counts recovered CPUs and repaired locks; ``lock_stats()``
+    covers the mailbox lock of every CPU slot in use."""
+    from shmalloc.workers.manager import Manager
+    mgr = Manager(arena_name, size=16 << 20)
+    q = SPAWN.Queue()
+    p = SPAWN.Process(target=_child, args=("die_holding_the_vm_lock", q, arena_name),
+                      daemon=True)
+    try:
+        a = Arena.attach(arena_name)
+        before = a.stats()
+        assert before.recoveries == before.lock_repairs == 0
+        names = {lk.name for lk in a.lock_stats()}
+        assert {f"mailbox:{a.cpu_id}", f"mailbox:{mgr.arena.cpu_id}"} <= names, names
+        p.start()
+        dead = _get(q, [p], "the child")
+        p.join(WAIT)
+        held = {lk.name: lk.owner_pid for lk in a.lock_stats()}
+        assert held["vm"] == dead
+        _wait_recovered(mgr, a)
+        after = a.stats()
+        assert after.recoveries == 1 and after.lock_repairs == 1, after
+        assert {lk.name: lk.owner_pid for lk in a.lock_stats()}["vm"] != dead
+        a.check()
+        a.close()
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(WAIT)
+        mgr.shutdown()
+
+
+DEAD_PID = 0x7FFFFFF0              # no such process (above any pid_max)
+
+
+@pytest.mark.parametrize("step,done", [(s, d) for s in ("dup", "drop") for d in range(3)])
+def test_a_refcount_step_cut_short_is_finished_by_its_lock_repair(step, done):
+    """A CPU killed inside a locked refcount step -- m_copym's claim and count, a
+    copy's drop and unclaim -- after ``done`` of its two writes: the repair of the
+    lock it held reads the step's journal and finishes or undoes it, so that the
+    count equals the mbufs that claim the cluster, and everything frees cleanly."""
+    from shmalloc import mbuf as mb
+    from shmalloc.mbuf import api
+    from shmalloc.mbuf.zones import EXT_REFCNT, FLAGS, ctx
+    a = Arena.create_local(16 << 20)
+    try:
+        c = ctx(a)
+        w, u32 = a._core.w, a._core.tags
+        m = mb.m_getcl(M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+        mbufs = [m, mb.m_copym(m, 0, mb.M_COPYALL, M_NOWAIT)]          # count 2
+        r = w[(m.handle >> 3) + EXT_REFCNT] >> 2
+        lk = c.reflock(mb.EXT_PACKET)
+        lk.acquire(owner_id=a.cpu_id)
+        rc = u32[r]
+        if step == "dup":
+            n = mb.m_get(M_NOWAIT, mb.MT_DATA, arena=a)
+            mbufs.append(n)
+            w[c.journal(mb.EXT_PACKET)] = api.journal(api.J_DUP, rc + 1, n.handle)
+            if done >= 1:
+                api._claim(c, n.handle, m.handle)
+            if done >= 2:
+                u32[r] = rc + 1
+        else:
+            h = mbufs[1].handle
+            w[c.journal(mb.EXT_PACKET)] = api.journal(api.J_DROP, rc - 1, h)
+            if done >= 1:
+                u32[r] = rc - 1
+            if done >= 2:
+                w[(h >> 3) + FLAGS] &= ~mb.M_EXT
+        w[L.lock_word(a.zone("mbuf_cluster")._lock_index) + L.LOCK["OWNER_PID"]] = DEAD_PID
+        assert recovery.repair_locks(a, {DEAD_PID}) == 1              # "killed" here
+        claims = [x for x in mbufs if x.m_flags & mb.M_EXT]
+        assert u32[r] == len(claims), (u32[r], len(claims))
+        for x in reversed(mbufs):
+            if x.m_flags & mb.M_EXT or x is not mbufs[1]:
+                mb.m_free(x)
+            else:                       # dropped and unclaimed: only the mbuf is left
+                a.zone("mbuf").free(x.handle)
+        assert a.zone_stats("mbuf").used == a.zone_stats("mbuf_packet").used == 0
+        a.check()
+    finally:
+        a.destroy()
+
+
+def test_a_closing_cpu_does_not_write_back_a_tag_freed_meanwhile(monkeypatch):
+    """A CPU closing re-tags the items it still holds as held by nobody.  Another
+    CPU freeing one of them at that moment (free-anywhere: a take-over under the
+    zone lock) must not see its free undone by a tag read before it: the close
+    holds the zone locks while it re-tags.  (The depot mismatch of the kill tests:
+    a set-aside packet freed by its last copy while its CPU closed ended in the
+    depot tagged allocated.)"""
+    import threading
+    a = Arena.create_local(8 << 20)
+    b = a.attach_local()
+    try:
+        z = a.zcreate("z", 64)
+        h = b.zone("z").alloc(M_NOWAIT)
+        keg_class = type(z.keg)
+        held_by = keg_class.held_by
+        freed = threading.Event()
+
+        def free_elsewhere():
+            a.zone("z").free(h)                 # a's CPU in another thread: its own CPU
+            freed.set()
+
+        def held_by_racing_a_free(self, cpu):
+            out = list(held_by(self, cpu))
+            if cpu == b.cpu_id and any(ti == z._cache._tag_index(h) for ti, _ in out):
+                t = threading.Thread(target=free_elsewhere)
+                t.start()
+                t.join(1.0)                     # it waits for the zone lock b holds
+            return iter(out)
+
+        monkeypatch.setattr(keg_class, "held_by", held_by_racing_a_free)
+        b.close()
+        assert freed.wait(WAIT)
+        monkeypatch.undo()
+        assert z.stats().used == 0
+        a.check()
+    finally:
+        a.destroy()
+
+
+def test_a_last_copy_whose_free_of_its_packet_failed_can_be_freed_again(monkeypatch):
+    """The last copy of a set-aside packet took the count to the packet's own and
+    then failed to free the packet (a free-anywhere refused, as when another CPU
+    claimed it meanwhile): freeing the copy again finishes the job, dropping
+    nothing twice."""
+    from shmalloc import mbuf as mb
+    from shmalloc.errors import BadHandleError
+    from shmalloc.mbuf import api
+    a = Arena.create_local(16 << 20)
+    try:
+        m = mb.m_getcl(M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+        c = mb.m_copym(m, 0, mb.M_COPYALL, M_NOWAIT)
+        mb.m_freem(m)                                   # set aside, waits for c
+        free_set_aside = api._free_set_aside
+
+        def refused_once(*args):
+            monkeypatch.setattr(api, "_free_set_aside", free_set_aside)
+            raise BadHandleError("refused (test)")
+        monkeypatch.setattr(api, "_free_set_aside", refused_once)
+        with pytest.raises(BadHandleError):
+            mb.m_freem(c)
+        assert a.zone_stats("mbuf_packet").used == 1 and c.refcnt == 1
+        mb.m_freem(c)                                   # the retry
+        assert a.zone_stats("mbuf_packet").used == a.zone_stats("mbuf").used == 0
+        a.check()
+    finally:
         a.destroy()

@@ -40,6 +40,7 @@ import threading
 import time
 
 from shmalloc import Arena, ArenaNotFoundError, CorruptionError, LayoutError, ShmallocError
+from shmalloc.errors import IpcError
 from shmalloc import admin, recovery
 from shmalloc import layout as L
 from shmalloc.ipc import naming
@@ -217,8 +218,8 @@ class Fleet:
             if self.observer is None:
                 try:
                     self.observer = Arena.attach(self.name)
-                except (ArenaNotFoundError, LayoutError):
-                    pass
+                except (ArenaNotFoundError, LayoutError, IpcError):
+                    pass                    # not there yet, or not sized or formatted yet
             if self.observer is not None and manager_pid(self.observer) == proc.pid:
                 return
             if time.monotonic() > deadline:
@@ -240,11 +241,7 @@ class Fleet:
         if self.manager is not None and self.manager.poll() is None:
             return 0
         core = self.observer._core
-        idxs = recovery.lock_indexes(core) + [
-            L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
-            if recovery.mailbox_lock(core, c) is not None]
-        dead = {pid for pid in (core.lock(i).owner_pid() for i in idxs)
-                if pid and pid != os.getpid() and not admin.process_alive(pid)}
+        dead = recovery.dead_lock_owners(core)
         n = recovery.repair_locks(self.observer, dead) if dead else 0
         if n:
             self.log(f"fleet: repaired {n} lock(s) of dead pid {'/'.join(map(str, dead))}")

@@ -54,6 +54,11 @@ from shmalloc.mail import MSG_DRAIN
 
 from .mbuf_recovery import recover_mbufs
 
+try:        # the mbuf layer's lock repair (its refcount journal) must be known to
+    from shmalloc import mbuf as _mbuf   # noqa: F401 - every repair, adopting too
+except ImportError:
+    _mbuf = None
+
 POLL = 0.2
 ORPHAN_SECONDS = 2.0
 TRIM_SECONDS = 20.0
@@ -77,8 +82,10 @@ class Manager:
         self._last_trim = time.monotonic()
         self._last_lowmem = 0.0
         if adopt:
+            self._repair_before_adopting(name)
             self.arena = Arena.attach(name)
-            self._adopt()
+            self.log(f"adopting arena {name!r} (previous manager pid "
+                     f"{self.arena._core.w[L.HDR['MANAGER_PID']]})")
         else:
             kw = {} if size is None else {"size": size}
             self.arena = Arena.create(name, tunables=tunables, **kw)
@@ -97,14 +104,27 @@ class Manager:
             return
         mbuf_init(self.arena)
 
-    def _adopt(self):
-        core = self.arena._core
-        w = core.w
-        pid, start = w[L.HDR["MANAGER_PID"]], w[L.HDR["MANAGER_START"]]
-        if pid and pid != os.getpid() and admin.process_alive(pid, start):
-            self.arena.close()
-            raise ShmallocError(f"arena {self.arena.name!r} has a live manager, pid {pid}")
-        self.log(f"adopting arena {self.arena.name!r} (previous manager pid {pid})")
+    def _repair_before_adopting(self, name: str) -> None:
+        """Refuse an arena whose manager lives; else repair the locks that dead
+        processes hold before taking a CPU slot, which takes the vm lock: a process
+        that died holding it while no manager ran would block the attach for good.
+        A vm lock left taken with no owner (its holder died between taking the
+        semaphore and writing its pid) is released once seen so for
+        ``ORPHAN_SECONDS``, as the manager does in every round."""
+        core = Arena._attach_core(name)
+        try:
+            w = core.w
+            pid, start = w[L.HDR["MANAGER_PID"]], w[L.HDR["MANAGER_START"]]
+            if pid and pid != os.getpid() and admin.process_alive(pid, start):
+                raise ShmallocError(f"arena {name!r} has a live manager, pid {pid}")
+            self._count_repairs(recovery.repair_dead_locks(core), "before adopting")
+            vm = core.lock(L.VM_LOCK)
+            deadline = time.monotonic() + ORPHAN_SECONDS + 4 * POLL
+            while not vm.owner_pid() and vm.is_taken() and time.monotonic() < deadline:
+                self._release_orphaned_locks(core, [L.VM_LOCK])
+                time.sleep(POLL)
+        finally:
+            core.close()
 
     # ------------------------------------------------------------ the loop
     def run(self, poll: float = POLL) -> None:
@@ -154,11 +174,8 @@ class Manager:
         repair blocked by a holder that died meanwhile (a zone's rebuild takes its
         keg lock) leaves the other thread free to repair that one."""
         core = self.arena._core
-        idxs = recovery.lock_indexes(core) + [
-            L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
-            if recovery.mailbox_lock(core, c) is not None]
         repaired, pids = 0, set()
-        for idx in idxs:                         # vm, kegs, zones, mailboxes: inner first
+        for idx in recovery.all_lock_indexes(core):   # vm, kegs, zones, mailboxes
             pid = core.lock(idx).owner_pid()
             if not pid or pid == os.getpid() or admin.process_alive(pid):
                 continue
@@ -176,16 +193,20 @@ class Manager:
         with self._repair_guard:
             self._release_orphaned_locks()
         if repaired:
-            self.repairs += repaired
             vm = core.lock(L.VM_LOCK)
             if vm.acquire(timeout=1.0, owner_id=self.arena.cpu_id):
                 try:
                     core.w[L.HDR["LOCK_REPAIRS"]] += repaired
                 finally:
                     vm.release()
-            self.log(f"manager: repaired {repaired} lock(s) of dead pid "
-                     f"{'/'.join(map(str, sorted(pids)))}")
+            self._count_repairs(repaired, "of dead pid " + "/".join(map(str, sorted(pids))))
         return repaired
+
+    def _count_repairs(self, n: int, what: str) -> None:
+        """Count ``n`` lock repairs (the header counts them too) and log them."""
+        if n:
+            self.repairs += n
+            self.log(f"manager: repaired {n} lock(s) {what}")
 
     def _repair_lock(self, idx: int, pid: int) -> bool:
         """Rebuild what lock ``idx`` protects and release it, if dead ``pid`` still
@@ -204,7 +225,8 @@ class Manager:
             klk = core.lock(L.keg_lock_index(core.w[L.zone_word(zone_id) + L.ZONE["KEG"]]))
             if klk.owner_pid() or klk.is_taken():
                 return False                     # next round
-            recovery.rebuild_zone(core, zone_id, self.arena.cpu_id)
+            for what in recovery.rebuild_zone(core, zone_id, self.arena.cpu_id):
+                self.log(f"manager: zone lock {idx} of dead pid {pid}: {what}")
         return lk.force_release(pid)             # (a mailbox needs no rebuild)
 
     def _stop(self, signum, frame):
@@ -291,12 +313,13 @@ class Manager:
     def _pid_was(cpu, pids):
         return "/".join(map(str, sorted(pids)))
 
-    def _release_orphaned_locks(self) -> None:
-        core = self.arena._core
+    def _release_orphaned_locks(self, core=None, idxs=None) -> None:
+        """Post the locks found taken with no owner pid, unchanged, for
+        ``ORPHAN_SECONDS`` (of ``core``, by default the manager's; all by default)."""
+        core = core or self.arena._core
         now = time.monotonic()
-        idxs = recovery.lock_indexes(core) + [
-            L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
-            if recovery.mailbox_lock(core, c) is not None]
+        if idxs is None:
+            idxs = recovery.all_lock_indexes(core)
         for idx in idxs:
             lk = core.lock(idx)
             if lk.owner_pid() != 0 or not lk.is_taken():
@@ -308,6 +331,12 @@ class Manager:
             elif now - seen[0] >= ORPHAN_SECONDS:
                 if lk.force_release_ownerless():
                     self.repairs += 1
+                    vm = core.lock(L.VM_LOCK)
+                    if vm.acquire(timeout=1.0, owner_id=L.NO_CPU):
+                        try:
+                            core.w[L.HDR["LOCK_REPAIRS"]] += 1
+                        finally:
+                            vm.release()
                     self.log(f"manager: released ownerless lock {idx}")
                 self._orphans.pop(idx, None)
 

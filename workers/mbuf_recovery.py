@@ -11,37 +11,35 @@ What ``recover_cpu`` leaves wrong for mbufs, and what this pass does about it:
    owned through the mbufs that point at it), as ``Arena.close`` does.
 
 2. It re-tags every allocated item of the dead CPU under the zone lock held for
-   the whole walk of the keg.  A live CPU freeing one of those items meanwhile
-   (free-anywhere: the last copy of a cluster frees the packet the dead CPU set
-   aside) read the tag before the walk and compares it under that lock, finds it
-   changed, and is refused (BadHandleError) -- after the mbuf layer already
-   marked the packet as no longer waiting, so recovery then frees it as a sole
-   packet and the copy's retry is a double free.  Here every re-tag takes the
-   zone lock for that one item only, and a packet that copies are still
-   releasing is left to them, never freed here:
+   the whole walk of the keg, and frees packets that are not its to free.  Here
+   every re-tag takes the zone lock for that one item only (a free-anywhere on a
+   live CPU that read the tag before may still take an item given to nobody:
+   ``zone._take_over``), and a packet is judged by the one word that says whether
+   it was set aside (its type, written under the refcount lock: a set-aside packet
+   keeps its own reference until its last copy frees it, ``api.drop_ref``):
 
-       packet waiting for its copies (MT_NOTMBUF), or with refcount 1 while
-           another allocated mbuf still points at its cluster (the last copy is
-           freeing it right now)           -> held by no CPU: the copies free it
-       a copy whose reference is already gone (its CPU died inside m_free after
-           dropping it: the packet is free, or holds its own reference and the
-           count is 1)                     -> taken over, freed without dropping
-                                              the reference a second time
+       packet set aside (MT_NOTMBUF), copies left (count > 1), or its last copy
+           on a CPU that is not dead still points at it (freeing it)
+                                           -> held by no CPU: the copies free it
+       packet set aside, count 1, no copy of a living CPU points at it (its last
+           copy died freeing it)           -> freed here, with its cluster
+       a copy whose reference is already gone (count 1: the packet's own, or the
+           packet is free: its CPU died inside m_free after the drop)
+                                           -> taken over, freed without dropping
+                                              the reference a second time (and
+                                              the packet it was freeing with it)
        any other packet, any mbuf          -> taken over by the manager, m_free
        packet importing (IMPORT) with a cluster attached (the CPU died inside
            mb_zinit_pack after the cluster came: m_ext names the packet as owner
            and a cluster the dead CPU holds) -> FINI, so that recovery runs
            mb_zfini_pack, which gives the cluster back instead of losing it
 
-What this pass cannot tell: a copy whose CPU died inside m_free after a
-decrement that was not the last (the count still looks right).  Its reference is
-dropped a second time -- the mbuf layer has to make that step recoverable.  An
-mbuf whose m_free fails here stays allocated and held by the manager; the failure
-is in the counts (``errors``) and the manager's log.
-
-A free-anywhere on a live CPU can still lose the (now microseconds wide) race
-against one of these re-tags; nothing has changed then, and the workers' free
-retries once (``workloads._MbufWork.free``).
+What this pass cannot tell: a copy whose CPU died inside m_free between the
+decrement that was not the last and the clearing of its M_EXT (two words of one
+locked step: the count still looks right), or a copy whose packet was freed and
+already made and copied anew before the pass.  Its reference is dropped a second
+time.  An mbuf whose m_free fails here stays allocated and held by the manager;
+the failure is in the counts (``errors``) and the manager's log.
 
 What is left to ``recover_cpu``: items cached, in the depot, importing without a
 cluster, being finalised, items handed to the CPU after this pass, and every
@@ -61,20 +59,26 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
     """Run the pass for dead CPU ``cpu`` on the manager's ``arena``; ``dead``: every
     CPU found dead in this round (their copies may be half made or half freed and
     say nothing about a packet's other references).  Returns
-    counts: freed (mbufs m_free'd), waiting (packets left to their copies),
-    unfinished (importing packets sent through fini), clusters (left to their
-    mbufs)."""
-    counts = dict.fromkeys(("freed", "waiting", "stale", "unfinished", "clusters"), 0)
+    counts: freed (mbufs m_free'd), waiting (packets left to their copies), stale
+    (copies whose reference was gone, freed without a drop), abandoned (set-aside
+    packets whose last copy died freeing them, freed here), unfinished (importing
+    packets sent through fini), clusters (left to their mbufs)."""
+    counts = dict.fromkeys(("freed", "waiting", "stale", "abandoned", "unfinished",
+                            "clusters"), 0)
     names = set(arena.zones())
     if not {*MBUF_ZONES, "mbuf_cluster"} <= names:
         return counts
     from shmalloc import mbuf as mb
     from shmalloc.mbuf.zones import (EXT_BUF, EXT_OWNER, EXT_REFCNT, EXT_TYPE, FLAGS,
-                                     M_PKTDAT, TYPE, ctx)
+                                     M_PKTDAT, PACK_VERIFIED, TYPE, ctx)
 
     core = arena._core
     w, u32, mv = core.w, core.tags, core.mv
     slots.close_mailbox(core, cpu, arena.cpu_id)   # nothing more is handed to it
+    c = ctx(arena)
+    for lk in {id(lk): lk for lk in (*c.reflocks.values(), c.extref_lock)}.values():
+        lk.acquire(owner_id=arena.cpu_id)          # a refcount step a dead CPU left
+        lk.release()                               # is finished when its lock is repaired
     owners = _referenced_packets(arena, arena.zone("mbuf"), {cpu, *dead}, EXT_OWNER,
                                  EXT_TYPE, FLAGS, mb.EXT_PACKET, mb.M_EXT)
     mine = L.tag(L.TAG_ALLOC, 0, arena.cpu_id, arena.cpu_id)
@@ -97,36 +101,45 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
                 and L.tag_holder(t) == cpu)
 
     zpack = arena.zone("mbuf_packet")
+    to_free_packets = {}                   # set-aside packets whose copies are all gone
+
+    def packet_of(h):
+        """(packet, its tag) that copy ``h`` points at, or (packet, None) when that
+        is not an allocated packet any more."""
+        owner = w[(h >> 3) + EXT_OWNER]
+        base = zpack.keg.slab_of(owner)
+        if base < 0 or (owner - base) % zpack.keg.rsize:
+            return owner, None
+        t = u32[zpack.keg.tag_index(base, (owner - base) // zpack.keg.rsize)]
+        if L.tag_state(t) not in (L.TAG_ALLOC, L.TAG_INFLIGHT) or L.tag_zidx(t) != zpack.zidx:
+            return owner, None               # (a packet in flight is allocated too)
+        return owner, t
+
+    def abandoned(p) -> bool:
+        """Packet ``p``, set aside, has no copy left (its count is its own) and no
+        copy held by a CPU that is not dead points at it (a live last copy frees
+        it): it is recovery's to free."""
+        return (w[(p >> 3) + TYPE] == mb.MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1
+                and p not in owners)
 
     def stale(h) -> bool:
         """Copy ``h`` points at a packet's cluster whose reference it no longer
-        holds: its CPU died inside m_free after the last reference went (the
-        packet is free already), or the packet holds its own reference and the
-        count is 1 (so it is the packet's) -- unless the packet was set aside for
-        its copies (held by no CPU: its own reference is gone; the copy was
-        releasing it when its CPU died).  Such a copy is freed without dropping a
-        reference again."""
+        holds: its CPU died inside m_free after its reference went -- the packet is
+        free (the copy was the last and freed it), or holds the only reference
+        (count 1), set aside (the copy was the last, about to free it: so is
+        recovery now) or not.  Such a copy is freed without dropping a reference
+        again."""
         i = h >> 3
         if not w[i + FLAGS] & mb.M_EXT or w[i + EXT_TYPE] != mb.EXT_PACKET:
             return False
-        owner = w[i + EXT_OWNER]
-        base = zpack.keg.slab_of(owner)
-        if base < 0 or (owner - base) % zpack.keg.rsize:
+        p, t = packet_of(h)
+        if t is None:
             return True
-        t = u32[zpack.keg.tag_index(base, (owner - base) // zpack.keg.rsize)]
-        if L.tag_state(t) not in (L.TAG_ALLOC, L.TAG_INFLIGHT) or L.tag_zidx(t) != zpack.zidx:
-            return True                      # (a packet in flight is allocated too)
-        if L.tag_holder(t) == L.NO_CPU:     # set aside for its copies (by a pass before
-            return False                     # this one): this copy's reference counts
-        return w[(owner >> 3) + TYPE] != mb.MT_NOTMBUF and u32[w[i + EXT_REFCNT] >> 2] <= 1
-
-    def releasing(h) -> bool:
-        """Packet ``h`` is being freed by the last copy of its cluster, on another
-        CPU: set aside (``_limbo`` cleared its M_PKTHDR), then marked MT_DATA again
-        by that copy, which frees it next; its count is 1 and a copy points at it."""
-        i = h >> 3
-        return (u32[w[i + EXT_REFCNT] >> 2] == 1 and h in owners
-                and not w[i + FLAGS] & mb.M_PKTHDR)
+        if u32[w[i + EXT_REFCNT] >> 2] > 1:
+            return False
+        if abandoned(p):
+            to_free_packets[p] = t
+        return True
 
     def mbuf(zone, h, tv):
         i = h >> 3
@@ -135,9 +148,11 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
                 counts["unfinished"] += 1
                 return (tv & ~L.TAG_STATE_MASK) | L.TAG_FINI
             return None
-        if zone.name == "mbuf_packet" and (
-                w[i + TYPE] == mb.MT_NOTMBUF or releasing(h)):
-            counts["waiting"] += 1
+        if zone.name == "mbuf_packet" and w[i + TYPE] == mb.MT_NOTMBUF:
+            if abandoned(h):                 # its copies are gone: freed here
+                to_free_packets[h] = mine | zone.zidx << 4
+                return mine | zone.zidx << 4
+            counts["waiting"] += 1           # its copies free it
             return _nobody(zone, tv)
         if zone.name == "mbuf" and stale(h):
             counts["stale"] += 1
@@ -155,8 +170,14 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
     for name in CLUSTER_ZONES:
         if name in names:
             _retag(arena, arena.zone(name), cpu, (L.TAG_ALLOC,), cluster)
-    c = ctx(arena)
     errors = []
+    for p in to_free_packets:              # set aside, copies gone: packet and cluster
+        try:
+            if w[(p >> 3) + TYPE] == mb.MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1:
+                c.zpack.free(p, PACK_VERIFIED)
+                counts["abandoned"] += 1
+        except Exception as e:  # noqa: BLE001 - the others are freed all the same
+            errors.append(f"packet {p}: {e!r}")
     for h in to_free:                      # no lock held: m_free takes what it needs
         try:
             mb.m_free(mb.Mbuf._wrap(c, h))

@@ -14,7 +14,7 @@ import operator
 
 from .. import layout as L
 from ..errors import BadHandleError
-from .constants import M_EXT, M_PKTHDR, M_RDONLY, MSIZE, MT_NOINIT, MT_NOTMBUF
+from .constants import EXT_PACKET, M_EXT, M_PKTHDR, M_RDONLY, MSIZE, MT_NOINIT, MT_NOTMBUF
 from .errors import MbufError
 from .zones import (DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_REFCNT,
                     EXT_SIZE, EXT_TYPE, FLAGS, LEN, M_DAT, M_PKTDAT, NEXT, NEXTPKT, PH_CSUM_DATA,
@@ -184,7 +184,7 @@ class Mbuf:
         M_EXT, else 1 (the mbuf's own data)."""
         w, i = self._c.w, (self.handle >> 3)
         if w[i + FLAGS] & M_EXT:
-            return self._c.u32[w[i + EXT_REFCNT] >> 2]
+            return refs(self._c, w, i)
         return 1
 
     @property
@@ -192,8 +192,19 @@ class Mbuf:
         """M_WRITABLE: not M_RDONLY and the storage is not shared."""
         w, i = self._c.w, (self.handle >> 3)
         flags = w[i + FLAGS]
-        return not flags & M_RDONLY and (not flags & M_EXT
-                                         or self._c.u32[w[i + EXT_REFCNT] >> 2] == 1)
+        return not flags & M_RDONLY and (not flags & M_EXT or refs(self._c, w, i) == 1)
+
+
+def refs(c, w, i) -> int:
+    """References to the external storage of the mbuf at word ``i`` (M_EXT): its
+    count, less the one a packet set aside for its copies still holds (that
+    packet is nobody's any more: see ``api.drop_ref``)."""
+    n = c.u32[w[i + EXT_REFCNT] >> 2]
+    if n > 1 and w[i + EXT_TYPE] == EXT_PACKET:
+        owner = w[i + EXT_OWNER]
+        if owner != i << 3 and w[(owner >> 3) + TYPE] == MT_NOTMBUF:
+            n -= 1
+    return n
 
 
 def _wrap(c, h: int) -> Mbuf:

@@ -194,6 +194,12 @@ class Ctx:
         lk[EXT_PACKET] = lk[EXT_CLUSTER]
         self.reflocks = lk
         self.extref_lock = core.lock(self.zextref._lock_index)
+        # the refcount journal of each lock: its owner-id word (``api.journal``)
+        jw = {t: L.lock_word(z._lock_index) + L.LOCK["OWNER_ID"]
+              for t, z in self.zone_of_type.items()}
+        jw[EXT_PACKET] = jw[EXT_CLUSTER]
+        self.journals = jw
+        self.extref_journal = L.lock_word(self.zextref._lock_index) + L.LOCK["OWNER_ID"]
         czw = L.zone_word(self.zclust.id)
         self.clust_limit_w = czw + L.ZONE["LIMIT"]
         self.clust_items_w = czw + L.ZONE["ITEMS"]
@@ -214,6 +220,10 @@ class Ctx:
 
     def reflock(self, ext_type: int):
         return self.reflocks.get(ext_type, self.extref_lock)
+
+    def journal(self, ext_type: int) -> int:
+        """Word index of the refcount journal of ``reflock(ext_type)``."""
+        return self.journals.get(ext_type, self.extref_journal)
 
     def is_mbuf(self, h) -> int:
         """The zone index (mbuf or packet) of ``h`` if it is an allocated mbuf of
@@ -518,28 +528,17 @@ def _pack_check(c, zone, h, i, arg) -> None:
 
 
 def _set_aside(c, zone, h, i, flags) -> None:
-    """A dead CPU's packet whose cluster copies still share: mark it waiting, drop
-    its reference, and refuse the free (MbufError): the last copy frees it.  If the
-    copies went meanwhile, return: the free goes on as for a sole packet."""
+    """A dead CPU's packet whose cluster copies still share: set it aside (it keeps
+    its reference; ``api._limbo``) and refuse the free (MbufError): the last copy
+    frees it.  If the copies went meanwhile, return: the free goes on as for a
+    sole packet."""
     from .api import _limbo
-    w, u32 = c.w, c.u32
-    if w[i + TYPE] == 0:
+    if c.w[i + TYPE] == 0:
         raise MbufError(f"zone {zone.name!r}: packet {h} already waits for its copies")
-    typ = w[i + TYPE]
-    _limbo(c, h, i, flags)
-    r = w[i + EXT_REFCNT] >> 2
-    lk = c.reflock(EXT_PACKET)
-    lk.acquire(owner_id=c.cpu)
-    try:
-        rc = u32[r]
-        if rc > 1:
-            u32[r] = rc - 1
-    finally:
-        lk.release()
-    if rc > 1:
-        raise MbufError(f"zone {zone.name!r}: packet {h} is set aside until the {rc - 1} "
-                        f"copies sharing its cluster are freed")
-    w[i + TYPE] = typ
+    if _limbo(c, h, i, flags):
+        raise MbufError(f"zone {zone.name!r}: packet {h} is set aside until the "
+                        f"{c.u32[c.w[i + EXT_REFCNT] >> 2] - 1} copies sharing its cluster "
+                        f"are freed")
 
 
 def _pack_unclean(c, h) -> bool:
