@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import sys
 import time
 import weakref
 from array import array
@@ -546,6 +547,7 @@ class Arena:
         key = (os.getpid(), get_ident())
         a = self._thread_arenas.get(key)
         if a is None:
+            self._close_ended_threads()
             if self._core.backend.local:
                 if self._forked():
                     raise ShmallocError("a local arena cannot be used across fork")
@@ -555,6 +557,25 @@ class Arena:
             a._owner_tid = get_ident()
             self._thread_arenas[key] = a
         return a
+
+    def _close_ended_threads(self) -> None:
+        """Give back the CPU slots of this process's threads that have ended, before
+        a new thread takes one (each thread that used the arena has its own CPU):
+        the calling thread adopts each such CPU and closes it (its cached items
+        back, what it still holds to nobody)."""
+        pid = os.getpid()
+        if self._closing or self._pid != pid or not self._thread_arenas:
+            return
+        alive = sys._current_frames().keys()       # every thread with a Python state
+        for key, a in list(self._thread_arenas.items()):
+            if key[0] != pid or key[1] in alive or a._closed:
+                continue
+            if self._thread_arenas.pop(key, None) is not a:
+                continue                             # another thread closes it
+            a._owner_tid = get_ident()
+            for z in a._zones.values():
+                z._cache.refresh()
+            a.close()
 
     # ------------------------------------------------------------ zones
     def zcreate(self, name: str, size: int, *, refcnt: bool = False, max_items: int = 0,
@@ -706,7 +727,7 @@ class Arena:
     def _publish_all(self):
         for z in self._zones.values():
             z._cache.publish()
-        for a in self._thread_arenas.values():
+        for a in list(self._thread_arenas.values()):     # (one may close meanwhile)
             if not a._closed:
                 a._publish_all()
 

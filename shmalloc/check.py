@@ -46,7 +46,7 @@ def check(arena, level: int = 1) -> None:
             lk.acquire(owner_id=arena.cpu_id)
             taken.append(lk)
         core.vm.check(problems)
-        own_cpus = {arena.cpu_id} | {a.cpu_id for a in arena._thread_arenas.values()
+        own_cpus = {arena.cpu_id} | {a.cpu_id for a in list(arena._thread_arenas.values())
                                      if not a._closed}
         live = set(core.live_cpus())
         for kid in keg_ids:

@@ -1036,3 +1036,53 @@ def test_a_last_copy_whose_free_of_its_packet_failed_can_be_freed_again(monkeypa
         a.check()
     finally:
         a.destroy()
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_an_ended_threads_cpu_slot_goes_back_before_a_new_thread_takes_one(arena_name,
+                                                                           local):
+    """Each thread that uses an arena is a CPU.  When a new thread comes, the CPUs
+    of the threads that have ended are closed (their caches back, what they still
+    hold to nobody), so that threads coming and going do not use up the slots.
+    Each thread starts while the one before it is alive (so their ids differ), and
+    uses the arena once that one has ended."""
+    import threading
+    a = Arena.create_local(8 << 20) if local else Arena.create(arena_name, 16 << 20)
+    try:
+        z = a.zcreate("z", 64)
+        kept, errors = [], []
+
+        def use(keep, go, used, end):
+            try:
+                assert go.wait(WAIT)
+                hs = [z.alloc(M_NOWAIT) for _ in range(3)]
+                z.free_bulk(hs[keep:])
+                kept.extend(hs[:keep])
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+            used.set()
+            assert end.wait(WAIT)
+
+        prev = None
+        for i in range(L.MAX_CPUS + 3):            # more threads than slots
+            go, used, end = threading.Event(), threading.Event(), threading.Event()
+            t = threading.Thread(target=use, args=(int(i == 0), go, used, end))
+            t.start()
+            if prev is not None:
+                prev[1].set()
+                prev[0].join(WAIT)
+                assert not prev[0].is_alive()
+            go.set()
+            assert used.wait(WAIT) and not errors, errors
+            assert len(a._core.live_cpus()) == 2    # this CPU and the living thread's
+            prev = (t, end)
+        prev[1].set()
+        prev[0].join(WAIT)
+        assert z.stats().used == 1
+        t0 = z._cache._tag_index(kept[0])
+        assert L.tag_holder(a._core.tags[t0]) == L.NO_CPU     # the first thread's, let go
+        z.free(kept[0])
+        assert z.stats().used == 0
+        a.check()
+    finally:
+        a.destroy()

@@ -301,7 +301,7 @@ class Manager:
         manager in-process and attaches beside it)."""
         from shmalloc.arena import _live_arenas
         a = self.arena
-        if cpu == a.cpu_id or any(t.cpu_id == cpu for t in a._thread_arenas.values()):
+        if cpu == a.cpu_id or any(t.cpu_id == cpu for t in list(a._thread_arenas.values())):
             return True
         return any(x.cpu_id == cpu and x.name == a.name and not x._closed
                    and not x._forked() for x in list(_live_arenas))
