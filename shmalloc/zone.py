@@ -549,13 +549,19 @@ class _Cache:
             tags[t] = wd
             if KILLPOINTS:
                 killpoint("depot.put")
+        self._depot_append(n, cap, hs, ts)
+        return True
+
+    def _depot_append(self, n, cap, hs, ts):
+        """Write items tagged depot into the depot's stack above its ``n`` items.
+        Lock: zone."""
+        w, zw, k = self.core.w, self.zw, len(hs)
         d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
         w[d0 + n:d0 + n + k] = array("q", hs)
         w[d0 + cap + n:d0 + cap + n + k] = array("q", ts)
         w[zw + _Z["DEPOT_N"]] = n + k
         if n + k > w[zw + _Z["IMAX"]]:
             w[zw + _Z["IMAX"]] = n + k
-        return True
 
     def _release_to_keg(self, hs, ts, run_fini: bool):
         """Items this CPU holds go back to their slabs; the limit units are
@@ -979,12 +985,7 @@ class _Cache:
             if len(ts) < k:
                 self._mark(ts, self.w_alloc)
                 return False
-            d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
-            w[d0 + n:d0 + n + k] = array("q", hs)
-            w[d0 + cap + n:d0 + cap + n + k] = array("q", ts)
-            w[zw + _Z["DEPOT_N"]] = n + k
-            if n + k > w[zw + _Z["IMAX"]]:
-                w[zw + _Z["IMAX"]] = n + k
+            self._depot_append(n, cap, hs, ts)
             self.depot_puts += 1
         finally:
             lk.release()
