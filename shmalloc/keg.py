@@ -373,6 +373,24 @@ class Keg:
                 if seen > self.core.geometry.npages:
                     raise RuntimeError(f"keg {self.id}: slab list {lst} has a cycle")
 
+    def slab_bases(self) -> list[int]:
+        """The base of every slab, read from the page table, not the slab lists.
+        Lock: none -- a slab is mapped before any of its items leaves it and
+        unmapped only when all are back, so a walk that must not miss an item
+        that is out of the slabs (its lists may move under it) reads this."""
+        pt = self.core.pt
+        kid, mask = self.id, (1 << L.KEG_ID_SHIFT) - 1
+        bases = []
+        page, last = self.core.geometry.data_off >> L.PAGE_SHIFT, self.core.geometry.npages
+        while page < last:
+            e = pt[page]
+            if e >> L.KEG_ID_SHIFT == kid and (e & mask) == page << L.PAGE_SHIFT:
+                bases.append(page << L.PAGE_SHIFT)
+                page += self.ppera
+            else:
+                page += 1
+        return bases
+
     def held_by(self, cpu: int):
         """Yield (tag index, tag) of every item whose tag names ``cpu`` as holder.
         Tags of a live CPU's items change under its feet: use for a CPU that is
@@ -403,17 +421,7 @@ class Keg:
         a keg lock's owner died.  Lock: keg (repaired)."""
         core = self.core
         w, kw = core.w, self.kw
-        bases = []
-        pt = core.pt
-        first, last = core.geometry.data_off >> L.PAGE_SHIFT, core.geometry.npages
-        page = first
-        while page < last:
-            e = pt[page]
-            if e >> L.KEG_ID_SHIFT == self.id and (e & ((1 << L.KEG_ID_SHIFT) - 1)) == page << L.PAGE_SHIFT:
-                bases.append(page << L.PAGE_SHIFT)
-                page += self.ppera
-            else:
-                page += 1
+        bases = self.slab_bases()
         for head in L.LIST_HEAD.values():
             w[kw + head] = L.NIL
         free_items = 0

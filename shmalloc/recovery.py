@@ -20,7 +20,8 @@ Items (``recover_cpu``), by the state their tag gives:
     ALLOC, INFLIGHT     freed through the zone (dtor, then cached): the references
                         a dead CPU held through its mbufs are given back this way;
                         items of REFCNT kegs (clusters) are owned through those
-                        references and left to them
+                        references and left to them (the mbuf layer's pass, run
+                        first, frees those that no mbuf names)
 
 so hooks may run twice for an item across a crash: dtor and fini must tolerate it.
 """

@@ -23,7 +23,8 @@ and ``free`` (UMA's ``uma_zfree_arg`` cases):
     F3  the stack is full: push, then move its oldest bucket to the depot, or to
         the keg when the depot is full (zone fini first)
     F4  the item is held by another CPU (not handed over): take it over under the
-        zone lock, then as F1-F3 (UMA's free-anywhere)
+        zone lock, then as F1-F3 (UMA's free-anywhere); ``take_over`` is this
+        first half alone
     F5  anything else is an error: double free, foreign or bad handle
 
 The bulk calls take the same steps a batch at a time: ``alloc_bulk`` into an empty
@@ -147,6 +148,7 @@ class Zone:
         self.view = self._cache.view
         self.alloc_bulk = self._cache.alloc_bulk
         self.free_bulk = self._cache.free_bulk
+        self.take_over = self._cache.take_over
 
     # ------------------------------------------------------------------ public
     def __repr__(self):
@@ -807,6 +809,23 @@ class _Cache:
         if L.tag_state(tg) != L.TAG_ALLOC or L.tag_zidx(tg) != zone.zidx:
             zone._raise_bad(h, "free")
         return h, t, tg
+
+    def take_over(self, h) -> None:
+        """F4's first half alone: allocated item ``h`` becomes this CPU's (from
+        whichever CPU holds it, or none), still allocated; its free is then this
+        CPU's own.  For storage that its last user is about to forget, then free:
+        taken over first, it is never at once forgotten and held by another CPU,
+        whose recovery could not tell it from storage still in use.  Raises as
+        ``free`` would for an item that is not allocated.  Lock: takes zone when
+        another CPU (or none) holds it."""
+        if self.tid != get_ident():
+            other = self._check_thread("take-over", h)
+            if other is not None:
+                return other.take_over(h)
+        h, t, tg = self._validate_free(h)
+        if L.tag_holder(tg) != self.cpu:
+            self._take_over(h, t, tg)
+        return None
 
     def _take_over(self, h, t, tg):
         """F4: an item held by another CPU (or by none: its CPU closed) is freed

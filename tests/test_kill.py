@@ -800,6 +800,124 @@ def test_a_set_aside_packet_whose_last_copy_died_freeing_it_is_freed(arena_name)
         mgr.shutdown()
 
 
+# The windows in which a dying CPU leaves a cluster that no mbuf names: between taking
+# it and an mbuf naming it, between an mbuf forgetting it and its free, and a cluster
+# held bare.  Each child sets itself up, reports, then dies at its point.
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _attached_ctx(name):
+    from shmalloc.mbuf.zones import ctx
+    a = Arena.attach(name)
+    return a, ctx(a)
+
+
+def _report_then(q, result):
+    q.put(("ok", result))
+    q.close()
+    q.join_thread()                       # on its way before the kill
+
+
+def cluster_taken_by_init(q, name, _dest):
+    """Die inside mb_zinit_pack right after the cluster zone handed the cluster out
+    (allocated, held here), before its ctor attached it to the packet."""
+    from shmalloc import mbuf as mb
+    a, c = _attached_ctx(name)
+    alloc = c.zclust.alloc
+
+    def alloc_then_die(how, timeout=None, arg=None):
+        alloc(how, timeout, None)
+        _die()
+    _report_then(q, a.cpu_id)
+    c.zclust.alloc = alloc_then_die
+    mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+
+
+def cluster_forgotten_by_fini(q, name, _dest):
+    """Drain the packet zone's depot (packets the test imported, their clusters
+    held by the test's CPU) and die inside mb_zfini_pack of the first, after the
+    packet forgot its cluster, before the cluster was freed."""
+    a, c = _attached_ctx(name)
+    _report_then(q, a.cpu_id)
+    c.zclust.free = lambda *args: _die()
+    c.zpack.drain()
+
+
+def last_reference_dropped(q, name, _dest):
+    """Take the mbuf handed over (its cluster held by the test's CPU, which attached
+    it) and die in m_free after its only reference went, before the cluster was
+    freed."""
+    from shmalloc import mbuf as mb
+    a, c = _attached_ctx(name)
+    q.put(("ok", a.cpu_id))
+    got = a.recv(timeout=WAIT)
+    m = mb.Mbuf.from_handle(a, got[0])
+    _report_then(q, m.refcnt)
+    c.zclust.free = lambda *args: _die()
+    mb.m_freem(m)
+
+
+def cluster_held_bare(q, name, _dest):
+    """Take a bare cluster (m_cljget without an mbuf) and die holding it."""
+    from shmalloc import mbuf as mb
+    a, _ = _attached_ctx(name)
+    cl = mb.m_cljget(None, mb.M_NOWAIT, mb.MCLBYTES, arena=a)
+    assert cl
+    _report_then(q, a.cpu_id)
+    _die()
+
+
+@pytest.mark.parametrize("child", ["cluster_taken_by_init", "cluster_forgotten_by_fini",
+                                   "last_reference_dropped", "cluster_held_bare"])
+def test_a_cluster_no_mbuf_names_is_freed_with_its_dead_cpu(arena_name, child):
+    """A CPU dies holding a cluster that no mbuf names: in mb_zinit_pack after the
+    cluster came, before the packet named it; in mb_zfini_pack or in the last
+    m_free of a cluster after the mbuf forgot it, before it was freed (both take the
+    cluster over first: it was the test's, which attached it); or holding it bare.
+    Recovery frees it (before, it was given to nobody, or left with the test's CPU,
+    and lost: the chaos harness's "cluster" failure, ``mbuf_cluster: USED n + 1, the
+    living hold n``)."""
+    from shmalloc import mbuf as mb
+    from shmalloc.workers.chaos import used_problems
+    from shmalloc.workers.manager import Manager
+    mgr = Manager(arena_name, size=16 << 20)
+    q = SPAWN.Queue()
+    p = None
+    try:
+        a = Arena.attach(arena_name)
+        if child == "cluster_forgotten_by_fini":   # packets (clusters held here) in the depot
+            ms = [mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a) for _ in range(4)]
+            for m in ms:
+                mb.m_freem(m)
+            a.zone("mbuf_packet")._cache.drain_cache()
+            assert a.zone("mbuf_packet").stats().free_depot >= 4
+        p = SPAWN.Process(target=_child, args=(child, q, arena_name, a.cpu_id), daemon=True)
+        p.start()
+        dead = _get(q, [p], "the child")
+        if child == "last_reference_dropped":      # a cluster attached here, handed over
+            m = mb.m_gethdr(mb.M_NOWAIT, mb.MT_DATA, arena=a)
+            assert mb.m_clget(m, mb.M_NOWAIT)
+            a.send(dead, [m.handle])
+            assert _get(q, [p], "the child") == 1
+        p.join(WAIT)
+        assert p.exitcode == -signal.SIGKILL
+        _wait_recovered(mgr, a)
+        mgr.step()
+        try:
+            problems, lost = used_problems(a, {})
+            assert not problems and not lost, "; ".join(problems)
+            a.check()
+        finally:
+            a.close()
+    finally:
+        if p is not None and p.is_alive():
+            p.kill()
+        if p is not None:
+            p.join(WAIT)
+        mgr.shutdown()
+
+
 def die_holding_the_vm_lock(q, name):
     a = Arena.attach(name)
     a._core.lock(L.VM_LOCK).acquire(owner_id=a.cpu_id)

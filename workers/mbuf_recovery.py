@@ -33,6 +33,12 @@ What ``recover_cpu`` leaves wrong for mbufs, and what this pass does about it:
            mb_zinit_pack after the cluster came: m_ext names the packet as owner
            and a cluster the dead CPU holds) -> FINI, so that recovery runs
            mb_zfini_pack, which gives the cluster back instead of losing it
+       a cluster the dead CPU holds that no mbuf names (it died between taking
+           it and an mbuf naming it, as in mb_zinit_pack before the cluster's
+           ctor attached it; or between an mbuf forgetting it and its free, which
+           take the cluster over first: mb_zfini_pack, the last drop_ref; or it
+           held it bare)                   -> freed (``_claim_unnamed``, under the
+                                              cluster zone's lock)
 
 What this pass cannot tell: a copy whose CPU died inside m_free between the
 decrement that was not the last and the clearing of its M_EXT (two words of one
@@ -62,9 +68,10 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
     counts: freed (mbufs m_free'd), waiting (packets left to their copies), stale
     (copies whose reference was gone, freed without a drop), abandoned (set-aside
     packets whose last copy died freeing them, freed here), unfinished (importing
-    packets sent through fini), clusters (left to their mbufs)."""
+    packets sent through fini), clusters (left to their mbufs), unnamed (clusters
+    no mbuf names, freed here)."""
     counts = dict.fromkeys(("freed", "waiting", "stale", "abandoned", "unfinished",
-                            "clusters"), 0)
+                            "clusters", "unnamed"), 0)
     names = set(arena.zones())
     if not {*MBUF_ZONES, "mbuf_cluster"} <= names:
         return counts
@@ -167,10 +174,22 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
 
     for name in MBUF_ZONES:
         _retag(arena, arena.zone(name), cpu, (L.TAG_ALLOC, L.TAG_INFLIGHT, L.TAG_IMPORT), mbuf)
+    unnamed = []                           # clusters of the dead CPU no mbuf names
+    for name in CLUSTER_ZONES:
+        if name in names:
+            z = arena.zone(name)
+            unnamed += [(z, h) for h in _claim_unnamed(arena, z, cpu, zpack, EXT_BUF, FLAGS,
+                                                       mb.M_EXT)]
     for name in CLUSTER_ZONES:
         if name in names:
             _retag(arena, arena.zone(name), cpu, (L.TAG_ALLOC,), cluster)
     errors = []
+    for z, h in unnamed:                   # the manager's now, count 1: freed
+        try:
+            z.free(h)
+            counts["unnamed"] += 1
+        except Exception as e:  # noqa: BLE001 - the others are freed all the same
+            errors.append(f"cluster {h}: {e!r}")
     for p in to_free_packets:              # set aside, copies gone: packet and cluster
         try:
             if w[(p >> 3) + TYPE] == mb.MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1:
@@ -206,6 +225,83 @@ def _referenced_packets(arena, zmbuf, dead, EXT_OWNER, EXT_TYPE, FLAGS, EXT_PACK
                 i = (base + k * keg.rsize) >> 3
                 if w[i + FLAGS] & M_EXT and w[i + EXT_TYPE] == EXT_PACKET:
                     out.add(w[i + EXT_OWNER])
+    return out
+
+
+def _claim_unnamed(arena, zone, cpu, zpack, EXT_BUF, FLAGS, M_EXT) -> list[int]:
+    """Clusters of ``zone`` that dead CPU ``cpu`` holds (allocated, or in flight to
+    it) and that no mbuf names: re-tagged as the manager's allocated items, count
+    1, for it to free.  Returns their handles.
+
+    Such a cluster is one the CPU died with between taking it and an mbuf naming
+    it (``mb_zinit_pack``, ``m_clget``, ``m_getjcl`` ...), between an mbuf
+    forgetting it and its free (``mb_zfini_pack``, the last reference's
+    ``drop_ref``: both take the cluster over first, so the dead CPU holds it), or
+    held bare (``m_cljget(None, ...)``).  Every other cluster a dead CPU holds is
+    named by an mbuf and left to it.
+
+    Why the verdict holds against the living: the last name of a cluster goes
+    only when the CPU removing it holds the cluster (it takes it over first, under
+    this zone's lock, from the CPU that held it), any other name only in a locked
+    refcount step under this same lock, and a new name is only ever copied from a
+    name that stays meanwhile (or made by the cluster's holder, dead here).  So
+    while the lock is held no name of a cluster of the dead CPU goes, and the
+    walk of every mbuf-keg item out of its slab (the slabs read from the page
+    table, which a walk cannot miss as it can miss a slab moving between lists)
+    finds a name of every such cluster that has one.  A first walk without the
+    lock rules out the named ones (most: the clusters of the packets the CPU
+    imported), so that the lock is taken only when there is something to free.
+    Lock: takes the zone's."""
+    core = arena._core
+    tags, w = core.tags, core.w
+    keg, zidx = zone.keg, zone.zidx
+    held = {L.tag(st, zidx, cpu) & 0xFFFF for st in (L.TAG_ALLOC, L.TAG_INFLIGHT)}
+
+    def candidates() -> dict:
+        out = {}
+        for base in keg.slab_bases():
+            t0 = (base + keg.tagoff) >> 2
+            for k, tv in enumerate(tags[t0:t0 + keg.ipers]):
+                if tv & 0xFFFF in held:
+                    out[base + k * keg.rsize] = t0 + k
+        return out
+
+    def named(wanted) -> set:
+        """The clusters of ``wanted`` that an item of the mbuf keg names: an mbuf
+        with M_EXT (allocated, in flight: a copy, or a cluster's mbuf), a packet in
+        any state but importing on the dead CPU (which goes back without its fini:
+        importing with its cluster attached it was made finishing already)."""
+        mkeg = zpack.keg
+        zp = zpack.zidx
+        skip = L.tag(L.TAG_IMPORT, zp, cpu) & 0xFFFF
+        out = set()
+        for base in mkeg.slab_bases():
+            t0 = (base + mkeg.tagoff) >> 2
+            for k, tv in enumerate(tags[t0:t0 + mkeg.ipers]):
+                if not tv & L.TAG_STATE_MASK:
+                    continue
+                i = (base + k * mkeg.rsize) >> 3
+                cl = w[i + EXT_BUF]
+                if cl in wanted and (w[i + FLAGS] & M_EXT if (tv >> 4) & 0xF != zp
+                                     else tv & 0xFFFF != skip):
+                    out.add(cl)
+        return out
+
+    found = candidates()
+    unnamed = set(found) - named(found)
+    if not unnamed:
+        return []
+    me = L.tag(L.TAG_ALLOC, zidx, arena.cpu_id, arena.cpu_id)
+    lk = core.lock(zone._lock_index)
+    lk.acquire(owner_id=arena.cpu_id)
+    try:
+        found = {h: t for h, t in candidates().items() if h in unnamed}
+        out = sorted(set(found) - named(found))
+        for h in out:
+            tags[found[h]] = me
+            tags[keg.ref_index(h)] = 1
+    finally:
+        lk.release()
     return out
 
 

@@ -463,8 +463,10 @@ def drop_ref(c, h, i, flags, zidx):
     if last:
         z = c.zone_of_type.get(typ)
         if z is not None:
-            w[i + FLAGS] &= ~M_EXT       # before the cluster goes: a crash in between
-            z.free(w[i + EXT_BUF])       # leaks it, never frees it twice
+            cl = w[i + EXT_BUF]
+            z.take_over(cl)              # ours before it is forgotten, so that a crash
+            w[i + FLAGS] &= ~M_EXT       # from here on leaves a cluster of this CPU's
+            z.free(cl)                   # that no mbuf names: recovery frees it (never twice)
         elif typ in EXT_EXTADD_TYPES:
             u32[r] = 0
             c.zextref.free(r << 2)

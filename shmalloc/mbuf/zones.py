@@ -447,13 +447,23 @@ def mb_zinit_pack(zone, h, how):
 
 def mb_zfini_pack(zone, h):
     """packet zone -> keg: give the cluster back.  A repeat (crash recovery) finds
-    no cluster and does nothing."""
+    no cluster and does nothing.
+
+    The cluster is held by the CPU that imported the packet (or by none, that CPU
+    gone), not always this one: it is taken over first, then the packet forgets
+    it, then it is freed.  A CPU killed before the packet forgot it leaves the
+    cluster to the fini that recovery runs again; killed after, a cluster it holds
+    that no mbuf names, which recovery frees (``workers/mbuf_recovery.py``).
+    (Forgotten before it was taken over, it stayed meanwhile with its former
+    holder, where nothing told it from a cluster in use: a kill there lost it.)"""
     try:
         c = zone._mbctx
     except AttributeError:
         c = _hook_ctx(zone)
     w, i = c.w, h >> 3
     cl = w[i + EXT_BUF]
+    if cl:
+        c.zclust.take_over(cl)
     w[i + EXT_BUF] = 0
     w[i + FLAGS] &= ~M_EXT
     if cl:
