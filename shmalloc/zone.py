@@ -818,6 +818,14 @@ class _Cache:
         whose recovery could not tell it from storage still in use.  Raises as
         ``free`` would for an item that is not allocated.  Lock: takes zone when
         another CPU (or none) holds it."""
+        core, keg = self.core, self.zone.keg
+        try:                            # already allocated here and held here: nothing to do
+            b = core.pt[h >> L.PAGE_SHIFT] ^ keg.kid_bits
+            if core.tags[(b >> 2) + keg.offmap[h - b]] == self.w_alloc and \
+                    self.tid == get_ident():
+                return None
+        except (IndexError, TypeError, KeyError):
+            pass                        # not an item of this zone's keg: the checks below say why
         if self.tid != get_ident():
             other = self._check_thread("take-over", h)
             if other is not None:
