@@ -373,6 +373,17 @@ class Keg:
                 if seen > self.core.geometry.npages:
                     raise RuntimeError(f"keg {self.id}: slab list {lst} has a cycle")
 
+    def slab_bases_locked(self, owner_id: int) -> list[int]:
+        """The base of every slab, read from the slab lists under the keg lock
+        (taken here): a slab mapped later holds no item out of it yet, and one
+        unmapped later held none.  Lock: takes keg (after zone, if held)."""
+        lk = self.core.lock(self.lock_index)
+        lk.acquire(owner_id=owner_id)
+        try:
+            return [base for _, base in self.slabs()]
+        finally:
+            lk.release()
+
     def slab_bases(self) -> list[int]:
         """The base of every slab, read from the page table, not the slab lists.
         Lock: none -- a slab is mapped before any of its items leaves it and
@@ -391,12 +402,15 @@ class Keg:
                 page += 1
         return bases
 
-    def held_by(self, cpu: int):
+    def held_by(self, cpu: int, bases=None):
         """Yield (tag index, tag) of every item whose tag names ``cpu`` as holder.
         Tags of a live CPU's items change under its feet: use for a CPU that is
-        closing (itself) or dead."""
+        closing (itself) or dead.  Lock: keg, unless ``bases`` (the slabs' bases,
+        e.g. ``slab_bases_locked``) is given."""
         tags = self.core.tags
-        for _, base in self.slabs():
+        if bases is None:
+            bases = [base for _, base in self.slabs()]
+        for base in bases:
             t0 = (base + self.tagoff) >> 2
             for i, tv in enumerate(tags[t0:t0 + self.ipers]):
                 if tv and (tv >> 8) & 0xFF == cpu:

@@ -221,7 +221,8 @@ def _recover_zone_items(arena, zone_id: int, cpu: int, counts: dict) -> None:
     lk = core.lock(zone._lock_index)          # take-overs (F4) re-tag under it too
     lk.acquire(owner_id=me)
     try:
-        found = [(ti, tv) for ti, tv in keg.held_by(cpu) if (tv >> 4) & 0xF == zidx]
+        found = [(ti, tv) for ti, tv in keg.held_by(cpu, keg.slab_bases_locked(me))
+                 if (tv >> 4) & 0xF == zidx]
         cached, fini, imported, freeing = ([], []), ([], []), ([], []), []
         for ti, tv in found:
             st = L.tag_state(tv)

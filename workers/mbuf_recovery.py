@@ -217,7 +217,7 @@ def _referenced_packets(arena, zmbuf, dead, EXT_OWNER, EXT_TYPE, FLAGS, EXT_PACK
     w, tags = core.w, core.tags
     keg = zmbuf.keg
     out = set()
-    for _, base in keg.slabs():
+    for base in keg.slab_bases_locked(arena.cpu_id):
         t0 = (base + keg.tagoff) >> 2
         for k, tv in enumerate(tags[t0:t0 + keg.ipers]):
             if (L.tag_state(tv) == L.TAG_ALLOC and L.tag_zidx(tv) == zmbuf.zidx
@@ -317,7 +317,7 @@ def _retag(arena, zone, cpu, states, new_tag) -> None:
     sees); each re-tag holds the zone lock for that item alone."""
     core = arena._core
     keg = zone.keg
-    found = [(ti, tv) for ti, tv in keg.held_by(cpu)
+    found = [(ti, tv) for ti, tv in keg.held_by(cpu, keg.slab_bases_locked(arena.cpu_id))
              if L.tag_zidx(tv) == zone.zidx and L.tag_state(tv) in states]
     lk = core.lock(zone._lock_index)
     for ti, tv in found:
