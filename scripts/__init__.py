@@ -14,3 +14,11 @@ def positive_int(text):
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
     return n
+
+
+def positive_seconds(text):
+    """argparse type: a positive number of seconds."""
+    s = float(text)
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return s

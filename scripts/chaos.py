@@ -21,7 +21,7 @@ import json
 import sys
 
 from shmalloc.workers import chaos as harness
-from . import positive_int
+from . import positive_int, positive_seconds
 
 
 def _workloads(text):
@@ -54,13 +54,6 @@ def _nonnegative(text):
     return n
 
 
-def _seconds(text):
-    s = float(text)
-    if not s > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return s
-
-
 def add_arguments(p):
     p.add_argument("--seed", type=int, help="seed of the kills and workloads (default random, "
                    "printed)")
@@ -80,9 +73,9 @@ def add_arguments(p):
     p.add_argument("--round-kills", type=positive_int, default=harness.ROUND_KILLS,
                    metavar="N", help="deaths per round: a fresh arena and fleet each "
                    f"(default {harness.ROUND_KILLS})")
-    p.add_argument("--timeout", type=_seconds, default=harness.TIMEOUT, metavar="SECONDS",
-                   help=f"bound on the whole run (default {harness.TIMEOUT:g})")
-    p.add_argument("--lock-limit", type=_seconds, default=harness.LOCK_LIMIT,
+    p.add_argument("--timeout", type=positive_seconds, default=harness.TIMEOUT,
+                   metavar="SECONDS", help=f"bound on the whole run (default {harness.TIMEOUT:g})")
+    p.add_argument("--lock-limit", type=positive_seconds, default=harness.LOCK_LIMIT,
                    metavar="SECONDS", help="longest lock hold or wait allowed "
                    f"(default {harness.LOCK_LIMIT:g})")
     p.add_argument("--name", help="arena name prefix (default chaos<pid><hex>)")

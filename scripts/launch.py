@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from shmalloc.workers.launcher import WORKLOAD_NAMES, launch
-from . import positive_int
+from . import positive_int, positive_seconds
 
 MAX_SECONDS = 10.0
 
@@ -23,14 +23,6 @@ def _seconds(text):
     s = float(text)
     if not 0 < s <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"must be in (0, {MAX_SECONDS:g}] seconds, not {text}")
-    return s
-
-
-def _interval(text):
-    """argparse type: a positive number of seconds."""
-    s = float(text)
-    if not s > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return s
 
 
@@ -48,7 +40,7 @@ def add_arguments(parser):
                         "CPU 0 builds packets that go round a ring of CPUs, copied and "
                         "dropped on the way; refcount: copies of shared clusters scattered "
                         "over the CPUs and freed concurrently (default churn)")
-    parser.add_argument("--kill-every", type=_interval, metavar="SECONDS",
+    parser.add_argument("--kill-every", type=positive_seconds, metavar="SECONDS",
                         help="SIGKILL a random worker every SECONDS; a new one takes its "
                         "place and the keg manager recovers what the dead one held")
     parser.add_argument("--kill-manager", action="store_true",

@@ -85,6 +85,16 @@ CASES = [
 ]
 
 
+def _reap(p) -> None:
+    """Kill child ``p`` (a Process, or None if it was never made) if it still runs,
+    and join it."""
+    if p is None:
+        return
+    if p.is_alive():
+        p.kill()
+    p.join(WAIT)
+
+
 def _seed(base: int) -> int:
     env = os.environ.get("SHMALLOC_TEST_SEED")
     return int(env) if env else 7919 * base + 17
@@ -130,43 +140,10 @@ def _assert_used(arena, expected, why, held=None):
         time.sleep(0.05)
 
 
-def _describe_used(arena, held, limit=12) -> str:
-    """The allocated items of the mbuf zones that no survivor accounts for
-    (holder, and the mbuf's type, flags, refcount, owner), for a failure message."""
-    known = set()
-    for h in held.values():
-        known.update(h.get("handles", ()))
-        known.update(h.get("owners", ()))
-    from shmalloc.mbuf.zones import EXT_OWNER, EXT_REFCNT, FLAGS, TYPE
-    core = arena._core
-    w, tags = core.w, core.tags
-    out = []
-    for name in ("mbuf_packet", "mbuf", "mbuf_cluster"):
-        if name not in arena.zones():
-            continue
-        z = arena.zone(name)
-        keg = z.keg
-        for _, base in keg.slabs():
-            t0 = (base + keg.tagoff) >> 2
-            for k, tv in enumerate(tags[t0:t0 + keg.ipers]):
-                if L.tag_zidx(tv) != z.zidx or L.tag_state(tv) not in (L.TAG_ALLOC,
-                                                                       L.TAG_INFLIGHT):
-                    continue
-                h = base + k * keg.rsize
-                if h in known:
-                    continue
-                what = f"{name} {h}: {L.TAG_STATE_NAMES[L.tag_state(tv)]} held by " \
-                       f"{L.tag_holder(tv)}"
-                if name != "mbuf_cluster":
-                    i = h >> 3
-                    what += (f", type {w[i + TYPE]}, flags {w[i + FLAGS]:#x}, refcount "
-                             f"{tags[w[i + EXT_REFCNT] >> 2]}, owner {w[i + EXT_OWNER]}")
-                out.append(what)
-                if len(out) >= limit:
-                    return "\n".join(out)
-            if name == "mbuf_cluster" and len(out) >= 3:
-                break
-    return "\n".join(out)
+def _describe_used(arena, held) -> str:
+    """The allocated mbuf-zone items no survivor accounts for, for a failure message."""
+    from shmalloc.workers.chaos import describe_unaccounted
+    return describe_unaccounted(arena, held, {})
 
 
 def _assert_locks(arena, why):
@@ -456,9 +433,7 @@ def test_a_full_mailbox_across_processes_keeps_every_item(arena_name):
         assert z.stats().used == 0
         a.check()
     finally:
-        if p.is_alive():
-            p.kill()
-        p.join(WAIT)
+        _reap(p)
         a.destroy()
 
 
@@ -512,9 +487,7 @@ def test_items_handed_to_a_dead_receiver_come_back(arena_name):
         a.check()
         a.close()
     finally:
-        if p.is_alive():
-            p.kill()
-        p.join(WAIT)
+        _reap(p)
         mgr.shutdown()
 
 
@@ -539,9 +512,7 @@ def test_garbage_in_a_mailbox_from_another_process_is_dropped(arena_name):
         assert z.stats().used == 0
         a.check()
     finally:
-        if p.is_alive():
-            p.kill()
-        p.join(WAIT)
+        _reap(p)
         a.destroy()
 
 
@@ -614,9 +585,7 @@ def test_a_copy_whose_free_was_cut_short_is_not_dropped_twice(arena_name):
         mb.m_freem(m)
         a.close()
     finally:
-        if p.is_alive():
-            p.kill()
-        p.join(WAIT)
+        _reap(p)
         mgr.shutdown()
 
 
@@ -641,9 +610,7 @@ def test_core_recovery_alone_gives_a_dead_cpus_clusters_up(arena_name, monkeypat
         finally:
             a.close()
     finally:
-        if p.is_alive():
-            p.kill()
-        p.join(WAIT)
+        _reap(p)
         mgr.shutdown()
 
 
@@ -740,10 +707,7 @@ def test_a_packet_set_aside_by_a_dying_cpu_is_freed_by_its_last_copy(arena_name,
         finally:
             a.close()
     finally:
-        if p is not None and p.is_alive():
-            p.kill()
-        if p is not None:
-            p.join(WAIT)
+        _reap(p)
         mgr.shutdown()
 
 
@@ -794,9 +758,7 @@ def test_a_set_aside_packet_whose_last_copy_died_freeing_it_is_freed(arena_name)
         finally:
             a.close()
     finally:
-        if p.is_alive():
-            p.kill()
-        p.join(WAIT)
+        _reap(p)
         mgr.shutdown()
 
 
@@ -911,10 +873,7 @@ def test_a_cluster_no_mbuf_names_is_freed_with_its_dead_cpu(arena_name, child):
         finally:
             a.close()
     finally:
-        if p is not None and p.is_alive():
-            p.kill()
-        if p is not None:
-            p.join(WAIT)
+        _reap(p)
         mgr.shutdown()
 
 
@@ -954,9 +913,7 @@ def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
             proc.kill()
             proc.wait()
     finally:
-        if p.is_alive():
-            p.kill()
-        p.join(WAIT)
+        _reap(p)
         recovery.repair_dead_locks(a._core, a.cpu_id)   # the child's, the killed manager's
         a.destroy()
 
@@ -1030,9 +987,7 @@ def test_recoveries_and_lock_repairs_show_in_the_stats(arena_name):
         a.check()
         a.close()
     finally:
-        if p.is_alive():
-            p.kill()
-        p.join(WAIT)
+        _reap(p)
         mgr.shutdown()
 
 

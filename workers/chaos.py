@@ -548,9 +548,7 @@ def _prove(fleet, watch, workload, rec, where, stall_limit, lock_limit):
         if problems:
             roles = _roles(fleet, fresh)
             raise ChaosFailure("after the count: " + "; ".join(problems) + "\n"
-                               + "\n".join(filter(None, (
-                                   _describe_unheld(fresh, held, roles),
-                                   _describe_clusters(fresh, roles)))))
+                               + describe_unaccounted(fresh, held, roles))
         locks = lock_problems(fresh)
         if locks:
             raise ChaosFailure("locks: " + "; ".join(locks))
@@ -579,9 +577,7 @@ def _prove(fleet, watch, workload, rec, where, stall_limit, lock_limit):
     if problems:
         roles = _roles(fleet, fleet.observer)
         raise ChaosFailure("after the workers closed: " + "; ".join(problems) + "\n"
-                           + "\n".join(filter(None, (
-                               _describe_unheld(fleet.observer, {}, roles),
-                               _describe_clusters(fleet.observer, roles)))))
+                           + describe_unaccounted(fleet.observer, {}, roles))
     fleet.detach()
     status = fleet.stop_manager()
     if status != 0:
@@ -591,6 +587,14 @@ def _prove(fleet, watch, workload, rec, where, stall_limit, lock_limit):
         rec["os_objects_left"] = [obj for _, obj in left]
         raise ChaosFailure("OS objects left after the manager stopped: "
                            + ", ".join(rec["os_objects_left"]))
+
+
+def describe_unaccounted(arena, held, roles) -> str:
+    """For a failure message: the allocated mbuf-zone items that the holdings
+    ``held`` (per worker: "handles", "owners") do not account for, then the
+    clusters no packet points at; ``roles`` names the CPUs (slot -> who)."""
+    return "\n".join(filter(None, (_describe_unheld(arena, held, roles),
+                                    _describe_clusters(arena, roles))))
 
 
 def _describe_unheld(arena, held, roles, limit=8) -> str:
