@@ -227,6 +227,13 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def next_gen(v: int) -> int:
+    """The generation after ``v``: generation words count changes and wrap within a
+    signed 64-bit word, so a word a corrupt or very old arena left at its maximum
+    never overflows a store."""
+    return v + 1 if v < (1 << 63) - 1 else -(1 << 63)
+
+
 class Geometry:
     """Where each region of a segment of ``size`` bytes lies."""
 

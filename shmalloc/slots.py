@@ -41,7 +41,7 @@ def take_slot(core, pid: int, start: int, arena_name: str) -> int:
             raise ShmallocError(f"arena {arena_name!r} has no {pages} free pages for a "
                                 f"CPU's mailbox")
         cw = L.cpu_word(cpu)
-        gen = w[cw + _C["GEN"]] + 1
+        gen = L.next_gen(w[cw + _C["GEN"]])
         w[cw:cw + L.CPU_WORDS] = core.zero_words(L.CPU_WORDS)
         w[cw + _C["GEN"]] = gen
         w[cw + _C["PID"]] = pid
@@ -51,7 +51,7 @@ def take_slot(core, pid: int, start: int, arena_name: str) -> int:
         w[cw + _C["MBOX_OFF"]] = mbox
         w[cw + _C["MBOX_PAGES"]] = pages
         w[cw + _C["STATE"]] = L.CPU_LIVE
-        w[_H["CPU_GEN"]] += 1
+        w[_H["CPU_GEN"]] = L.next_gen(w[_H["CPU_GEN"]])
     core.ensure_lock(L.mbox_lock_index(cpu))
     return cpu
 

@@ -861,6 +861,9 @@ def test_vmstat_z_prints_freebsds_header_and_the_right_numbers(arena):
 def test_two_threads_sharing_a_zone_object_get_their_own_cpus(arena):
     z = arena.zcreate("shared", 128, bucket_size=8)
     start = threading.Barrier(2, timeout=JOIN)
+    # both threads stay alive until both are done: a thread that first uses the arena
+    # after the other ended would take over the ended thread's CPU slot
+    done = threading.Barrier(2, timeout=JOIN)
 
     def churn(mark):
         start.wait()
@@ -878,6 +881,7 @@ def test_two_threads_sharing_a_zone_object_get_their_own_cpus(arena):
         for h in mine:
             assert bytes(z.view(h)) == bytes([mark]) * 128, "another thread wrote my item"
         z.free_bulk(mine)
+        done.wait()
 
     workers = [Worker(lambda m=m: churn(m)) for m in (0x11, 0x22)]
     for w in workers:

@@ -4,7 +4,7 @@ the arena header validation.  Neither may crash or corrupt the arena."""
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shmalloc import Arena, CorruptionError, LayoutError, M_NOWAIT, ShmallocError, layout
@@ -117,6 +117,7 @@ _serial = iter(range(1 << 30))
 @given(changes=st.lists(st.tuples(st.integers(0, len(layout.HDR) - 1),
                                   st.integers(-2**63, 2**63 - 1) | st.integers(-5, 5000)),
                         min_size=1, max_size=4))
+@example(changes=[(layout.HDR["CPU_GEN"], 2**63 - 1)])    # a generation at its maximum wraps
 def test_a_corrupt_header_is_refused_with_layout_error(arena_name, changes):
     name = f"{arena_name}_{next(_serial)}"
     with _Corrupted(name, changes):
