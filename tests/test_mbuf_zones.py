@@ -11,7 +11,7 @@ import pytest
 from shmalloc import Arena, ShmallocError
 from shmalloc import layout as L
 from shmalloc import mbuf as mb
-from shmalloc.mbuf import tunables as T
+from shmalloc.mbuf import limits as T
 from shmalloc.mbuf import zones as Z
 from shmalloc.ipc import naming
 
