@@ -52,7 +52,7 @@ from .tags import (m_tag_alloc, m_tag_copy, m_tag_copy_chain, m_tag_delete,
                    m_tag_unlink)
 from .tunables import (EVENTHANDLER_PRI_ANY, EVENTHANDLER_PRI_FIRST, EVENTHANDLER_PRI_LAST,
                        SYSCTLS, eventhandler_deregister, eventhandler_invoke,
-                       eventhandler_register, sysctl, sysctl_main)
+                       eventhandler_register, sysctl)
 from .zones import ZONE_NAMES, mbuf_init
 
 
@@ -78,7 +78,7 @@ __all__ = [
     "m_tag_delete_chain", "m_tag_delete_nonpersistent", "m_tag_first", "m_tag_next",
     "m_tag_locate", "m_tag_find", "m_tag_copy", "m_tag_copy_chain",
     # zones, tunables, statistics, reclaim
-    "mbuf_init", "ZONE_NAMES", "set_mbuf_label_hook", "sysctl", "SYSCTLS", "sysctl_main",
+    "mbuf_init", "ZONE_NAMES", "set_mbuf_label_hook", "sysctl", "SYSCTLS",
     "eventhandler_register", "eventhandler_deregister", "eventhandler_invoke",
     "EVENTHANDLER_PRI_FIRST", "EVENTHANDLER_PRI_ANY", "EVENTHANDLER_PRI_LAST",
     "mbstat", "netstat_m", "stat_m_text", "vm_lowmem", "mb_reclaim", "pr_drain_register",

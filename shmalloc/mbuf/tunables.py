@@ -20,10 +20,8 @@ in this process runs when this process invokes the event (``fn(arg, arena)``).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import itertools
-import sys
 
 from .. import layout as L
 from .constants import (MBUF_CLUSTER_MEM_NAME, MBUF_JUMBO9_MEM_NAME, MBUF_JUMBO16_MEM_NAME,
@@ -184,60 +182,3 @@ def eventhandler_invoke(name: str, arena) -> int:
     for _, _, fn, arg in hs:
         fn(arg, arena)
     return len(hs)
-
-
-# ============================================================================ command line
-def sysctl_main(argv=None) -> int:
-    """``shmalloc sysctl --name ARENA [-n] [-a] NAME[=VALUE] ...`` in sysctl(8)'s
-    words.  Returns the exit status: 0 ok, 1 a sysctl failed, 2 usage."""
-    from ..arena import Arena
-    from ..errors import ShmallocError
-    p = argparse.ArgumentParser(prog="shmalloc sysctl",
-                                description="read or raise the mbuf sysctls of an arena")
-    p.add_argument("--name", required=True, help="the arena")
-    p.add_argument("-n", action="store_true", help="print values only")
-    p.add_argument("-a", action="store_true", help="print every sysctl")
-    p.add_argument("oids", nargs="*", metavar="NAME[=VALUE]")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:
-        return 2 if e.code else 0
-    if not args.oids and not args.a:
-        print("shmalloc sysctl: name a sysctl or give -a", file=sys.stderr)
-        return 2
-    status = 0
-    try:
-        arena = Arena.attach(args.name)
-    except ShmallocError as e:
-        print(f"sysctl: {e}", file=sys.stderr)
-        return 1
-    try:
-        oids = list(TUNABLE_NAMES) if args.a else []
-        oids += args.oids
-        for oid in oids:
-            name, sep, text = oid.partition("=")
-            try:
-                if not sep:
-                    v = sysctl(arena, name)
-                    print(v if args.n else f"{name}: {v}")
-                    continue
-                try:
-                    value = int(text, 0)
-                except ValueError:
-                    print(f"sysctl: invalid integer '{text}'", file=sys.stderr)
-                    status = 1
-                    continue
-                old = sysctl(arena, name)
-                new = sysctl(arena, name, value)
-                print(new if args.n else f"{name}: {old} -> {new}")
-            except SysctlError as e:
-                status = 1
-                if e.errno == errno.ENOENT:
-                    print(f"sysctl: unknown oid '{name}'", file=sys.stderr)
-                elif e.errno == errno.EPERM:
-                    print(f"sysctl: oid '{name}' is a read only tunable", file=sys.stderr)
-                else:
-                    print(f"sysctl: {oid}: {e.strerror}", file=sys.stderr)
-    finally:
-        arena.close()
-    return status
