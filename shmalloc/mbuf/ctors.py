@@ -28,7 +28,6 @@ from __future__ import annotations
 from array import array
 
 from .. import hooks
-from .. import layout as L
 from ..hooks import DTOR_RECOVER
 from .constants import (EXT_PACKET, M_EXT, M_NOFREE, M_PKTHDR, MB_NOTAGS, MCLBYTES, MSIZE,
                         MT_DATA, MT_NOINIT)
@@ -41,11 +40,13 @@ from .zones import (DATA, E, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT
                     M_PKTDAT, NEXT, NEXTPKT, PACK_VERIFIED, PH_TAGS, PKTHDR_END, TYPE, Ctx, ctx)
 
 _ZERO_MBUF = bytes(MSIZE)
-_ZERO_EXT = bytes(MSIZE - L.PKTDAT)
+_ZERO_EXT = bytes(MSIZE - M_PKTDAT)
 
 
 # ============================================================================ context
 def _zctx(zone) -> Ctx:
+    """The context a hook of ``zone`` works in (the hooks on the alloc and free paths
+    inline these four lines, to save a call)."""
     try:
         return zone._mbctx
     except AttributeError:
