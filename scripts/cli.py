@@ -8,7 +8,7 @@
     shmalloc bench [--quick] [--json FILE] [--repeat K]
     shmalloc serve --name ARENA [--size BYTES] [--tunable NAME=VALUE ...] [--adopt]
                    [--idle-exit SECONDS]
-    shmalloc sysctl --name ARENA [-a] [NAME[=VALUE] ...]
+    shmalloc sysctl --name ARENA [-n] [-a] [NAME[=VALUE] ...]
     shmalloc stat -z|-m --name ARENA [-w SECONDS [-c COUNT]]
     shmalloc check --name ARENA
     shmalloc cleanup --name ARENA [--name ARENA ...] | --all
@@ -17,12 +17,14 @@ Exit status: 0 ok, 1 failure, 2 usage.
 """
 
 import argparse
+import errno
 import itertools
 import sys
 import time
 
 from shmalloc import Arena, CorruptionError, ShmallocError, admin
 from shmalloc.ipc import naming
+from shmalloc.mbuf import SYSCTLS, SysctlError
 
 from . import bench, chaos, launch, positive_int, stress
 
@@ -91,9 +93,12 @@ def _parser():
                    "for SECONDS")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log recoveries")
 
-    p = command("sysctl", _sysctl, "read or raise the mbuf sysctls of a running arena")
+    p = command("sysctl", _sysctl, "read or raise the mbuf sysctls of a running arena, "
+                "as sysctl(8) does")
     p.add_argument("--name", required=True, metavar="ARENA")
-    p.add_argument("-a", "--all", action="store_true", help="print every sysctl")
+    p.add_argument("-n", action="store_true", help="print values without their names")
+    p.add_argument("-a", "--all", action="store_true",
+                   help="print every sysctl (ignored when names are given)")
     p.add_argument("oids", nargs="*", metavar="NAME[=VALUE]")
 
     p = command("check", _check, "verify the invariants of a running arena")
@@ -171,26 +176,46 @@ def _positive_float(text):
 
 
 def _sysctl(args):
-    """sysctl(8) for an arena: NAME prints, NAME=VALUE raises (never lowers)."""
-    from shmalloc.mbuf.tunables import SYSCTLS
-    if not args.oids and not args.all:
+    """sysctl(8) for an arena: NAME prints ``NAME: value``, NAME=VALUE sets it and prints
+    ``NAME: old -> new`` (limits only rise), ``-n`` leaves the names out, ``-a`` lists
+    every sysctl.  Each failure is reported on stderr and the others still run: 0 if
+    all went well, 1 if one failed, 2 for nothing to do."""
+    oids = args.oids or (list(SYSCTLS) if args.all else None)
+    if oids is None:
         print("shmalloc sysctl: name a sysctl, or -a", file=sys.stderr)
         return 2
     status = 0
     with Arena.attach(args.name) as arena:
-        for oid in (sorted(SYSCTLS) if args.all else args.oids):
-            name, sep, value = oid.partition("=")
-            try:
-                if sep:
-                    old = arena.sysctl(name)
-                    new = arena.sysctl(name, int(value))
-                    print(f"{name}: {old} -> {new}")
-                else:
-                    print(f"{name}: {arena.sysctl(name)}")
-            except (ShmallocError, ValueError) as e:
-                print(f"shmalloc sysctl: {e}", file=sys.stderr)
+        for oid in oids:
+            if not _sysctl_one(arena, oid, args.n):
                 status = 1
     return status
+
+
+def _sysctl_one(arena, oid, values_only) -> bool:
+    """Read or set one ``NAME[=VALUE]``; False (said on stderr) if it failed."""
+    name, sep, text = oid.partition("=")
+    prefix = "" if values_only else f"{name}: "
+    try:
+        if not sep:
+            print(f"{prefix}{arena.sysctl(name)}")
+            return True
+        try:
+            value = int(text, 0)
+        except ValueError:
+            print(f"shmalloc sysctl: invalid integer '{text}'", file=sys.stderr)
+            return False
+        old = arena.sysctl(name)
+        print(f"{prefix}{old} -> {arena.sysctl(name, value)}")
+        return True
+    except SysctlError as e:
+        if e.errno == errno.ENOENT:
+            print(f"shmalloc sysctl: unknown oid '{name}'", file=sys.stderr)
+        elif e.errno == errno.EPERM:
+            print(f"shmalloc sysctl: oid '{name}' is a read only tunable", file=sys.stderr)
+        else:
+            print(f"shmalloc sysctl: {oid}: {e.strerror}", file=sys.stderr)
+        return False
 
 
 # ------------------------------------------------------------------------ cleanup

@@ -51,7 +51,7 @@ from . import default
 from . import layout as L
 from ._export import Exporter
 from .errors import ArenaClosedError, ArenaNotFoundError, ShmallocError, ZoneError
-from .mbuf import api as mb
+from . import mbuf as mb
 from .mbuf.constants import M_EXT, M_PKTHDR, MCLBYTES, MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE
 from .mbuf.header import Mbuf
 from .mbuf.zones import ctx as _mbctx

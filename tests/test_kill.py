@@ -524,7 +524,7 @@ def test_garbage_in_a_mailbox_from_another_process_is_dropped(arena_name):
 def free_cut_short(q, name):
     """Take the copy handed over, then die inside m_freem right after its cluster
     reference was dropped, before the mbuf itself is freed."""
-    from shmalloc.mbuf import api
+    from shmalloc.mbuf import alloc
     a = Arena.attach(name)
     from shmalloc import mbuf as mb
     got = a.recv(timeout=WAIT)
@@ -532,7 +532,7 @@ def free_cut_short(q, name):
     q.put(("ok", a.cpu_id))
     q.close()
     q.join_thread()                       # on its way before the kill
-    api._purge_and_free = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    alloc._purge_and_free = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
     mb.m_freem(m)
 
 
@@ -638,7 +638,7 @@ def set_aside_then_die(q, name, dest):
     die right after m_free set it aside for its copy, before it dropped its own
     reference."""
     from shmalloc import mbuf as mb
-    from shmalloc.mbuf import api
+    from shmalloc.mbuf import refs
     a = Arena.attach(name)
     m = mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
     c = mb.m_copym(m, 0, mb.M_COPYALL, mb.M_NOWAIT)
@@ -646,12 +646,12 @@ def set_aside_then_die(q, name, dest):
     q.put(("ok", m.handle))
     q.close()
     q.join_thread()                       # on its way before the kill
-    limbo = api._limbo
+    limbo = refs._limbo
 
     def limbo_then_die(*args):
         limbo(*args)
         os.kill(os.getpid(), signal.SIGKILL)
-    api._limbo = limbo_then_die
+    refs._limbo = limbo_then_die
     mb.m_freem(m)
 
 
@@ -659,7 +659,7 @@ def unlinked_then_die(q, name, dest):
     """As ``set_aside_then_die``, but die inside m_free before the packet is set
     aside: its tags and links are gone, its type not yet written."""
     from shmalloc import mbuf as mb
-    from shmalloc.mbuf import api
+    from shmalloc.mbuf import refs
     a = Arena.attach(name)
     m = mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
     c = mb.m_copym(m, 0, mb.M_COPYALL, mb.M_NOWAIT)
@@ -667,12 +667,12 @@ def unlinked_then_die(q, name, dest):
     q.put(("ok", m.handle))
     q.close()
     q.join_thread()
-    unlink = api._unlink
+    unlink = refs._unlink
 
     def unlink_then_die(*args):
         unlink(*args)
         os.kill(os.getpid(), signal.SIGKILL)
-    api._unlink = unlink_then_die
+    refs._unlink = unlink_then_die
     mb.m_freem(m)
 
 
@@ -715,7 +715,7 @@ def last_copy_dies_freeing(q, name):
     """Take the copy handed over (its packet set aside by the sender), then die in
     m_free right after its reference went, before it freed the packet."""
     from shmalloc import mbuf as mb
-    from shmalloc.mbuf import api
+    from shmalloc.mbuf import refs
     a = Arena.attach(name)
     q.put(("ok", a.cpu_id))
     got = a.recv(timeout=WAIT)
@@ -723,7 +723,7 @@ def last_copy_dies_freeing(q, name):
     q.put(("ok", c.refcnt))
     q.close()
     q.join_thread()
-    api._free_set_aside = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    refs._free_set_aside = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
     mb.m_freem(c)
 
 
@@ -1001,7 +1001,7 @@ def test_a_refcount_step_cut_short_is_finished_by_its_lock_repair(step, done):
     lock it held reads the step's journal and finishes or undoes it, so that the
     count equals the mbufs that claim the cluster, and everything frees cleanly."""
     from shmalloc import mbuf as mb
-    from shmalloc.mbuf import api
+    from shmalloc.mbuf import refs
     from shmalloc.mbuf.zones import EXT_REFCNT, FLAGS, ctx
     a = Arena.create_local(16 << 20)
     try:
@@ -1016,14 +1016,14 @@ def test_a_refcount_step_cut_short_is_finished_by_its_lock_repair(step, done):
         if step == "dup":
             n = mb.m_get(M_NOWAIT, mb.MT_DATA, arena=a)
             mbufs.append(n)
-            w[c.journal(mb.EXT_PACKET)] = api.journal(api.J_DUP, rc + 1, n.handle)
+            w[c.journal(mb.EXT_PACKET)] = refs.journal(refs.J_DUP, rc + 1, n.handle)
             if done >= 1:
-                api._claim(c, n.handle, m.handle)
+                refs._claim(c, n.handle, m.handle)
             if done >= 2:
                 u32[r] = rc + 1
         else:
             h = mbufs[1].handle
-            w[c.journal(mb.EXT_PACKET)] = api.journal(api.J_DROP, rc - 1, h)
+            w[c.journal(mb.EXT_PACKET)] = refs.journal(refs.J_DROP, rc - 1, h)
             if done >= 1:
                 u32[r] = rc - 1
             if done >= 2:
@@ -1089,18 +1089,18 @@ def test_a_last_copy_whose_free_of_its_packet_failed_can_be_freed_again(monkeypa
     nothing twice."""
     from shmalloc import mbuf as mb
     from shmalloc.errors import BadHandleError
-    from shmalloc.mbuf import api
+    from shmalloc.mbuf import refs
     a = Arena.create_local(16 << 20)
     try:
         m = mb.m_getcl(M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a)
         c = mb.m_copym(m, 0, mb.M_COPYALL, M_NOWAIT)
         mb.m_freem(m)                                   # set aside, waits for c
-        free_set_aside = api._free_set_aside
+        free_set_aside = refs._free_set_aside
 
         def refused_once(*args):
-            monkeypatch.setattr(api, "_free_set_aside", free_set_aside)
+            monkeypatch.setattr(refs, "_free_set_aside", free_set_aside)
             raise BadHandleError("refused (test)")
-        monkeypatch.setattr(api, "_free_set_aside", refused_once)
+        monkeypatch.setattr(refs, "_free_set_aside", refused_once)
         with pytest.raises(BadHandleError):
             mb.m_freem(c)
         assert a.zone_stats("mbuf_packet").used == 1 and c.refcnt == 1

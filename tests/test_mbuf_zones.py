@@ -11,7 +11,7 @@ import pytest
 from shmalloc import Arena, ShmallocError
 from shmalloc import layout as L
 from shmalloc import mbuf as mb
-from shmalloc.mbuf import tunables as T
+from shmalloc.mbuf import limits as T
 from shmalloc.mbuf import zones as Z
 from shmalloc.ipc import naming
 
@@ -210,32 +210,6 @@ def test_raising_the_limit_lets_denied_allocations_through(make):
     assert got[2] is not None
     for cl in got:
         a.zone("mbuf_jumbo_9k").free(cl)
-
-
-def test_sysctl_command_line(arena_name, capsys):
-    a = Arena.create(arena_name, 8 << 20)
-    try:
-        assert mb.sysctl_main(["--name", arena_name, "kern.ipc.nmbclusters"]) == 0
-        assert capsys.readouterr().out == "kern.ipc.nmbclusters: 3072\n"
-        assert mb.sysctl_main(["--name", arena_name, "kern.ipc.nmbclusters=5000"]) == 0
-        assert capsys.readouterr().out == "kern.ipc.nmbclusters: 3072 -> 5000\n"
-        assert a.sysctl("kern.ipc.nmbclusters") == 5000 == a.zone("mbuf_cluster").limit
-        assert mb.sysctl_main(["--name", arena_name, "kern.ipc.nmbclusters=10"]) == 1
-        assert "kern.ipc.nmbclusters=10: Invalid argument" in capsys.readouterr().err
-        assert mb.sysctl_main(["--name", arena_name, "kern.ipc.bogus"]) == 1
-        assert "unknown oid 'kern.ipc.bogus'" in capsys.readouterr().err
-        assert mb.sysctl_main(["--name", arena_name, "kern.ipc.maxmbufmem=1"]) == 1
-        assert "read only tunable" in capsys.readouterr().err
-        assert mb.sysctl_main(["--name", arena_name, "-n", "kern.ipc.nmbjumbop"]) == 0
-        assert capsys.readouterr().out == "1536\n"
-        assert mb.sysctl_main(["--name", arena_name, "-a"]) == 0
-        assert len(capsys.readouterr().out.splitlines()) == len(mb.SYSCTLS)
-        assert mb.sysctl_main(["--name", arena_name]) == 2
-        text = mb.stat_m_text(arena_name)
-        assert text.startswith("0/") and "/5000 mbuf clusters in use" in text
-        a.check()
-    finally:
-        a.destroy()
 
 
 # ============================================================================ statistics

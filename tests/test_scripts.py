@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from shmalloc import Arena
+from shmalloc import mbuf as mb
 from shmalloc.ipc import naming
 from shmalloc.scripts import cli
 from shmalloc.workers.launcher import launch
@@ -134,6 +135,52 @@ def test_sysctl_reads_raises_and_refuses_to_lower(busy_arena, capsys):
     assert cli.main(["sysctl", "--name", name, f"kern.ipc.nmbclusters={before}"]) == 1
     assert "Invalid argument" in capsys.readouterr().err
     assert cli.main(["sysctl", "--name", name, "kern.ipc.nosuch"]) == 1
+
+
+def test_sysctl_command_line(arena_name, capsys):
+    a = Arena.create(arena_name, 8 << 20)
+    try:
+        assert cli.main(["sysctl", "--name", arena_name, "kern.ipc.nmbclusters"]) == 0
+        assert capsys.readouterr().out == "kern.ipc.nmbclusters: 3072\n"
+        assert cli.main(["sysctl", "--name", arena_name, "kern.ipc.nmbclusters=5000"]) == 0
+        assert capsys.readouterr().out == "kern.ipc.nmbclusters: 3072 -> 5000\n"
+        assert a.sysctl("kern.ipc.nmbclusters") == 5000 == a.zone("mbuf_cluster").limit
+        assert cli.main(["sysctl", "--name", arena_name, "kern.ipc.nmbclusters=10"]) == 1
+        assert "kern.ipc.nmbclusters=10: Invalid argument" in capsys.readouterr().err
+        assert cli.main(["sysctl", "--name", arena_name, "kern.ipc.bogus"]) == 1
+        assert "unknown oid 'kern.ipc.bogus'" in capsys.readouterr().err
+        assert cli.main(["sysctl", "--name", arena_name, "kern.ipc.maxmbufmem=1"]) == 1
+        assert "read only tunable" in capsys.readouterr().err
+        assert cli.main(["sysctl", "--name", arena_name, "-n", "kern.ipc.nmbjumbop"]) == 0
+        assert capsys.readouterr().out == "1536\n"
+        assert cli.main(["sysctl", "--name", arena_name, "-a"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == len(mb.SYSCTLS)
+        assert cli.main(["sysctl", "--name", arena_name]) == 2
+        text = mb.stat_m_text(arena_name)
+        assert text.startswith("0/") and "/5000 mbuf clusters in use" in text
+        a.check()
+    finally:
+        a.destroy()
+
+
+def test_sysctl_follows_sysctl8_for_n_a_and_several_names(busy_arena, capsys):
+    name = busy_arena.name
+    before = busy_arena.sysctl("kern.ipc.nmbjumbop")
+    # -n on a change: the old and the new value, without the name
+    assert cli.main(["sysctl", "--name", name, "-n", f"kern.ipc.nmbjumbop={before + 1}"]) == 0
+    assert capsys.readouterr().out == f"{before} -> {before + 1}\n"
+    # several names: each is done, a failure is reported and makes the status 1
+    assert cli.main(["sysctl", "--name", name, "kern.ipc.nosuch", "kern.ipc.nmbjumbop",
+                     f"kern.ipc.nmbjumbop={hex(before + 2)}"]) == 1
+    out, err = capsys.readouterr()
+    assert out == (f"kern.ipc.nmbjumbop: {before + 1}\n"
+                   f"kern.ipc.nmbjumbop: {before + 1} -> {before + 2}\n")
+    assert "unknown oid 'kern.ipc.nosuch'" in err
+    # -a is ignored when names are given; a value that is not an integer is refused
+    assert cli.main(["sysctl", "--name", name, "-a", "kern.maxusers"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+    assert cli.main(["sysctl", "--name", name, "kern.ipc.nmbjumbop=lots"]) == 1
+    assert "invalid integer 'lots'" in capsys.readouterr().err
 
 
 def test_stat_of_missing_arena_exits_1(arena_name, capsys):

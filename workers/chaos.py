@@ -705,7 +705,7 @@ def _roles(fleet, fresh) -> dict[int, str]:
 KNOWN_BUGS = {
     "limbo": "a packet set aside for its copies (_limbo, typed MT_NOTMBUF) by a CPU "
              "killed in m_free before it dropped its own reference is never freed "
-             "(shmalloc/mbuf/api.py drop_ref): its refcount stays 1 and nobody frees it "
+             "(shmalloc/mbuf/refs.py drop_ref): its refcount stays 1 and nobody frees it "
              "(fixed: 1a050d4)",
     "depot": "after kills at kill points the packet zone's depot count exceeds its "
              "depot-tagged items (check: 'depot holds N items, N-1 are tagged depot'; "

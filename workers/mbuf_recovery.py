@@ -16,7 +16,7 @@ What ``recover_cpu`` leaves wrong for mbufs, and what this pass does about it:
    live CPU that read the tag before may still take an item given to nobody:
    ``zone._take_over``), and a packet is judged by the one word that says whether
    it was set aside (its type, written under the refcount lock: a set-aside packet
-   keeps its own reference until its last copy frees it, ``api.drop_ref``):
+   keeps its own reference until its last copy frees it, ``refs.drop_ref``):
 
        packet set aside (MT_NOTMBUF), copies left (count > 1), or its last copy
            on a CPU that is not dead still points at it (freeing it)

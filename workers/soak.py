@@ -1,6 +1,7 @@
-"""The soak run behind ``scripts/soak.py``: N workers churn until a total number
-of operations is reached while the parent samples, every ``interval`` seconds,
-each worker's RSS and the arena's usage.  Flat lines mean no leak."""
+"""The soak run behind ``scripts/soak.py``: N workers churn (``workloads.Churn``,
+stamping and checking every item, without bursts) until a total number of operations
+is reached while the parent samples, every ``interval`` seconds, each worker's RSS and
+the arena's usage.  Flat lines mean no leak."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from shmalloc import M_NOWAIT, Arena
+from shmalloc import Arena
+
+from .workloads import Churn
 
 SIZES = (256, 2048, 9216)
+WORKING_SET = 128           # live items a worker keeps at most, per zone
+STEP_OPS = 256              # operations between progress reports
 JOIN_TIMEOUT = 60.0
 
 
@@ -39,27 +44,19 @@ class SoakResult:
 
 def _worker(name, seed, quota, progress, stop):
     a = Arena.attach(name)
-    zones = [a.zone(f"soak{s}") for s in SIZES]
-    rng = random.Random(seed)
-    live = [[] for _ in zones]
-    ops = 0
+    churn = Churn(a, None, 0, seed, [f"soak{s}" for s in SIZES], working_set=WORKING_SET,
+                  bursts=False)
     try:
+        ops = 0
         while ops < quota and not stop.is_set():
-            for _ in range(256):
-                i = rng.randrange(len(zones))
-                z, held = zones[i], live[i]
-                if held and (len(held) >= 128 or rng.random() < 0.5):
-                    z.free(held.pop(rng.randrange(len(held))))
-                else:
-                    h = z.alloc(M_NOWAIT)
-                    if h is not None:
-                        z.view(h)[:8] = ops.to_bytes(8, "little")
-                        held.append(h)
-                ops += 1
+            churn.run(STEP_OPS)
+            ops = churn.counts["ops"] + churn.counts["failures"]    # allocs that got nothing too
             progress.value = ops
+        churn.finish()
+    except BaseException:
+        churn.abandon()
+        raise
     finally:
-        for z, held in zip(zones, live):
-            z.free_bulk(held)
         a.close()
 
 

@@ -7,7 +7,8 @@ its workers start together at a barrier, run for ``seconds``, report, and meet
 at a second barrier so that the lock counters are read over the timed window
 only.  Workloads:
 
-    churn     random alloc/free over a small live set (mostly cache hits)
+    churn     random alloc/free over a small live set (mostly cache hits):
+              ``workloads.Churn`` without bursts or stamps
     bulk      alloc_bulk(32) then free_bulk
     pipeline  allocate batches, hand them to the next CPU of the ring (send);
               free what arrives (recv): every free is a cross-CPU free, so the
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import random
 import secrets
 import time
 import traceback
@@ -28,11 +28,15 @@ from shmalloc import M_NOWAIT, Arena, ShmallocError
 from shmalloc.ipc.lock import WAIT_HIST_BUCKETS, wait_percentile
 from shmalloc.mail import CpuGoneError, MailboxFullError
 
+from .workloads import Churn
+
 WORKLOADS = ("churn", "pipeline", "bulk")
 XFREE_MODES = ("message", "local")
 ITEM_SIZE = 256
 ARENA_SIZE = 64 << 20
 BATCH = 32
+STEP_OPS = 64               # operations between looks at the clock
+CHURN_WORKING_SET = 64      # live items a churn worker keeps at most
 JOIN_TIMEOUT = 60.0
 
 
@@ -71,9 +75,11 @@ def _worker(name, workload, seconds, seed, idx, n, ring, barrier, results, progr
         return
     z = a.zone("stress")
     alloc, free = z.alloc, z.free
-    rng = random.Random(seed)
+    churn = None
+    if workload == "churn":
+        churn = Churn(a, None, idx, seed, ["stress"], working_set=CHURN_WORKING_SET,
+                      bursts=False, stamps=False)
     ops = 0
-    live = []
     err = None
     try:
         ring[idx] = a.cpu_id
@@ -81,31 +87,28 @@ def _worker(name, workload, seconds, seed, idx, n, ring, barrier, results, progr
         nxt = ring[(idx + 1) % n]
         end = time.monotonic() + seconds
         while True:
-            for _ in range(64):
-                if workload == "churn":
-                    if live and (len(live) >= 64 or rng.random() < 0.5):
-                        free(live.pop(rng.randrange(len(live))))
-                    else:
-                        h = alloc(M_NOWAIT)
-                        if h is not None:
-                            live.append(h)
-                    ops += 1
-                elif workload == "bulk":
-                    hs = z.alloc_bulk(BATCH)
-                    if hs:
-                        z.free_bulk(hs)
-                        ops += 2 * BATCH
-                else:                                           # pipeline
-                    hs = [h for h in (alloc(M_NOWAIT) for _ in range(BATCH)) if h is not None]
-                    ops += len(hs)
-                    try:
-                        a.send(nxt, hs)
-                    except (MailboxFullError, CpuGoneError):
-                        z.free_bulk(hs)
+            if churn is not None:
+                churn.run(STEP_OPS)
+                ops = churn.counts["ops"] + churn.counts["failures"]
+            else:
+                for _ in range(STEP_OPS):
+                    if workload == "bulk":
+                        hs = z.alloc_bulk(BATCH)
+                        if hs:
+                            z.free_bulk(hs)
+                            ops += 2 * BATCH
+                    else:                                       # pipeline
+                        hs = [h for h in (alloc(M_NOWAIT) for _ in range(BATCH))
+                              if h is not None]
                         ops += len(hs)
-                    for h in a.recv(timeout=0):
-                        free(h)
-                        ops += 1
+                        try:
+                            a.send(nxt, hs)
+                        except (MailboxFullError, CpuGoneError):
+                            z.free_bulk(hs)
+                            ops += len(hs)
+                        for h in a.recv(timeout=0):
+                            free(h)
+                            ops += 1
             progress.value = ops
             if time.monotonic() >= end:
                 break
@@ -120,8 +123,8 @@ def _worker(name, workload, seconds, seed, idx, n, ring, barrier, results, progr
     except BaseException:
         pass
     try:
-        for h in live:
-            free(h)
+        if churn is not None:
+            churn.abandon()
         for h in a.recv(timeout=0.05):
             free(h)
     except ShmallocError:

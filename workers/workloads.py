@@ -1,9 +1,13 @@
 """Seeded workloads a worker CPU runs against an arena.
 
-``churn`` allocates and frees at random over a few zones, keeping a bounded working set
-of live items per zone. Every item it allocates is stamped (its handle, this CPU and a
-sequence number, then a fill byte); every item it frees is checked first, so an item handed
-to two holders at once, or written by someone else, raises ``CorruptionError``.
+The churn (``Churn``) allocates and frees at random over a few zones, keeping a bounded
+working set of live items per zone. Every item it allocates is stamped (its handle, this
+CPU and a sequence number, then a fill byte); every item it frees is checked first, so an
+item handed to two holders at once, or written by someone else, raises
+``CorruptionError``.  Its one loop (``Churn.run``) serves ``churn`` (a worker churning
+until a deadline), the fleet workload below, the stress sweep (``workers.stress``:
+without bursts or stamps, to measure the allocator alone) and the soak
+(``workers.soak``: without bursts).
 
 The fleet workloads (``WORKLOADS``, run by ``cpu.cpu_main`` in steps) share one shape:
 ``step()`` does a little work, ``hold(last=False)`` receives without sending (the
@@ -42,6 +46,7 @@ BURST = 64                  # items per burst: more than a CPU caches (2 buckets
                             # of 512 bytes or more, so bursts reach the depot and the keg
 BURST_SHARE = 0.02          # share of steps that are bursts
 PROGRESS_EVERY = 1024       # ops between progress reports
+CHECK_EVERY = 32            # ops between looks at the clock
 WORKING_SET_BYTES = 512 << 10
 STAMP_SIZE = 16            # an item's stamp: its handle, then CPU << 48 | sequence
 
@@ -52,48 +57,44 @@ def working_set(size):
 
 
 class _Items:
-    """The live items of one zone held by this churn, with their stamps."""
+    """The live items of one zone held by a churn, with their stamps (when stamped)."""
 
-    def __init__(self, zone, cpu):
+    def __init__(self, zone, cpu, limit=None, stamped=True):
         self.zone = zone
-        self.limit = working_set(zone.size)
-        self.live = []                      # [(handle, stamp)]
+        self.alloc, self.free = zone.alloc, zone.free
+        self.limit = working_set(zone.size) if limit is None else limit
+        self.live = []                      # handles
+        self.stamps = {} if stamped else None   # handle -> its stamp's sequence number
         self.cpu = cpu
         self.seq = 0
         fill = (cpu * 37 + zone.size) & 0xFF
         self.fill = bytes([fill]) * max(zone.size - STAMP_SIZE, 0)
 
-    def stamp(self, h):
-        """Write a fresh pattern into item ``h``; return what was written."""
-        self.seq += 1
-        mark = h.to_bytes(8, "little") + (self.cpu << 48 | self.seq).to_bytes(8, "little")
-        stamp = (mark + self.fill)[:self.zone.size]
-        self.zone.view(h)[:] = stamp
-        return stamp
+    def _pattern(self, h, seq):
+        mark = h.to_bytes(8, "little") + (self.cpu << 48 | seq).to_bytes(8, "little")
+        return (mark + self.fill)[:self.zone.size]
 
-    def verify(self, h, stamp):
-        """Raise CorruptionError unless item ``h`` still holds ``stamp``."""
+    def stamp(self, h):
+        """Write a fresh pattern into item ``h``; return its sequence number (which,
+        with ``h``, says what was written)."""
+        self.seq += 1
+        self.zone.view(h)[:] = self._pattern(h, self.seq)
+        return self.seq
+
+    def verify(self, h, seq):
+        """Raise CorruptionError unless item ``h`` still holds the pattern ``stamp``
+        wrote with ``seq``."""
         got = self.zone.view(h).tobytes()
+        stamp = self._pattern(h, seq)
         if got != stamp:
             first = next(i for i, (a, b) in enumerate(zip(got, stamp)) if a != b)
             raise CorruptionError(f"zone {self.zone.name!r}: item {h} changed while held by "
                                   f"CPU {self.cpu} (first bad byte at offset {first})")
 
-    def alloc(self):
-        """Allocate one item into the working set; False if the zone could not give one."""
-        h = self.zone.alloc()
-        if h is None:
-            return False
-        self.live.append((h, self.stamp(h)))
-        return True
-
-    def free_random(self, rng):
-        """Check and free one live item chosen at random."""
-        i = rng.randrange(len(self.live))
-        self.live[i], self.live[-1] = self.live[-1], self.live[i]
-        h, stamp = self.live.pop()
-        self.verify(h, stamp)
-        self.zone.free(h)
+    def verify_all(self):
+        if self.stamps is not None:
+            for h in self.live:
+                self.verify(h, self.stamps[h])
 
     def burst(self, rng, counts):
         """Allocate BURST items (one by one or in bulk), check them, free them all."""
@@ -102,43 +103,47 @@ class _Items:
             hs = self.zone.alloc_bulk(BURST) or []
             counts["bulk_allocs"] += bool(hs)
         else:
-            hs = [h for h in (self.zone.alloc() for _ in range(BURST)) if h is not None]
+            hs = [h for h in (self.alloc() for _ in range(BURST)) if h is not None]
         counts["failures"] += BURST - len(hs)
-        stamps = [self.stamp(h) for h in hs]
-        for h, stamp in zip(hs, stamps):
-            self.verify(h, stamp)
+        if self.stamps is not None:
+            seqs = [self.stamp(h) for h in hs]
+            for h, seq in zip(hs, seqs):
+                self.verify(h, seq)
         if rng.random() < 0.5:
             self.zone.free_bulk(hs)
             counts["bulk_frees"] += bool(hs)
         else:
             for h in hs:
-                self.zone.free(h)
+                self.free(h)
         counts["bursts"] += 1
         return len(hs)
 
     def release_all(self):
         """Check and free every live item; return how many."""
         n = len(self.live)
+        stamps = self.stamps
         while self.live:
-            h, stamp = self.live.pop()
-            self.verify(h, stamp)
-            self.zone.free(h)
+            h = self.live.pop()
+            if stamps is not None:
+                self.verify(h, stamps.pop(h))
+            self.free(h)
         return n
 
     def abandon(self):
         """Free every live item without checking (after a failure), ignoring errors."""
-        for h, _ in self.live:
+        for h in self.live:
             with contextlib.suppress(ShmallocError):
-                self.zone.free(h)
+                self.free(h)
         self.live.clear()
+        if self.stamps is not None:
+            self.stamps.clear()
 
 
 def churn(arena, zones, seed, stop_at, progress=None):
-    """Allocate and free at random over ``zones`` (names) until ``time.monotonic() >= stop_at``.
+    """Churn (``Churn``, with bursts and stamps) over ``zones`` (names) until
+    ``time.monotonic() >= stop_at``.
 
-    Each step picks a zone, then: a burst (BURST allocs then frees, BURST_SHARE of steps),
-    an alloc (while under the zone's working set, half the time) or a free of a random live
-    item. ``progress(ops)`` is called every PROGRESS_EVERY ops. Every item is freed before
+    ``progress(ops)`` is called every PROGRESS_EVERY ops or so. Every item is freed before
     returning (unchecked when the churn fails). Returns a dict of counts: allocs, frees (ops is
     their sum), bursts, bulk_allocs, bulk_frees, failures, seconds.
     """
@@ -147,8 +152,8 @@ def churn(arena, zones, seed, stop_at, progress=None):
     reported = 0
     try:
         while time.monotonic() < stop_at:
-            work.churn_once()
-            ops = work.counts["allocs"] + work.counts["frees"]
+            work.run(CHECK_EVERY)
+            ops = work.counts["ops"]
             if progress is not None and ops - reported >= PROGRESS_EVERY:
                 progress(ops)
                 reported = ops
@@ -164,40 +169,72 @@ def churn(arena, zones, seed, stop_at, progress=None):
 
 # ============================================================================ fleet workloads
 class Churn:
-    """``churn`` as a fleet workload: ``step`` does STEP_OPS operations."""
+    """The churn: allocate and free at random over a few zones, keeping a bounded working
+    set of live items per zone -- the one churn loop (``run``) behind ``churn``, the
+    fleet workload (``step``: STEP_OPS operations), the stress sweep and the soak.
+
+    Each operation picks a zone, then: a burst (BURST allocs, then frees, in one go or
+    in bulk; BURST_SHARE of the operations, with ``bursts``), a free of a random live
+    item (when the zone holds ``working_set`` items -- default ``working_set(size)`` --
+    and otherwise half the time) or an alloc.  With ``stamps`` every item allocated is
+    stamped and checked before it is freed (module docstring); without, items are not
+    touched, so that what is measured is the allocator.  ``counts``: ops (allocs +
+    frees), allocs, frees, bursts, bulk_allocs, bulk_frees, failures (allocs that got
+    nothing)."""
 
     STEP_OPS = 32
 
-    def __init__(self, arena, team, index, seed, zones=()):
+    def __init__(self, arena, team, index, seed, zones=(), *, working_set=None, bursts=True,
+                 stamps=True):
         self.arena = arena
         self.rng = random.Random(seed)
-        self.sets = [_Items(arena.zone(name), arena.cpu_id) for name in zones]
+        self.sets = [_Items(arena.zone(name), arena.cpu_id, working_set, stamps)
+                     for name in zones]
         if not self.sets:
             raise ValueError("churn needs at least one zone")
+        self.burst_share = BURST_SHARE if bursts else 0.0
         self.counts = dict.fromkeys(("ops", "allocs", "frees", "bursts", "bulk_allocs",
                                      "bulk_frees", "failures"), 0)
 
-    def churn_once(self):
-        """One churn operation: a burst, a free of a random live item, or an alloc."""
-        rng, counts = self.rng, self.counts
-        items = rng.choice(self.sets)
-        r = rng.random()
-        if r < BURST_SHARE:
-            n = items.burst(rng, counts)
-            counts["allocs"] += n
-            counts["frees"] += n
-        elif items.live and (len(items.live) >= items.limit or r < 0.5):
-            items.free_random(rng)
-            counts["frees"] += 1
-        elif items.alloc():
-            counts["allocs"] += 1
-        else:
-            counts["failures"] += 1
+    def run(self, n):
+        """``n`` churn operations."""
+        rng, counts, sets = self.rng, self.counts, self.sets
+        random_, randrange, choice = rng.random, rng.randrange, rng.choice
+        one = sets[0] if len(sets) == 1 else None
+        burst_share = self.burst_share
+        allocs = frees = failures = 0
+        for _ in range(n):
+            items = one or choice(sets)
+            live = items.live
+            r = random_()
+            if r < burst_share:
+                k = items.burst(rng, counts)
+                allocs += k
+                frees += k
+            elif live and (len(live) >= items.limit or r < 0.5):
+                i = randrange(len(live))
+                live[i], live[-1] = live[-1], live[i]
+                h = live.pop()
+                if items.stamps is not None:
+                    items.verify(h, items.stamps.pop(h))
+                items.free(h)
+                frees += 1
+            else:
+                h = items.alloc()
+                if h is None:
+                    failures += 1
+                    continue
+                live.append(h)
+                if items.stamps is not None:
+                    items.stamps[h] = items.stamp(h)
+                allocs += 1
+        counts["allocs"] += allocs
+        counts["frees"] += frees
+        counts["failures"] += failures
+        counts["ops"] = counts["allocs"] + counts["frees"]
 
     def step(self):
-        for _ in range(self.STEP_OPS):
-            self.churn_once()
-        self.counts["ops"] = self.counts["allocs"] + self.counts["frees"]
+        self.run(self.STEP_OPS)
 
     def hold(self, last=False):
         if not last:
@@ -205,8 +242,7 @@ class Churn:
 
     def holdings(self):
         for items in self.sets:
-            for h, stamp in items.live:
-                items.verify(h, stamp)
+            items.verify_all()
         return {"used": {items.zone.name: len(items.live) for items in self.sets}}
 
     def finish(self):

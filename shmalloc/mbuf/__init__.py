@@ -7,38 +7,53 @@ UMA core, with FreeBSD's names, constants and argument order::
     n = mb.m_copym(m, 0, mb.M_COPYALL, mb.M_NOWAIT)     # shares the cluster
     mb.m_freem(n); mb.m_freem(m)
 
-Modules, by layer: ``constants`` (sizes from the layout, flags, types), ``zones`` (the
-seed's mbuf_init and the ctors/dtors/inits/finis of the zones), ``header`` (the Mbuf
-object), ``api`` (allocation, free and chain functions), ``tags`` (m_tag),
-``tunables`` (tunables, sysctls, event handlers), ``stats`` (mbstat, netstat -m),
-``reclaim`` (vm_lowmem, protocol drains).  The byte layout of an mbuf is declared in
-``shmalloc.layout`` with the rest of the segment.
+Modules, lowest first (each imports only those above it in this list)::
+
+    constants  sizes from the layout, flags, types            sys/mbuf.h
+    errors     MbufError, SysctlError
+    limits     the limits in force: tunable_mbinit            kern_mbuf.c
+    zones      mbuf_init, the word offsets of an mbuf, the per-CPU context ctx(arena)
+                                                              kern_mbuf.c
+    header     the Mbuf and MTag objects                      sys/mbuf.h
+    tags       m_tag functions                                uipc_mbuf2.c
+    refs       references to external storage: share, drop, set aside, the journal
+                                                              mb_dupcl, mb_free_ext
+    ctors      the zones' ctors, dtors, inits, finis; the label hook   kern_mbuf.c
+    tunables   tunables, sysctl(), event handlers             kern_mbuf.c
+    reclaim    vm_lowmem, protocol drains (mb_reclaim)        kern_mbuf.c
+    alloc      m_get ... m_extadd, m_free, m_freem             kern_mbuf.c
+    chains     mtod, m_copym ... m_split: chains and their data   uipc_mbuf.c
+    stats      mbstat, netstat -m                             usr.bin/netstat/mbuf.c
+
+The byte layout of an mbuf is declared in ``shmalloc.layout`` with the rest of the
+segment.
 
 An mbuf search order: ``m_getcl`` -> this CPU's packet cache (an mbuf with its cluster
 attached) -> the packet zone's depot -> the mbuf keg, where the packet zone's init
 attaches a cluster from the cluster zone (its own cache, depot, keg).
 """
 
-from .api import (M_ALIGN, M_LEADINGSPACE, M_MOVE_PKTHDR, M_PREPEND, M_TRAILINGSPACE,
-                  M_WRITABLE, MH_ALIGN, m_adj, m_append, m_cat, m_clget, m_cljget, m_cljset,
-                  m_copyback, m_copydata, m_copym, m_copypacket, m_demote, m_dup,
-                  m_dup_pkthdr, m_extadd, m_fixhdr, m_free, m_freem, m_get, m_get2, m_getcl,
-                  m_gethdr, m_getjcl, m_getzone, m_init, m_last, m_length, m_move_pkthdr,
-                  m_prepend, m_pullup, m_split, mtod)
+from .alloc import (m_clget, m_cljget, m_cljset, m_extadd, m_free, m_freem, m_get, m_get2,
+                    m_getcl, m_gethdr, m_getjcl, m_getzone, m_init)
+from .chains import (M_ALIGN, M_LEADINGSPACE, M_MOVE_PKTHDR, M_PREPEND, M_TRAILINGSPACE,
+                     M_WRITABLE, MH_ALIGN, m_adj, m_append, m_cat, m_copyback, m_copydata,
+                     m_copym, m_copypacket, m_demote, m_dup, m_dup_pkthdr, m_fixhdr, m_last,
+                     m_length, m_move_pkthdr, m_prepend, m_pullup, m_split, mtod)
 from .constants import *  # noqa: F401,F403  (FreeBSD's constants)
 from .constants import __all__ as _constants_all
+from .ctors import set_mbuf_label_hook
 from .errors import MbufError, SysctlError
-from .header import Ext, Mbuf, PktHdr
+from .header import Ext, Mbuf, MTag, PktHdr
 from .reclaim import mb_reclaim, pr_drain_deregister, pr_drain_register, vm_lowmem
 from .stats import MbStat, mbstat, netstat_m, stat_m_text
-from .tags import (MTag, m_tag_alloc, m_tag_copy, m_tag_copy_chain, m_tag_delete,
+from .tags import (m_tag_alloc, m_tag_copy, m_tag_copy_chain, m_tag_delete,
                    m_tag_delete_chain, m_tag_delete_nonpersistent, m_tag_find, m_tag_first,
                    m_tag_free, m_tag_get, m_tag_locate, m_tag_next, m_tag_prepend,
                    m_tag_unlink)
 from .tunables import (EVENTHANDLER_PRI_ANY, EVENTHANDLER_PRI_FIRST, EVENTHANDLER_PRI_LAST,
                        SYSCTLS, eventhandler_deregister, eventhandler_invoke,
-                       eventhandler_register, sysctl, sysctl_main)
-from .zones import ZONE_NAMES, mbuf_init, set_mbuf_label_hook
+                       eventhandler_register, sysctl)
+from .zones import ZONE_NAMES, mbuf_init
 
 
 def dtom(handle: int) -> int:
@@ -63,7 +78,7 @@ __all__ = [
     "m_tag_delete_chain", "m_tag_delete_nonpersistent", "m_tag_first", "m_tag_next",
     "m_tag_locate", "m_tag_find", "m_tag_copy", "m_tag_copy_chain",
     # zones, tunables, statistics, reclaim
-    "mbuf_init", "ZONE_NAMES", "set_mbuf_label_hook", "sysctl", "SYSCTLS", "sysctl_main",
+    "mbuf_init", "ZONE_NAMES", "set_mbuf_label_hook", "sysctl", "SYSCTLS",
     "eventhandler_register", "eventhandler_deregister", "eventhandler_invoke",
     "EVENTHANDLER_PRI_FIRST", "EVENTHANDLER_PRI_ANY", "EVENTHANDLER_PRI_LAST",
     "mbstat", "netstat_m", "stat_m_text", "vm_lowmem", "mb_reclaim", "pr_drain_register",

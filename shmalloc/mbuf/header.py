@@ -1,4 +1,5 @@
-"""header: the ``Mbuf`` object, a handle on an mbuf in shared memory.
+"""header: the ``Mbuf`` object, a handle on an mbuf in shared memory, and ``MTag``,
+one on an m_tag -- the structures of FreeBSD's ``sys/mbuf.h``.
 
 An ``Mbuf`` holds nothing but the arena context and the handle: every field is read
 from and written to the segment (``layout``'s mbuf section), so two ``Mbuf`` objects
@@ -6,6 +7,8 @@ of one handle, in one process or in two, see the same mbuf.  Fields are attribut
 writable where FreeBSD code writes them (m_next, m_nextpkt, m_data, m_len, m_flags
 except M_EXT/M_PKTHDR, m_type, the packet header), checked so that a write cannot send
 m_data/m_len outside the mbuf's storage; ``m_ext`` is read-only (the allocator owns it).
+An ``MTag``'s fields are read-only but for its payload (``data``); ``tags`` has the
+m_tag functions.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from .zones import (DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_
                     PH_TSO_SEGSZ, TYPE, ctx)
 
 _new = object.__new__
+
+# word offsets inside an m_tag (layout's MTAG section), and its header's size
+T_NEXT, T_OWNER, T_COOKIE, T_ID, T_LEN = (L.MTAG[n] for n in
+                                          ("NEXT", "OWNER", "COOKIE", "ID", "LEN"))
+HDR = L.MTAG_HDR_BYTES
 
 
 def _int(what, v, lo=-(1 << 63), hi=(1 << 63) - 1) -> int:
@@ -198,7 +206,7 @@ class Mbuf:
 def refs(c, w, i) -> int:
     """References to the external storage of the mbuf at word ``i`` (M_EXT): its
     count, less the one a packet set aside for its copies still holds (that
-    packet is nobody's any more: see ``api.drop_ref``)."""
+    packet is nobody's any more: see ``refs.drop_ref``)."""
     n = c.u32[w[i + EXT_REFCNT] >> 2]
     if n > 1 and w[i + EXT_TYPE] == EXT_PACKET:
         owner = w[i + EXT_OWNER]
@@ -253,7 +261,6 @@ class PktHdr:
     @property
     def tags(self):
         """The first m_tag of the packet, or None (``m_tag_next`` walks on)."""
-        from .tags import MTag
         m = self._m
         t = m._c.w[self._w(PH_TAGS)]
         return MTag._wrap(m._c, t) if t else None
@@ -287,3 +294,50 @@ class Ext:
         self._w(EXT_BUF)
         m = self._m
         return L.read_str(m._c.mv, m.handle + EXT_FREE, L.EXT_FREE_BYTES)
+
+
+class MTag:
+    """One m_tag: ``m_tag_id``, ``m_tag_len``, ``m_tag_cookie`` and ``data`` (a
+    writable memoryview of the payload)."""
+
+    __slots__ = ("_c", "handle")
+
+    @classmethod
+    def _wrap(cls, c, h: int) -> "MTag":
+        t = _new(cls)
+        t._c = c
+        t.handle = h
+        return t
+
+    @property
+    def m_tag_id(self) -> int:
+        return self._c.w[(self.handle >> 3) + T_ID]
+
+    @property
+    def m_tag_len(self) -> int:
+        return self._c.w[(self.handle >> 3) + T_LEN]
+
+    @property
+    def m_tag_cookie(self) -> int:
+        return self._c.w[(self.handle >> 3) + T_COOKIE]
+
+    @property
+    def data(self) -> memoryview:
+        h = self.handle
+        return self._c.mv[h + HDR:h + HDR + self._c.w[(h >> 3) + T_LEN]]
+
+    @property
+    def owner(self) -> int:
+        """Handle of the mbuf whose packet header lists this tag, 0 if none."""
+        return self._c.w[(self.handle >> 3) + T_OWNER]
+
+    def __eq__(self, other):
+        return (isinstance(other, MTag) and other.handle == self.handle
+                and other._c.core is self._c.core)
+
+    def __hash__(self):
+        return hash((id(self._c.core), self.handle))
+
+    def __repr__(self):
+        return (f"<MTag {self.handle} cookie={self.m_tag_cookie} id={self.m_tag_id} "
+                f"len={self.m_tag_len}>")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import layout as L
+from ..arena import Arena
 from .constants import (MCLBYTES, MHLEN, MINCLSIZE, MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE,
                         MLEN, MSIZE, MT_NTYPES)
 from .tunables import current
@@ -132,7 +133,6 @@ def netstat_m(arena) -> str:
 def stat_m_text(name: str) -> str:
     """``shmalloc stat -m --name NAME``: attach to the running arena, print its
     netstat -m, detach."""
-    from ..arena import Arena
     arena = Arena.attach(name)
     try:
         return netstat_m(arena)

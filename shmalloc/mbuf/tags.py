@@ -6,68 +6,18 @@ payload (``layout.MTAG``); the packet header's ``tags`` word heads a singly link
 (SLIST) through the tags' ``next`` words.  Each tag names the mbuf whose list holds it
 (``owner``, 0 while unlinked), so a tag cannot be linked twice, deleted from another
 packet, or freed while linked.  The dtors of the mbuf zones delete a packet's tags.
+The ``MTag`` object and the tag's word offsets are declared in ``header``, with
+``Mbuf`` (FreeBSD's ``sys/mbuf.h``); this module holds the functions.
 """
 
 from __future__ import annotations
 
 import operator
 
-from .. import layout as L
 from .constants import M_PKTHDR, MTAG_ABI_COMPAT, MTAG_MAXLEN, MTAG_PERSISTENT, MTAG_SIZES
 from .errors import MbufError
+from .header import HDR, T_COOKIE, T_ID, T_LEN, T_NEXT, T_OWNER, Mbuf, MTag
 from .zones import FLAGS, PH_TAGS, ctx
-
-T_NEXT, T_OWNER, T_COOKIE, T_ID, T_LEN = (L.MTAG[n] for n in
-                                          ("NEXT", "OWNER", "COOKIE", "ID", "LEN"))
-HDR = L.MTAG_HDR_BYTES
-_new = object.__new__
-
-
-class MTag:
-    """One m_tag: ``m_tag_id``, ``m_tag_len``, ``m_tag_cookie`` and ``data`` (a
-    writable memoryview of the payload)."""
-
-    __slots__ = ("_c", "handle")
-
-    @classmethod
-    def _wrap(cls, c, h: int) -> "MTag":
-        t = _new(cls)
-        t._c = c
-        t.handle = h
-        return t
-
-    @property
-    def m_tag_id(self) -> int:
-        return self._c.w[(self.handle >> 3) + T_ID]
-
-    @property
-    def m_tag_len(self) -> int:
-        return self._c.w[(self.handle >> 3) + T_LEN]
-
-    @property
-    def m_tag_cookie(self) -> int:
-        return self._c.w[(self.handle >> 3) + T_COOKIE]
-
-    @property
-    def data(self) -> memoryview:
-        h = self.handle
-        return self._c.mv[h + HDR:h + HDR + self._c.w[(h >> 3) + T_LEN]]
-
-    @property
-    def owner(self) -> int:
-        """Handle of the mbuf whose packet header lists this tag, 0 if none."""
-        return self._c.w[(self.handle >> 3) + T_OWNER]
-
-    def __eq__(self, other):
-        return (isinstance(other, MTag) and other.handle == self.handle
-                and other._c.core is self._c.core)
-
-    def __hash__(self):
-        return hash((id(self._c.core), self.handle))
-
-    def __repr__(self):
-        return (f"<MTag {self.handle} cookie={self.m_tag_cookie} id={self.m_tag_id} "
-                f"len={self.m_tag_len}>")
 
 
 # ============================================================================ internals
@@ -184,7 +134,6 @@ def _tag_copy(c, t: int, how: int):
 
 # ============================================================================ API
 def _pkthdr_of(m, what: str) -> int:
-    from .header import Mbuf
     if not isinstance(m, Mbuf):
         raise TypeError(f"{what}: expected an Mbuf, not {type(m).__name__}")
     if not m._c.w[(m.handle >> 3) + FLAGS] & M_PKTHDR:

@@ -1,24 +1,11 @@
-"""Tunables, sysctls and event handlers of the mbuf layer (the seed's
-``tunable_mbinit``, ``sysctl_nmbclusters`` ... and ``EVENTHANDLER_*``).
+"""tunables: the tunables, sysctls and event handlers of the mbuf layer (the seed's
+``TUNABLE_INT``s, ``sysctl_nmbclusters`` ... in ``kern_mbuf.c``, and ``EVENTHANDLER_*``).
 
-Tunables are given once, at ``Arena.create(..., tunables={...})``, and stored in the
-header's TUN words (``layout``).  The first process that uses mbufs on the arena
-computes the values in force from them (``ensure_tuned``) and writes them to the MBS
-words, where ``sysctl`` reads and raises them.
-
-Defaults (the seed's ``tunable_mbinit``, FreeBSD 7/8; ``reference/uma_mbuf.md`` §3.3)::
-
-    maxusers    = clamp(physpages / (2 MiB / PAGE_SIZE), 32, 384)   subr_param.c
-    nmbclusters = 1024 + maxusers * 64
-    nmbjumbop   = nmbclusters / 2,  nmbjumbo9 = nmbjumbop / 2,  nmbjumbo16 = nmbjumbo9 / 2
-    maxmbufmem  = realmem / 2  (a tunable is capped at realmem / 4 * 3)
-    nmbufs      = max(maxmbufmem / MSIZE / 5, sum of the four cluster limits)
-    v_free_min  = 4 + (physpages - 1024) / 200  (4 below 1024 pages)   vm_pageout.c
-
-where the arena plays the machine: ``physpages`` is its size in pages and ``realmem``
-its size in bytes.  As in the seed, the jumbo limits derive from the *computed*
-nmbclusters, before a ``kern.ipc.nmbclusters`` tunable overrides it.  A tunable of 0
-makes the limit unlimited (``kern.maxusers = 0``: derive it).
+Tunables are given once, at ``Arena.create(..., tunables={...})``, checked by
+``validate`` and stored in the header's TUN words (``store``).  The first process that
+uses mbufs on the arena computes the values in force from them (``limits``, where the
+defaults and their formulas are) and writes them to the MBS words, where ``sysctl``
+reads and raises them.
 
 Sysctls (``sysctl(arena, name[, value])``): the limits only rise (a lower value is
 refused with EINVAL; ``0`` is unlimited, so it is the highest value and cannot be
@@ -33,15 +20,15 @@ in this process runs when this process invokes the event (``fn(arg, arena)``).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import itertools
-import sys
 
 from .. import layout as L
 from .constants import (MBUF_CLUSTER_MEM_NAME, MBUF_JUMBO9_MEM_NAME, MBUF_JUMBO16_MEM_NAME,
-                        MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME, MSIZE)
+                        MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME)
 from .errors import SysctlError
+from .limits import ensure_tuned
+from .zones import ctx
 
 _TUN, _MBS = L.TUN, L.MBS
 
@@ -58,47 +45,6 @@ SYSCTLS = {
 }
 TUNABLE_NAMES = tuple(SYSCTLS)
 _VALUE_MAX = 1 << 62
-
-MAXUSERS_MIN, MAXUSERS_MAX = 32, 384
-
-
-# ============================================================================ defaults
-def maxusers_for(size: int) -> int:
-    """FreeBSD 7's ``init_param2`` (``kern/subr_param.c``): one "user" per 2 MiB of
-    physical memory, at least 32 and at most 384; the arena's size is the memory."""
-    physpages = size // L.PAGE_SIZE
-    return min(max(physpages // (2 * 1024 * 1024 // L.PAGE_SIZE), MAXUSERS_MIN), MAXUSERS_MAX)
-
-
-def v_free_min_for(size: int) -> int:
-    """FreeBSD's ``vm_pageout_init``: pages kept free before vm_lowmem fires."""
-    npages = size // L.PAGE_SIZE
-    return 4 + (npages - 1024) // 200 if npages > 1024 else 4
-
-
-def compute(size: int, given: dict[str, int]) -> dict[str, int]:
-    """The values in force for an arena of ``size`` bytes with tunables ``given``
-    (MBS field -> value).  Pure: see the module docstring for the formulas."""
-    maxusers = given.get("MAXUSERS") or maxusers_for(size)
-    nmbclusters = 1024 + maxusers * 64
-    nmbjumbop = nmbclusters // 2
-    nmbjumbo9 = nmbjumbop // 2
-    nmbjumbo16 = nmbjumbo9 // 2
-    nmbclusters = given.get("NMBCLUSTERS", nmbclusters)
-    nmbjumbop = given.get("NMBJUMBOP", nmbjumbop)
-    nmbjumbo9 = given.get("NMBJUMBO9", nmbjumbo9)
-    nmbjumbo16 = given.get("NMBJUMBO16", nmbjumbo16)
-    realmem = size
-    maxmbufmem = min(given.get("MAXMBUFMEM", realmem // 2), realmem // 4 * 3)
-    clusters = (nmbclusters, nmbjumbop, nmbjumbo9, nmbjumbo16)
-    need = sum(clusters) if all(clusters) else 0
-    nmbufs = given.get("NMBUFS", -1)
-    if nmbufs != 0 and nmbufs < need or nmbufs < 0:
-        nmbufs = max(maxmbufmem // MSIZE // 5, need)
-    return {"MAXUSERS": maxusers, "NMBCLUSTERS": nmbclusters, "NMBJUMBOP": nmbjumbop,
-            "NMBJUMBO9": nmbjumbo9, "NMBJUMBO16": nmbjumbo16, "NMBUFS": nmbufs,
-            "MAXMBUFMEM": maxmbufmem,
-            "V_FREE_MIN": given.get("V_FREE_MIN", v_free_min_for(size))}
 
 
 # ============================================================================ at create
@@ -142,34 +88,13 @@ def store(w, fields: dict[str, int]) -> None:
     w[base + _TUN["SET"]] = setbits
 
 
-def given(w) -> dict[str, int]:
-    """The tunables the arena was created with (TUN field -> value)."""
-    base = L.TUN_WORD
-    setbits = w[base + _TUN["SET"]]
-    return {f: w[base + i] for f, i in _TUN.items() if f != "SET" and setbits >> i & 1}
-
-
-def ensure_tuned(core) -> None:
-    """``tunable_mbinit``: compute the values in force once per arena.
-    Lock: takes vm (nothing else held)."""
-    w = core.w
-    if w[L.MBS_WORD + _MBS["STATE"]] >= L.MBS_TUNED:
-        return
-    with core.lock(L.VM_LOCK):
-        if w[L.MBS_WORD + _MBS["STATE"]] >= L.MBS_TUNED:
-            return
-        for field, v in compute(core.geometry.size, given(w)).items():
-            w[L.MBS_WORD + _MBS[field]] = v
-        w[L.MBS_WORD + _MBS["STATE"]] = L.MBS_TUNED
-
-
+# ============================================================================ sysctl
 def current(core) -> dict[str, int]:
     """Every sysctl's value in force (without making any zone)."""
     ensure_tuned(core)
     return {name: core.w[L.MBS_WORD + _MBS[spec[0]]] for name, spec in SYSCTLS.items()}
 
 
-# ============================================================================ sysctl
 def _key(v: int) -> float:
     """Order of limits: 0 (unlimited) is above every number."""
     return float("inf") if v == 0 else v
@@ -194,10 +119,8 @@ def sysctl(arena, name: str, value=None) -> int:
     if mode == "rdtun":
         raise SysctlError(errno.EPERM, f"sysctl: oid {name!r} is a read only tunable "
                                        f"(set it with Arena.create(tunables=...))")
-    ctx = None
     if zone_name is not None:
-        from .zones import ctx as _ctx
-        ctx = _ctx(arena)                # the zones exist before the limit moves
+        ctx(arena)                       # the zones exist before the limit moves
     with core.lock(L.VM_LOCK):
         old = w[word]
         if mode == "raise" and _key(value) < _key(old):
@@ -211,7 +134,7 @@ def sysctl(arena, name: str, value=None) -> int:
     if not changed:
         return value
     if zone_name is not None:
-        zone = ctx.arena.zone(zone_name)
+        zone = arena.zone(zone_name)
         while True:                      # a racing raise may land between: converge
             v = w[word]
             zone.set_max(v)
@@ -259,60 +182,3 @@ def eventhandler_invoke(name: str, arena) -> int:
     for _, _, fn, arg in hs:
         fn(arg, arena)
     return len(hs)
-
-
-# ============================================================================ command line
-def sysctl_main(argv=None) -> int:
-    """``shmalloc sysctl --name ARENA [-n] [-a] NAME[=VALUE] ...`` in sysctl(8)'s
-    words.  Returns the exit status: 0 ok, 1 a sysctl failed, 2 usage."""
-    from ..arena import Arena
-    from ..errors import ShmallocError
-    p = argparse.ArgumentParser(prog="shmalloc sysctl",
-                                description="read or raise the mbuf sysctls of an arena")
-    p.add_argument("--name", required=True, help="the arena")
-    p.add_argument("-n", action="store_true", help="print values only")
-    p.add_argument("-a", action="store_true", help="print every sysctl")
-    p.add_argument("oids", nargs="*", metavar="NAME[=VALUE]")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:
-        return 2 if e.code else 0
-    if not args.oids and not args.a:
-        print("shmalloc sysctl: name a sysctl or give -a", file=sys.stderr)
-        return 2
-    status = 0
-    try:
-        arena = Arena.attach(args.name)
-    except ShmallocError as e:
-        print(f"sysctl: {e}", file=sys.stderr)
-        return 1
-    try:
-        oids = list(TUNABLE_NAMES) if args.a else []
-        oids += args.oids
-        for oid in oids:
-            name, sep, text = oid.partition("=")
-            try:
-                if not sep:
-                    v = sysctl(arena, name)
-                    print(v if args.n else f"{name}: {v}")
-                    continue
-                try:
-                    value = int(text, 0)
-                except ValueError:
-                    print(f"sysctl: invalid integer '{text}'", file=sys.stderr)
-                    status = 1
-                    continue
-                old = sysctl(arena, name)
-                new = sysctl(arena, name, value)
-                print(new if args.n else f"{name}: {old} -> {new}")
-            except SysctlError as e:
-                status = 1
-                if e.errno == errno.ENOENT:
-                    print(f"sysctl: unknown oid '{name}'", file=sys.stderr)
-                elif e.errno == errno.EPERM:
-                    print(f"sysctl: oid '{name}' is a read only tunable", file=sys.stderr)
-                else:
-                    print(f"sysctl: {oid}: {e.strerror}", file=sys.stderr)
-    finally:
-        arena.close()
-    return status

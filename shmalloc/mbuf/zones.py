@@ -1,4 +1,5 @@
-"""zones: the seed's ``mbuf_init`` and the hooks of the mbuf zones.
+"""zones: the seed's ``mbuf_init`` -- the mbuf zones -- and the context the mbuf layer
+works in on one arena object.
 
 The zones, as ``kern_mbuf.c:mbuf_init`` makes them::
 
@@ -12,42 +13,31 @@ The zones, as ``kern_mbuf.c:mbuf_init`` makes them::
 
 Slabs are runs of contiguous pages of the arena (``vm.alloc_run``), so the multi-page
 slabs of the 9k and 16k zones are the ``contigmalloc`` page source of the seed's
-``mbuf_jumbo_alloc``: every jumbo cluster lies on contiguous pages.
-
-Hooks are registered here under built-in names (``mb_ctor_mbuf`` ...) and stored by
-name in the zone records; ``shmalloc.hooks`` imports this package to resolve them in a
-process that has not.  Their ``arg``: the mbuf and packet ctors take
-``type << 32 | flags`` (the seed's ``struct mb_args``), the cluster ctor the handle of
-the mbuf to attach the cluster to (or None); the dtors take None, ``MB_NOTAGS`` (leave
-the tags), ``PACK_VERIFIED`` (m_free checked the packet already) or
-``hooks.DTOR_RECOVER`` (a supervisor frees a dead CPU's item: an mbuf gives back the
-reference it held instead of being refused; a packet whose cluster copies still share
-is set aside for the last copy to free, and the free refused).
+``mbuf_jumbo_alloc``: every jumbo cluster lies on contiguous pages.  The zone records
+name their hooks (``ZONE_SPECS``); the hooks themselves are in ``ctors``.
 
 Every arena object (a CPU) gets a context, ``ctx(arena)``, made on first use: it runs
 ``mbuf_init`` (which makes the zones when the arena has none: racing processes end up
-with one set) and keeps the zones and the views the mbuf layer works with.
+with one set) and keeps the zones, the views of the segment and the refcount locks the
+mbuf layer works with.  The word offsets of an mbuf's fields (``layout``'s mbuf
+section) are named here for the whole layer.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from array import array
 
-from .. import hooks
 from .. import layout as L
 from ..errors import ZoneError
-from ..hooks import DTOR_RECOVER
 from ..zone import BUCKET_MAX, M_NOWAIT, M_WAITOK
-from .constants import (EXT_CLUSTER, EXT_JUMBO9, EXT_JUMBO16, EXT_JUMBOP, EXT_PACKET, M_EXT,
-                        M_NOFREE, M_PKTHDR, MB_NOTAGS, MBUF_CLUSTER_MEM_NAME,
-                        MBUF_EXTREFCNT_MEM_NAME, MBUF_JUMBO9_MEM_NAME, MBUF_JUMBO16_MEM_NAME,
-                        MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME, MBUF_PACKET_MEM_NAME,
-                        MBUF_TAG_MEM_NAME, MCLBYTES, MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE,
-                        MSIZE, MT_DATA, MT_NOINIT, MTAG_SIZES)
+from .constants import (EXT_CLUSTER, EXT_JUMBO9, EXT_JUMBO16, EXT_JUMBOP, EXT_PACKET,
+                        MBUF_CLUSTER_MEM_NAME, MBUF_EXTREFCNT_MEM_NAME, MBUF_JUMBO9_MEM_NAME,
+                        MBUF_JUMBO16_MEM_NAME, MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME,
+                        MBUF_PACKET_MEM_NAME, MBUF_TAG_MEM_NAME, MCLBYTES, MJUM9BYTES,
+                        MJUM16BYTES, MJUMPAGESIZE, MSIZE, MTAG_SIZES)
 from .errors import MbufError
-from .tunables import ensure_tuned
+from .limits import ensure_tuned
 
 # word offsets inside an mbuf (layout's mbuf section)
 NEXT, NEXTPKT, DATA, LEN, FLAGS, TYPE = (L.MH[n] for n in
@@ -63,8 +53,7 @@ HDR_END = L.MH_WORDS                    # words of m_hdr
 PKTHDR_END = L.MH_WORDS + L.PH_WORDS    # words of m_hdr + m_pkthdr
 EXT_END = E + L.EXT_WORDS
 M_DAT, M_PKTDAT, EXT_FREE = L.MH_BYTES, L.PKTDAT, L.EXT_FREE
-_ZERO_MBUF = bytes(MSIZE)
-_ZERO_EXT = bytes(MSIZE - L.PKTDAT)
+PACK_VERIFIED = 1 << 61      # a packet dtor's arg from m_free: it checked the packet
 _MBS_STATE = L.MBS_WORD + L.MBS["STATE"]
 
 # the seed's zones: name -> (size, zcreate keywords, MBS limit field, hook names)
@@ -194,7 +183,7 @@ class Ctx:
         lk[EXT_PACKET] = lk[EXT_CLUSTER]
         self.reflocks = lk
         self.extref_lock = core.lock(self.zextref._lock_index)
-        # the refcount journal of each lock: its owner-id word (``api.journal``)
+        # the refcount journal of each lock: its owner-id word (``refs.journal``)
         jw = {t: L.lock_word(z._lock_index) + L.LOCK["OWNER_ID"]
               for t, z in self.zone_of_type.items()}
         jw[EXT_PACKET] = jw[EXT_CLUSTER]
@@ -269,302 +258,3 @@ def ctx(arena) -> Ctx:
         c = Ctx(arena)
         arena._mb = c
     return c
-
-
-def _zctx(zone) -> Ctx:
-    try:
-        return zone._mbctx
-    except AttributeError:
-        return _hook_ctx(zone)
-
-
-def _hook_ctx(zone) -> Ctx:
-    """The context a hook of ``zone`` works in (cached on the zone object)."""
-    c = zone.__dict__.get("_mbctx")
-    if c is None:
-        c = ctx(zone.arena)
-        zone._mbctx = c
-    return c
-
-
-# ============================================================================ label hook
-_label_hook = None
-
-
-def set_mbuf_label_hook(fn):
-    """Install ``fn(m, how)`` (or None) as the packet-header label hook, the stand-in
-    for ``mac_mbuf_init``: it runs in every packet-header allocation of this
-    process and returns 0 (or None) to accept, or an errno (or False) to fail the
-    allocation, which then fails cleanly (None is returned, nothing is leaked).
-    Returns the previous hook."""
-    global _label_hook
-    if fn is not None and not callable(fn):
-        raise TypeError(f"a label hook is a callable or None, not {type(fn).__name__}")
-    old, _label_hook = _label_hook, fn
-    return old
-
-
-def _label(c, h, how) -> bool:
-    from .header import Mbuf
-    err = _label_hook(Mbuf._wrap(c, h), how)
-    return err is None or err is True or (err is not False and err == 0)
-
-
-# ============================================================================ hooks
-_tmpl: dict[int, tuple] = {}
-
-
-def _template(arg: int) -> tuple:
-    """(words, count): the m_hdr (+ zeroed m_pkthdr) words an mbuf ctor writes for
-    ``arg``; m_data is patched in afterwards."""
-    t = _tmpl.get(arg)
-    if t is None:
-        flags, typ = arg & 0xFFFFFFFF, arg >> 32
-        n = PKTHDR_END if flags & M_PKTHDR else HDR_END
-        a = array("q", [0]) * n
-        a[FLAGS] = flags
-        a[TYPE] = typ
-        t = (a, n)
-        if len(_tmpl) < 4096:
-            _tmpl[arg] = t
-    return t
-
-
-_ARG_DEFAULT = MT_DATA << 32
-
-
-def mb_ctor_mbuf(zone, h, arg, how):
-    """The mbuf zone's ctor: initialise the header (and the packet header with
-    M_PKTHDR); MT_NOINIT leaves the mbuf as it is.  False (the label hook said
-    no) fails the allocation."""
-    if arg is None:
-        arg = _ARG_DEFAULT
-    if arg >> 32 == MT_NOINIT:
-        return None
-    try:
-        c = zone._mbctx
-    except AttributeError:
-        c = _hook_ctx(zone)
-    w, i = c.w, h >> 3
-    a, n = _tmpl.get(arg) or _template(arg)
-    w[i:i + n] = a
-    if arg & M_PKTHDR:
-        w[i + DATA] = h + M_PKTDAT
-        if _label_hook is not None and not _label(c, h, how):
-            return False
-    else:
-        w[i + DATA] = h + M_DAT
-    return None
-
-
-def mb_dtor_mbuf(zone, h, arg):
-    """The mbuf zone's dtor: refuse an mbuf still marked M_EXT or M_NOFREE (nothing
-    is changed then), delete the tags unless ``arg`` has MB_NOTAGS, clear the
-    links: a free mbuf has no next and no tags."""
-    try:
-        c = zone._mbctx
-    except AttributeError:
-        c = _hook_ctx(zone)
-    w, i = c.w, h >> 3
-    flags = w[i + FLAGS]
-    error = None
-    if flags & (M_EXT | M_NOFREE):
-        if arg is None or not arg & DTOR_RECOVER:
-            what = "M_EXT (free its storage with m_free)" if flags & M_EXT else "M_NOFREE"
-            raise MbufError(f"zone {zone.name!r}: mbuf {h} is still marked {what}")
-        if flags & M_EXT:            # a dead CPU's mbuf: give its reference back
-            from .api import drop_ref
-            _, error = drop_ref(c, h, i, flags, c.zidx_mbuf)
-            c.mv[h + M_PKTDAT:h + MSIZE] = _ZERO_EXT
-        w[i + FLAGS] = flags = flags & ~(M_EXT | M_NOFREE)
-    if w[i + PH_TAGS] and flags & M_PKTHDR:
-        if arg is not None and arg & MB_NOTAGS:
-            w[i + PH_TAGS] = 0
-        else:
-            from .tags import delete_chain
-            delete_chain(c, h, 0)
-    w[i + NEXT] = 0
-    w[i + NEXTPKT] = 0
-    if error is not None:
-        raise error
-
-
-def mb_zinit_mbuf(zone, h, how):
-    """keg -> mbuf zone: an mbuf starts zeroed (no flags, no next, no tags), so even
-    an MT_NOINIT mbuf is safe to free."""
-    try:
-        c = zone._mbctx
-    except AttributeError:
-        c = _hook_ctx(zone)
-    c.mv[h:h + MSIZE] = _ZERO_MBUF
-
-
-def mb_ctor_clust(zone, h, arg, how):
-    """The cluster ctor (2k and jumbo zones): refcount 1, and attached to mbuf
-    ``arg`` when one is given."""
-    try:
-        c = zone._mbctx
-    except AttributeError:
-        c = _hook_ctx(zone)
-    typ = EXT_TYPE_OF_SIZE.get(zone.size)
-    if typ is None:
-        raise MbufError(f"zone {zone.name!r}: unknown cluster size {zone.size}")
-    r = zone.keg.ref_index(h)
-    c.u32[r] = 1
-    if arg:
-        i = arg >> 3
-        c.w[i + E:i + EXT_END] = array("q", (h, zone.size, typ, r << 2, 0, 0, arg))
-        c.mv[arg + EXT_FREE] = 0
-        c.w[i + DATA] = h
-        c.w[i + FLAGS] |= M_EXT
-    return None
-
-
-def mb_dtor_clust(zone, h, arg):
-    """The cluster dtor: a cluster is freed only when no mbuf refers to it."""
-    try:
-        c = zone._mbctx
-    except AttributeError:
-        c = _hook_ctx(zone)
-    rc = c.u32[zone.keg.ref_index(h)]
-    if rc > 1:
-        raise MbufError(f"zone {zone.name!r}: cluster {h} still has {rc} references")
-
-
-def mb_zinit_pack(zone, h, how):
-    """keg -> packet zone: attach a cluster (the item stays in the packet zone's
-    caches with it).  False when no cluster can be had."""
-    try:
-        c = zone._mbctx
-    except AttributeError:
-        c = _hook_ctx(zone)
-    c.mv[h:h + MSIZE] = _ZERO_MBUF
-    if c.zclust.alloc(how, None, h) is None:
-        return False
-    c.w[(h >> 3) + EXT_TYPE] = EXT_PACKET
-    return None
-
-
-def mb_zfini_pack(zone, h):
-    """packet zone -> keg: give the cluster back.  A repeat (crash recovery) finds
-    no cluster and does nothing.
-
-    The cluster is held by the CPU that imported the packet (or by none, that CPU
-    gone), not always this one: it is taken over first, then the packet forgets
-    it, then it is freed.  A CPU killed before the packet forgot it leaves the
-    cluster to the fini that recovery runs again; killed after, a cluster it holds
-    that no mbuf names, which recovery frees (``workers/mbuf_recovery.py``).
-    (Forgotten before it was taken over, it stayed meanwhile with its former
-    holder, where nothing told it from a cluster in use: a kill there lost it.)"""
-    try:
-        c = zone._mbctx
-    except AttributeError:
-        c = _hook_ctx(zone)
-    w, i = c.w, h >> 3
-    cl = w[i + EXT_BUF]
-    if cl:
-        c.zclust.take_over(cl)
-    w[i + EXT_BUF] = 0
-    w[i + FLAGS] &= ~M_EXT
-    if cl:
-        c.u32[w[i + EXT_REFCNT] >> 2] = 1
-        c.zclust.free(cl)
-
-
-_tmpl_pack: dict[int, tuple] = {}
-
-
-def mb_ctor_pack(zone, h, arg, how):
-    """The packet zone's ctor: the header as mb_ctor_mbuf, with M_EXT and m_data at
-    the cluster (m_ext is already set up by the init)."""
-    try:
-        c = zone._mbctx
-    except AttributeError:
-        c = _hook_ctx(zone)
-    w, i = c.w, h >> 3
-    t = _tmpl_pack.get(arg)
-    if t is None:
-        t = _template((_ARG_DEFAULT if arg is None else arg) | M_EXT)
-        if len(_tmpl_pack) < 4096:
-            _tmpl_pack[arg] = t
-    w[i:i + t[1]] = t[0]
-    w[i + DATA] = w[i + EXT_BUF]
-    if _label_hook is not None and t[0][FLAGS] & M_PKTHDR and not _label(c, h, how):
-        return False
-    return None
-
-
-PACK_VERIFIED = 1 << 61      # dtor arg from m_free: it checked the packet as below
-
-
-def mb_dtor_pack(zone, h, arg):
-    """The packet zone's dtor: make sure the cluster comes back clean (refused
-    otherwise, nothing changed; m_free, which checked it already, says so with
-    PACK_VERIFIED), delete the tags, and when the cluster zone is exhausted drain
-    the packet zone, so that clusters parked in cached packets reach whoever waits
-    for one (the seed's deliberately unlocked check)."""
-    try:
-        c = zone._mbctx
-    except AttributeError:
-        c = _hook_ctx(zone)
-    w, i = c.w, h >> 3
-    if arg != PACK_VERIFIED:
-        _pack_check(c, zone, h, i, arg)
-    if w[i + PH_TAGS] and w[i + FLAGS] & M_PKTHDR:
-        from .tags import delete_chain
-        delete_chain(c, h, 0)
-    # m_next/m_nextpkt are left for the ctor to clear: a cached packet is not followed
-    if w[c.clust_sleepers_w] or w[c.clust_limit_w] and w[c.clust_items_w] >= w[c.clust_limit_w]:
-        c.zpack.drain()
-        c.zclust.drain()
-
-
-def _pack_check(c, zone, h, i, arg) -> None:
-    """The seed's KASSERTs on a packet coming back (all of them on debug arenas);
-    a dead CPU's packet whose cluster is still shared is set aside instead."""
-    w = c.w
-    if arg is not None and arg & DTOR_RECOVER and c.u32[w[i + EXT_REFCNT] >> 2] > 1:
-        _set_aside(c, zone, h, i, w[i + FLAGS])     # returns when it turned out sole
-    flags = w[i + FLAGS]
-    if not w[i + TYPE]:
-        raise MbufError(f"zone {zone.name!r}: packet {h} waits for the copies sharing its "
-                        f"cluster; the last of them frees it")
-    if (not flags & M_EXT or w[i + EXT_TYPE] != EXT_PACKET
-            or c.u32[w[i + EXT_REFCNT] >> 2] != 1 or c.debug and _pack_unclean(c, h)):
-        raise MbufError(f"zone {zone.name!r}: packet {h} does not hold a clean cluster of its "
-                        f"own (flags {flags:#x}, type {w[i + TYPE]}, ext type "
-                        f"{w[i + EXT_TYPE]}, size {w[i + EXT_SIZE]}, refcount "
-                        f"{c.u32[w[i + EXT_REFCNT] >> 2]})")
-
-
-def _set_aside(c, zone, h, i, flags) -> None:
-    """A dead CPU's packet whose cluster copies still share: set it aside (it keeps
-    its reference; ``api._limbo``) and refuse the free (MbufError): the last copy
-    frees it.  If the copies went meanwhile, return: the free goes on as for a
-    sole packet."""
-    from .api import _limbo
-    if c.w[i + TYPE] == 0:
-        raise MbufError(f"zone {zone.name!r}: packet {h} already waits for its copies")
-    if _limbo(c, h, i, flags):
-        raise MbufError(f"zone {zone.name!r}: packet {h} is set aside until the "
-                        f"{c.u32[c.w[i + EXT_REFCNT] >> 2] - 1} copies sharing its cluster "
-                        f"are freed")
-
-
-def _pack_unclean(c, h) -> bool:
-    """INVARIANTS (debug arenas): the rest of the seed's KASSERTs on a packet."""
-    w, i = c.w, h >> 3
-    return bool(not w[i + EXT_BUF] or w[i + EXT_SIZE] != MCLBYTES or w[i + EXT_ARG1]
-                or w[i + EXT_ARG2] or c.mv[h + EXT_FREE] or w[i + EXT_OWNER] != h)
-
-
-def mb_zinit_extref(zone, h, how):
-    """keg -> mbuf_ext_refcnt: a refcount starts at 0 (UMA_ZONE_ZINIT)."""
-    _zctx(zone).u32[h >> 2] = 0
-
-
-for _fn in (mb_ctor_mbuf, mb_dtor_mbuf, mb_zinit_mbuf, mb_ctor_clust, mb_dtor_clust,
-            mb_zinit_pack, mb_zfini_pack, mb_ctor_pack, mb_dtor_pack, mb_zinit_extref):
-    hooks.register(_fn.__name__, _fn)
-del _fn
-

@@ -1,0 +1,422 @@
+"""alloc: getting and freeing mbufs and their storage, with FreeBSD's names and
+argument order -- modern FreeBSD's ``kern_mbuf.c`` (in the seed's day ``m_get`` and
+friends were inlines in ``sys/mbuf.h`` and ``m_free`` lived in ``uipc_mbuf.c``).
+
+    m_get, m_gethdr, m_getcl, m_getjcl, m_get2   an mbuf (with a cluster), or None
+    m_getzone, m_clget, m_cljget, m_cljset       clusters: the zone, attach, a bare one
+    m_extadd                                     attach external storage of the caller's
+    m_init                                       what the ctor does, for MT_NOINIT mbufs
+    m_free, m_freem                              one mbuf, a chain
+
+Functions that take no mbuf take the keyword ``arena=``.  Allocations return None
+when they cannot be satisfied (M_NOWAIT, a limit, the arena full, a refusing label
+hook); M_WAITOK sleeps, optionally bounded by ``timeout=`` (TimeoutError); a failed
+allocation on an arena low on pages runs vm_lowmem (at most once a second) and tries once more
+(``reclaim``).  Where FreeBSD would panic (a KASSERT: a cluster attached twice, a
+type out of range ...) MbufError is raised before anything is changed.
+
+A free drops the mbuf's reference to its storage (``refs.drop_ref``: the last one
+frees it), then gives the mbuf back to its zone.  The zones' ctors and dtors do the
+rest (``ctors``).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import operator
+
+from .. import hooks
+from .. import layout as L
+from ..errors import BadHandleError, DoubleFreeError, ShmallocError
+from ..zone import M_NOWAIT, M_WAITOK, M_ZERO
+from .constants import (EXT_EXTADD_TYPES, EXT_NET_DRV, EXT_PACKET, M_EXT, M_NOFREE, M_PKTHDR,
+                        MCLBYTES, MHLEN, MJUMPAGESIZE, MLEN, MSIZE, MT_NOINIT, MT_NOTMBUF)
+from .ctors import mb_ctor_clust, mb_ctor_mbuf
+from .errors import MbufError
+from .header import Mbuf, _wrap
+from .reclaim import lowmem_check
+from .refs import drop_ref
+from .tags import delete_chain
+from .zones import (DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_REFCNT, EXT_SIZE,
+                    EXT_TYPE, FLAGS, M_PKTDAT, NEXT, PACK_VERIFIED, PH_TAGS, TYPE, ctx)
+
+_ZERO_EXT = bytes(MSIZE - M_PKTDAT)
+_FLAGS_OK = 0xFFFFFFFF & ~(M_EXT | M_NOFREE)    # flags an allocation may ask for
+_TAG_ALLOC, _TAG_SHIFT = L.TAG_ALLOC, L.PAGE_SHIFT
+_new = object.__new__
+
+
+# ============================================================================ arguments
+_ARGS: dict = {}
+
+
+def _arg(type, flags) -> int:
+    """The mbuf ctor's argument (the seed's mb_args) for ``type`` and ``flags``."""
+    a = _ARGS.get((type, flags))
+    if a is not None:
+        return a
+    if (type.__class__ is not int or flags.__class__ is not int):
+        raise TypeError(f"mbuf type and flags are ints, not {type!r} and {flags!r}")
+    if not 0 < type <= MT_NOINIT:
+        raise MbufError(f"mbuf type {type} is outside 1..{MT_NOINIT}")
+    if flags & ~_FLAGS_OK:
+        what = "M_EXT" if flags & M_EXT else "M_NOFREE" if flags & M_NOFREE else "these bits"
+        raise MbufError(f"mbuf flags {flags:#x}: an allocation may not ask for {what}")
+    a = type << 32 | flags
+    if len(_ARGS) < 4096:
+        _ARGS[type, flags] = a
+    return a
+
+
+def _typ(w, i) -> int:
+    """The type to give an mbuf made after mbuf word ``i`` (MT_DATA for none)."""
+    t = w[i + TYPE]
+    return t if 0 < t < MT_NOINIT else 1
+
+
+def _how(c, how: int) -> int:
+    if how == M_NOWAIT:
+        return how
+    if how.__class__ is not int:
+        raise TypeError(f"how must be an int (M_NOWAIT or M_WAITOK), not {how!r}")
+    if how & M_ZERO:
+        raise MbufError("M_ZERO would wipe the mbuf header the ctor just wrote")
+    return c.how(how) if how & M_WAITOK else how
+
+
+def _c(m, what: str):
+    if m.__class__ is not Mbuf:
+        raise TypeError(f"{what}: expected an Mbuf, not {type(m).__name__}")
+    return m._c
+
+
+def _int(what, v) -> int:
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{what} must be an int, not {type(v).__name__}")
+    return operator.index(v)
+
+
+def _retry(c, zone, how, timeout, arg):
+    """An allocation failed: if the arena is low on pages, run vm_lowmem (once a
+    second at most) and try once more."""
+    if lowmem_check(c):
+        return zone.alloc(how, timeout, arg)
+    return None
+
+
+def _mget(c, how, arg, timeout=None):
+    """A handle from the mbuf zone, or None."""
+    h = c.zmbuf.alloc(how, timeout, arg)
+    if h is None:
+        h = _retry(c, c.zmbuf, how, timeout, arg)
+    return h
+
+
+# ============================================================================ allocation
+def m_get(how: int, type: int, *, arena, timeout=None):
+    """An mbuf without packet header (MLEN bytes of data room), or None."""
+    c = ctx(arena)
+    h = _mget(c, _how(c, how), _arg(type, 0), timeout)
+    return _wrap(c, h) if h else None
+
+
+def m_gethdr(how: int, type: int, *, arena, timeout=None):
+    """An mbuf with a packet header (MHLEN bytes of data room), or None."""
+    c = ctx(arena)
+    h = _mget(c, _how(c, how), _arg(type, M_PKTHDR), timeout)
+    return _wrap(c, h) if h else None
+
+
+def m_getcl(how: int, type: int, flags: int = 0, *, arena, timeout=None):
+    """An mbuf with a 2 KiB cluster attached, in one allocation from the packet
+    zone, or None."""
+    try:
+        c = arena._mb
+    except AttributeError:
+        c = ctx(arena)
+    if how != M_NOWAIT:
+        how = _how(c, how)
+    arg = _ARGS.get((type, flags)) or _arg(type, flags)
+    h = c.zpack.alloc(how, timeout, arg)
+    if h is None:
+        h = _retry(c, c.zpack, how, timeout, arg)
+        if h is None:
+            return None
+    m = _new(Mbuf)
+    m._c = c
+    m.handle = h
+    return m
+
+
+def m_getjcl(how: int, type: int, flags: int, size: int, *, arena, timeout=None):
+    """An mbuf with a cluster of ``size`` (MCLBYTES, MJUMPAGESIZE, MJUM9BYTES or
+    MJUM16BYTES) attached, or None (the mbuf is given back if the cluster fails)."""
+    if size == MCLBYTES:
+        return m_getcl(how, type, flags, arena=arena, timeout=timeout)
+    c = ctx(arena)
+    z = _cluster_zone(c, size)
+    how = _how(c, how)
+    h = _mget(c, how, _arg(type, flags), timeout)
+    if h is None:
+        return None
+    try:
+        cl = z.alloc(how, timeout, h)
+        if cl is None:
+            cl = _retry(c, z, how, timeout, h)
+    except BaseException:
+        c.zmbuf.free(h)
+        raise
+    if cl is None:
+        c.zmbuf.free(h)
+        return None
+    return _wrap(c, h)
+
+
+def m_get2(size: int, how: int, type: int, flags: int, *, arena, timeout=None):
+    """The smallest of mbuf, packet and mbuf + page-size cluster holding ``size``
+    bytes; None for more than a page."""
+    size = _int("m_get2: size", size)
+    if size <= MHLEN or (size <= MLEN and not flags & M_PKTHDR):
+        c = ctx(arena)
+        h = _mget(c, _how(c, how), _arg(type, flags), timeout)
+        return _wrap(c, h) if h else None
+    if size <= MCLBYTES:
+        return m_getcl(how, type, flags, arena=arena, timeout=timeout)
+    if size > MJUMPAGESIZE:
+        return None
+    return m_getjcl(how, type, flags, MJUMPAGESIZE, arena=arena, timeout=timeout)
+
+
+def _cluster_zone(c, size):
+    z = c.zone_of_size.get(size)
+    if z is None:
+        raise MbufError(f"no cluster zone of {size} bytes (sizes: "
+                        f"{', '.join(map(str, sorted(c.zone_of_size)))})")
+    return z
+
+
+def m_getzone(size: int, *, arena):
+    """The cluster zone of ``size`` bytes."""
+    return _cluster_zone(ctx(arena), size)
+
+
+def m_clget(m, how: int, *, timeout=None) -> int:
+    """Attach a 2 KiB cluster to ``m``; on an M_NOWAIT failure drain the packet
+    zone (its cached packets hold clusters) and try once more.  Returns
+    ``m.m_flags & M_EXT`` (0: no cluster)."""
+    c = _c(m, "m_clget")
+    h = m.handle
+    if c.w[(m.handle >> 3) + FLAGS] & M_EXT:
+        raise MbufError(f"m_clget: mbuf {h} already has external storage")
+    how = _how(c, how)
+    cl = c.zclust.alloc(how, timeout, h)
+    if cl is None and how & M_NOWAIT:
+        c.zpack.drain()
+        cl = c.zclust.alloc(how, timeout, h)
+        if cl is None:
+            _retry(c, c.zclust, how, timeout, h)
+    return c.w[(m.handle >> 3) + FLAGS] & M_EXT
+
+
+def m_cljget(m, how: int, size: int, *, arena=None, timeout=None):
+    """A cluster of ``size``: attached to ``m`` (returns its handle), or, with
+    ``m`` None, a bare cluster handle (attach it with m_cljset, or give it back
+    with ``m_getzone(size).free``).  None on failure."""
+    if m is None:
+        if arena is None:
+            raise TypeError("m_cljget(None, ...) needs arena=")
+        c = ctx(arena)
+        return _cluster_zone(c, size).alloc(_how(c, how), timeout, None)
+    c = _c(m, "m_cljget")
+    z = _cluster_zone(c, size)
+    if c.w[(m.handle >> 3) + FLAGS] & M_EXT:
+        raise MbufError(f"m_cljget: mbuf {m.handle} already has external storage")
+    return z.alloc(_how(c, how), timeout, m.handle)
+
+
+def m_cljset(m, cl: int, type: int) -> None:
+    """Attach the bare cluster ``cl`` (from m_cljget(None, ...)) of ext type
+    ``type`` (EXT_CLUSTER, EXT_JUMBOP, EXT_JUMBO9, EXT_JUMBO16) to ``m``."""
+    c = _c(m, "m_cljset")
+    z = c.zone_of_type.get(type)
+    if z is None:
+        raise MbufError(f"m_cljset: ext type {type} is not a cluster type")
+    cl = _int("m_cljset: cluster", cl)
+    base = z.keg.slab_of(cl)
+    if base < 0 or L.tag_state(c.u32[(base >> 2) + z.keg.offmap[cl - base]]) != L.TAG_ALLOC:
+        raise BadHandleError(f"m_cljset: {cl} is not an allocated cluster of zone {z.name!r}")
+    if c.w[(m.handle >> 3) + FLAGS] & M_EXT:
+        raise MbufError(f"m_cljset: mbuf {m.handle} already has external storage")
+    r = z.keg.ref_index(cl)
+    if c.u32[r] != 1:
+        raise MbufError(f"m_cljset: cluster {cl} already has {c.u32[r]} references")
+    mb_ctor_clust(z, cl, m.handle, M_NOWAIT)
+
+
+def m_extadd(mb, buf: int, size: int, freef, arg1: int = 0, arg2: int = 0, flags: int = 0,
+             type: int = None) -> int:
+    """Attach external storage ``[buf, buf + size)`` (handles of this arena) to
+    ``mb``, with free routine ``freef`` (a name, or a module-level function, resolvable
+    in every process) called as ``freef(m, arg1, arg2)`` exactly once, when the
+    last reference goes.  The refcount comes from mbuf_ext_refcnt.  Returns 0, or
+    ENOMEM (no refcount could be had: nothing attached)."""
+    c = _c(mb, "m_extadd")
+    if type is None:
+        type = EXT_NET_DRV
+    if type not in EXT_EXTADD_TYPES:
+        raise MbufError(f"m_extadd: ext type {type} is not one of EXT_SFBUF, EXT_NET_DRV, "
+                        f"EXT_MOD_TYPE, EXT_DISPOSABLE (clusters: m_clget, m_cljset)")
+    buf, size = _int("m_extadd: buf", buf), _int("m_extadd: size", size)
+    arg1, arg2 = _int("m_extadd: arg1", arg1), _int("m_extadd: arg2", arg2)
+    flags = _int("m_extadd: flags", flags)
+    if flags & ~_FLAGS_OK or flags & M_PKTHDR and not c.w[(mb.handle >> 3) + FLAGS] & M_PKTHDR:
+        raise MbufError(f"m_extadd: flags {flags:#x} may not add M_EXT, M_NOFREE or M_PKTHDR")
+    g = c.core.geometry
+    if size <= 0 or buf < g.data_off or buf + size > g.size:
+        raise MbufError(f"m_extadd: storage {buf}+{size} is not inside the arena's data "
+                        f"pages ({g.data_off}..{g.size})")
+    fm = g.freemap_off
+    if c.core.buf.find(b"\x01", fm + (buf >> L.PAGE_SHIFT),
+                       fm + (buf + size - 1 >> L.PAGE_SHIFT) + 1) >= 0:
+        raise MbufError(f"m_extadd: storage {buf}+{size} lies on free pages")
+    name = hooks.name_of(freef)
+    if not name or len(name.encode()) >= L.EXT_FREE_BYTES:
+        raise MbufError(f"m_extadd: the free routine's name {name!r} must be 1.."
+                        f"{L.EXT_FREE_BYTES - 1} bytes")
+    if c.w[(mb.handle >> 3) + FLAGS] & M_EXT:
+        raise MbufError(f"m_extadd: mbuf {mb.handle} already has external storage")
+    r = c.zextref.alloc(M_NOWAIT)
+    if r is None:
+        return _errno.ENOMEM
+    c.u32[r >> 2] = 1
+    # the count, and storage that is an item this CPU holds, belong to the
+    # references from now on: held by no CPU, so that the recovery of this CPU
+    # (should it die) leaves them to the mbufs that still point at them
+    c.arena.disown(r)
+    try:
+        c.arena.disown(buf)
+    except ShmallocError:
+        pass                                # not an item of ours: the caller's business
+    w, i, h = c.w, (mb.handle >> 3), mb.handle
+    w[i + EXT_BUF] = buf
+    w[i + EXT_SIZE] = size
+    w[i + EXT_TYPE] = type
+    w[i + EXT_REFCNT] = r
+    w[i + EXT_ARG1] = arg1
+    w[i + EXT_ARG2] = arg2
+    w[i + EXT_OWNER] = h
+    L.write_str(c.mv, h + EXT_FREE, L.EXT_FREE_BYTES, name)
+    w[i + DATA] = buf
+    w[i + FLAGS] |= M_EXT | flags
+    return 0
+
+
+def m_init(m, how: int, type: int, flags: int) -> int:
+    """Initialise an mbuf allocated with MT_NOINIT (what the ctor would have done).
+    Returns 0, or an errno when the label hook refuses (the mbuf is left as is)."""
+    c = _c(m, "m_init")
+    arg = _arg(type, flags)
+    if type == MT_NOINIT:
+        raise MbufError("m_init: MT_NOINIT is not a type")
+    if c.w[(m.handle >> 3) + FLAGS] & M_EXT:
+        raise MbufError(f"m_init: mbuf {m.handle} has external storage")
+    if c.w[(m.handle >> 3) + FLAGS] & M_PKTHDR and c.w[(m.handle >> 3) + PH_TAGS]:
+        delete_chain(c, m.handle, 0)
+    r = mb_ctor_mbuf(c.zmbuf, m.handle, arg, how)
+    return 0 if r is not False else _errno.ENOMEM
+
+
+# ============================================================================ free
+def _bad(c, h, what):
+    """Raise the most precise error for ``h``, which is not a live mbuf."""
+    if not isinstance(h, int):
+        raise TypeError(f"{what}: expected an mbuf, not {type(h).__name__}")
+    if c.is_mbuf(h) >= 0 and c.w[(h >> 3) + TYPE] == MT_NOTMBUF:
+        raise DoubleFreeError(f"{what}: mbuf {h} was freed already (it waits for the other "
+                              f"references to its cluster to go)")
+    try:
+        b = c.core.pt[h >> _TAG_SHIFT] ^ c.mkid_bits
+        x = c.moffmap.get(h - b)
+    except (IndexError, TypeError):
+        x = None
+    if x is not None and L.tag_zidx(c.u32[(b >> 2) + x]) == c.zidx_pack:
+        c.zpack._raise_bad(h, what)
+    c.zmbuf._raise_bad(h, what)
+    raise BadHandleError(f"{what}: {h} is not an allocated mbuf")
+
+
+def _free(c, h: int) -> int:
+    """m_free on handle ``h``; returns m_next's handle."""
+    w, i = c.w, h >> 3
+    try:
+        flags, typ, nxt = w[i + FLAGS], w[i + TYPE], w[i + NEXT]
+        sole_packet = (flags & M_EXT and w[i + EXT_TYPE] == EXT_PACKET
+                       and w[i + EXT_OWNER] == h and c.u32[w[i + EXT_REFCNT] >> 2] == 1)
+    except (IndexError, TypeError):
+        _bad(c, h, "m_free")
+    if typ == MT_NOTMBUF:
+        _bad(c, h, "m_free")
+    if sole_packet:
+        # a packet holding the only reference to its cluster: both go back to the
+        # packet zone together; the zone checks the handle before anything changes
+        c.zpack.free(h, PACK_VERIFIED)
+        return nxt
+    try:
+        b = c.core.pt[h >> 12] ^ c.mkid_bits
+        t = c.u32[(b >> 2) + c.moffmap[h - b]]
+    except (IndexError, KeyError, TypeError):
+        _bad(c, h, "m_free")
+    if t & 0xF != _TAG_ALLOC:
+        _bad(c, h, "m_free")
+    if flags & M_EXT:
+        _free_ext(c, h, i, flags, (t >> 4) & 0xF)
+    elif (t >> 4) & 0xF != c.zidx_mbuf:
+        raise MbufError(f"m_free: packet {h} has lost its cluster (M_EXT clear)")
+    elif not flags & M_NOFREE:
+        c.zmbuf.free(h)
+    return nxt
+
+
+def _free_ext(c, h, i, flags, zidx):
+    """``mb_free_ext``: drop ``h``'s reference to its storage, then free ``h``."""
+    purge, error = drop_ref(c, h, i, flags, zidx)
+    if purge and not flags & M_NOFREE:
+        _purge_and_free(c, h, i, flags)
+    if error is not None:
+        raise error
+
+
+def _purge_and_free(c, h, i, flags):
+    c.mv[h + M_PKTDAT:h + MSIZE] = _ZERO_EXT
+    c.w[i + FLAGS] = flags & ~M_EXT
+    c.zmbuf.free(h)
+
+
+def m_free(m):
+    """Free one mbuf (and its reference to its storage); returns m_next."""
+    c = _c(m, "m_free")
+    nxt = _free(c, m.handle)
+    return _wrap(c, nxt) if nxt else None
+
+
+def m_freem(m) -> None:
+    """Free a whole chain (``m`` may be None)."""
+    if m is None:
+        return
+    try:
+        c, h = m._c, m.handle
+    except AttributeError:
+        raise TypeError(f"m_freem: expected an Mbuf, not {type(m).__name__}") from None
+    w, i = c.w, h >> 3
+    # the common case inline: one packet holding the only reference to its cluster
+    if (not w[i + NEXT] and w[i + FLAGS] & M_EXT and w[i + EXT_TYPE] == EXT_PACKET
+            and w[i + EXT_OWNER] == h and w[i + TYPE] and c.u32[w[i + EXT_REFCNT] >> 2] == 1):
+        c.zpack.free(h, PACK_VERIFIED)
+        return
+    while h:
+        h = _free(c, h)
+
+
+def _freem(c, h):
+    while h:
+        h = _free(c, h)

@@ -1,0 +1,781 @@
+"""chains: the functions that read, copy and reshape mbuf chains, with FreeBSD's
+names and argument order -- FreeBSD's ``uipc_mbuf.c`` (and the data-access macros
+of ``sys/mbuf.h``).
+
+    mtod, M_WRITABLE, M_LEADINGSPACE, M_TRAILINGSPACE, M_ALIGN, MH_ALIGN   one mbuf
+    m_move_pkthdr, m_dup_pkthdr, m_demote                   packet headers and their tags
+    m_length, m_last, m_fixhdr, m_copydata, m_copyback, m_append        a chain's data
+    m_copym, m_copypacket, m_dup                            copies (shared or deep)
+    m_pullup, m_prepend, M_PREPEND, m_adj, m_cat, m_split   reshaping
+
+External storage is shared by reference (m_copym, m_split, m_copypacket: one more
+reference, ``refs._dupcl``).  Shared storage is read-only (M_WRITABLE false): no
+leading or trailing space, and ``mtod`` gives a read-only view.  New mbufs come from
+``alloc``, freed ones go back through it.  Where FreeBSD would panic (a KASSERT: an
+offset or length outside the chain ...) MbufError is raised before anything is
+changed; an allocation that fails midway gives back what it made (MCFAIL, MPFAIL
+are counted as in the seed's mbstat).
+"""
+
+from __future__ import annotations
+
+from .alloc import _arg, _c, _free, _freem, _how, _int, _mget, _typ
+from .constants import (M_COPYALL, M_COPYFLAGS, M_EOR, M_EXT, M_FREELIST, M_NOWAIT, M_PKTHDR,
+                        M_RDONLY, MCLBYTES, MHLEN, MINCLSIZE, MLEN, MSIZE)
+from .errors import MbufError
+from .header import Mbuf, _wrap, refs, storage
+from .refs import _dupcl
+from .tags import copy_chain, delete_chain, move_chain
+from .zones import (DATA, EXT_BUF, EXT_REFCNT, EXT_SIZE, FLAGS, LEN, M_DAT, M_PKTDAT, NEXT,
+                    NEXTPKT, PH, PH_LEN, PH_RCVIF, PH_TAGS, PKTHDR_END)
+
+_ZERO_PH = bytes(M_PKTDAT - M_DAT)
+max_protohdr = 0          # m_pullup pulls up at least this much (FreeBSD: from the domains)
+
+
+# ============================================================================ storage helpers
+def _writable(c, i) -> bool:
+    w = c.w
+    flags = w[i + FLAGS]
+    return not flags & M_RDONLY and (not flags & M_EXT or refs(c, w, i) == 1)
+
+
+def _leading(c, h) -> int:
+    w, i = c.w, h >> 3
+    if not _writable(c, i):
+        return 0
+    return w[i + DATA] - storage(w, h)[0]
+
+
+def _trailing(c, h) -> int:
+    w, i = c.w, h >> 3
+    if not _writable(c, i):
+        return 0
+    return storage(w, h)[1] - (w[i + DATA] + w[i + LEN])
+
+
+def _pkthdr_words(c, to, frm):
+    """What m_dup_pkthdr and m_move_pkthdr share: ``to`` gets ``frm``'s copied flags and
+    packet header words, with no tags (the ones it had are deleted)."""
+    w = c.w
+    it, ifr = to >> 3, frm >> 3
+    if w[it + FLAGS] & M_PKTHDR and w[it + PH_TAGS]:
+        delete_chain(c, to, 0)
+    w[it + FLAGS] = (w[ifr + FLAGS] & M_COPYFLAGS) | (w[it + FLAGS] & M_EXT)
+    if not w[it + FLAGS] & M_EXT:
+        w[it + DATA] = to + M_PKTDAT
+    w[it + PH:it + PKTHDR_END] = w[ifr + PH:ifr + PKTHDR_END]
+    w[it + PH_TAGS] = 0
+
+
+def _dup_pkthdr(c, to, frm, how) -> bool:
+    """``m_dup_pkthdr``: ``to`` gets a copy of ``frm``'s packet header and tags."""
+    _pkthdr_words(c, to, frm)
+    return copy_chain(c, to, frm, how)
+
+
+def _move_pkthdr(c, to, frm):
+    """``m_move_pkthdr``: the packet header and its tags move to ``to``."""
+    _pkthdr_words(c, to, frm)
+    move_chain(c, to, frm)
+    c.w[(frm >> 3) + FLAGS] &= ~M_PKTHDR
+
+
+def _chain_len(c, h) -> int:
+    w, n = c.w, 0
+    while h:
+        n += w[(h >> 3) + LEN]
+        h = w[(h >> 3) + NEXT]
+    return n
+
+
+def _seek(w, h, off):
+    """(mbuf, offset in it) of byte ``off`` of the chain at ``h``: the mbufs wholly
+    before it are skipped (off 0 stays in ``h``; past the end: 0 and what is left)."""
+    while off > 0 and h:
+        if off < w[(h >> 3) + LEN]:
+            break
+        off -= w[(h >> 3) + LEN]
+        h = w[(h >> 3) + NEXT]
+    return h, off
+
+
+def _same(c, m, what):
+    if m.__class__ is not Mbuf or m._c.core is not c.core:
+        raise TypeError(f"{what}: expected an Mbuf of the same arena, not {m!r}")
+    return m.handle
+
+
+def _pkthdr(c, h, what):
+    if not c.w[(h >> 3) + FLAGS] & M_PKTHDR:
+        raise MbufError(f"{what}: mbuf {h} has no packet header (M_PKTHDR)")
+
+
+# ============================================================================ packet headers
+def m_move_pkthdr(to, frm) -> None:
+    """Move ``frm``'s packet header (and tags) to ``to``; ``frm`` loses M_PKTHDR."""
+    c = _c(to, "m_move_pkthdr")
+    fh = _same(c, frm, "m_move_pkthdr")
+    _pkthdr(c, fh, "m_move_pkthdr")
+    _move_pkthdr(c, to.handle, fh)
+
+
+M_MOVE_PKTHDR = m_move_pkthdr
+
+
+def m_dup_pkthdr(to, frm, how: int) -> int:
+    """Copy ``frm``'s packet header and tags to ``to``; 1, or 0 if the tags could
+    not be copied (``to`` then has the header without tags)."""
+    c = _c(to, "m_dup_pkthdr")
+    fh = _same(c, frm, "m_dup_pkthdr")
+    _pkthdr(c, fh, "m_dup_pkthdr")
+    return int(_dup_pkthdr(c, to.handle, fh, _how(c, how)))
+
+
+def m_demote(m0, all: int) -> None:
+    """Strip packet headers (and their tags) from the chain, the first mbuf only
+    when ``all``; keep only M_EXT, M_EOR, M_RDONLY and M_FREELIST."""
+    c = _c(m0, "m_demote")
+    w = c.w
+    h = m0.handle if all else w[(m0.handle >> 3) + NEXT]
+    while h:
+        i = h >> 3
+        if w[i + FLAGS] & M_PKTHDR:
+            if w[i + PH_TAGS]:
+                delete_chain(c, h, 0)
+            w[i + FLAGS] &= ~M_PKTHDR
+            c.mv[h + M_DAT:h + M_PKTDAT] = _ZERO_PH
+        if h != m0.handle:
+            w[i + NEXTPKT] = 0
+        w[i + FLAGS] &= M_EXT | M_EOR | M_RDONLY | M_FREELIST
+        h = w[i + NEXT]
+
+
+# ============================================================================ data access
+def mtod(m) -> memoryview:
+    """The mbuf's storage from m_data to its end (the data is the first m_len
+    bytes): writable, or read-only when the storage is shared or M_RDONLY."""
+    c = m._c
+    w, i = c.w, (m.handle >> 3)
+    flags = w[i + FLAGS]
+    if flags & M_EXT:
+        end = w[i + EXT_BUF] + w[i + EXT_SIZE]
+        v = c.mv[w[i + DATA]:end]
+        if flags & M_RDONLY or c.u32[w[i + EXT_REFCNT] >> 2] != 1:
+            return v.toreadonly()
+        return v
+    v = c.mv[w[i + DATA]:m.handle + MSIZE]
+    return v.toreadonly() if flags & M_RDONLY else v
+
+
+def M_WRITABLE(m) -> bool:
+    return _writable(_c(m, "M_WRITABLE"), (m.handle >> 3))
+
+
+def M_LEADINGSPACE(m) -> int:
+    """Room before the data (0 when not writable)."""
+    return _leading(_c(m, "M_LEADINGSPACE"), m.handle)
+
+
+def M_TRAILINGSPACE(m) -> int:
+    """Room after the data (0 when not writable)."""
+    return _trailing(_c(m, "M_TRAILINGSPACE"), m.handle)
+
+
+def _align(m, len, room, what, pkthdr):
+    c = _c(m, what)
+    w, i, h = c.w, (m.handle >> 3), m.handle
+    len = _int(f"{what}: len", len)
+    flags = w[i + FLAGS]
+    start = h + (M_PKTDAT if pkthdr else M_DAT)
+    if flags & M_EXT or bool(flags & M_PKTHDR) != pkthdr or w[i + DATA] != start:
+        raise MbufError(f"{what}: mbuf {h} is not a fresh mbuf of that kind")
+    if not 0 <= len <= room:
+        raise MbufError(f"{what}: len {len} is outside 0..{room}")
+    w[i + DATA] = start + ((room - len) & ~7)
+
+
+def M_ALIGN(m, len: int) -> None:
+    """Place an object of ``len`` bytes at the end of a fresh mbuf's data room."""
+    _align(m, len, MLEN, "M_ALIGN", False)
+
+
+def MH_ALIGN(m, len: int) -> None:
+    """M_ALIGN for a fresh packet-header mbuf."""
+    _align(m, len, MHLEN, "MH_ALIGN", True)
+
+
+def m_length(m0) -> int:
+    """Bytes in the chain (sum of m_len)."""
+    c = _c(m0, "m_length")
+    return _chain_len(c, m0.handle)
+
+
+def m_last(m):
+    """The last mbuf of the chain."""
+    c = _c(m, "m_last")
+    w, h = c.w, m.handle
+    while w[(h >> 3) + NEXT]:
+        h = w[(h >> 3) + NEXT]
+    return _wrap(c, h)
+
+
+def m_fixhdr(m0) -> int:
+    """Set m_pkthdr.len to the chain's length; return it."""
+    c = _c(m0, "m_fixhdr")
+    _pkthdr(c, m0.handle, "m_fixhdr")
+    n = _chain_len(c, m0.handle)
+    c.w[(m0.handle >> 3) + PH_LEN] = n
+    return n
+
+
+def m_copydata(m, off: int, len: int, cp=None):
+    """Copy ``len`` bytes from offset ``off`` of the chain: into ``cp`` (a writable
+    buffer of at least ``len`` bytes; returned) or, when None, into new bytes."""
+    c = _c(m, "m_copydata")
+    off, len = _int("m_copydata: off", off), _int("m_copydata: len", len)
+    if off < 0 or len < 0:
+        raise MbufError(f"m_copydata: negative {'off' if off < 0 else 'len'}")
+    total = _chain_len(c, m.handle)
+    if off + len > total:
+        raise MbufError(f"m_copydata: {off}+{len} is past the end of the chain ({total} "
+                        f"bytes)")
+    out = bytearray(len) if cp is None else cp
+    dst = memoryview(out).cast("B")
+    if dst.readonly or dst.nbytes < len:
+        raise MbufError(f"m_copydata: the buffer must be writable and hold {len} bytes")
+    w, mv, pos = c.w, c.mv, 0
+    h, off = _seek(w, m.handle, off)
+    while len > 0:
+        i = h >> 3
+        n = min(w[i + LEN] - off, len)
+        d = w[i + DATA] + off
+        dst[pos:pos + n] = mv[d:d + n]
+        pos += n
+        len -= n
+        off = 0
+        h = w[i + NEXT]
+    return bytes(out) if cp is None else cp
+
+
+def _src(cp, len, what) -> memoryview:
+    src = memoryview(cp).cast("B")
+    if src.nbytes < len:
+        raise MbufError(f"{what}: the data holds {src.nbytes} bytes, fewer than {len}")
+    return src
+
+
+def m_copyback(m0, off: int, len: int, cp) -> None:
+    """Write ``len`` bytes of ``cp`` into the chain at ``off``, extending it (with
+    zeroed mbufs, M_NOWAIT) as needed; grows m_pkthdr.len.  Storage that is not
+    writable (shared, M_RDONLY) is refused (MbufError) before anything is
+    written."""
+    c = _c(m0, "m_copyback")
+    off, len = _int("m_copyback: off", off), _int("m_copyback: len", len)
+    if off < 0 or len < 0:
+        raise MbufError(f"m_copyback: negative {'off' if off < 0 else 'len'}")
+    src = _src(cp, len, "m_copyback")
+    w, mv = c.w, c.mv
+    # dry run over the existing mbufs: would any byte land in read-only storage?
+    h, o = _seek(w, m0.handle, off)
+    n_left = len
+    while h and n_left > 0:
+        i = h >> 3
+        mlen = w[i + LEN]
+        if not w[i + NEXT] and n_left > mlen - o:
+            mlen += min(n_left - (mlen - o), _trailing(c, h))
+        k = min(mlen - o, n_left)
+        if k > 0 and not _writable(c, i):
+            raise MbufError(f"m_copyback: mbuf {h} holds shared or read-only storage")
+        n_left -= max(k, 0)
+        o = 0
+        h = w[i + NEXT]
+    # the copy (FreeBSD's m_copyback)
+    m, totlen, pos = m0.handle, 0, 0
+    typ = _typ(w, (m0.handle >> 3))
+    while off > w[(m >> 3) + LEN]:
+        mlen = w[(m >> 3) + LEN]
+        off -= mlen
+        totlen += mlen
+        if not w[(m >> 3) + NEXT]:
+            n = _mget(c, M_NOWAIT, _arg(typ, 0))
+            if n is None:
+                return _copyback_out(c, m0, totlen)
+            mv[n + M_DAT:n + MSIZE] = bytes(MLEN)
+            w[(n >> 3) + LEN] = min(MLEN, len + off)
+            w[(m >> 3) + NEXT] = n
+        m = w[(m >> 3) + NEXT]
+    while len > 0:
+        i = m >> 3
+        if not w[i + NEXT] and len > w[i + LEN] - off:
+            w[i + LEN] += min(len - (w[i + LEN] - off), _trailing(c, m))
+        mlen = min(w[i + LEN] - off, len)
+        d = w[i + DATA] + off
+        mv[d:d + mlen] = src[pos:pos + mlen]
+        pos += mlen
+        len -= mlen
+        mlen += off
+        off = 0
+        totlen += mlen
+        if len == 0:
+            break
+        if not w[i + NEXT]:
+            n = _mget(c, M_NOWAIT, _arg(typ, 0))
+            if n is None:
+                break
+            w[(n >> 3) + LEN] = min(MLEN, len)
+            w[i + NEXT] = n
+        m = w[i + NEXT]
+    _copyback_out(c, m0, totlen)
+
+
+def _copyback_out(c, m0, totlen):
+    w = c.w
+    if w[(m0.handle >> 3) + FLAGS] & M_PKTHDR and w[(m0.handle >> 3) + PH_LEN] < totlen:
+        w[(m0.handle >> 3) + PH_LEN] = totlen
+
+
+def m_append(m0, len: int, cp) -> int:
+    """Append ``len`` bytes of ``cp`` to the chain: into the last mbuf's trailing
+    space, then new mbufs (M_NOWAIT).  Returns 1 if all fit, 0 if not (what fit
+    stays); m_pkthdr.len grows by what was appended."""
+    c = _c(m0, "m_append")
+    len = _int("m_append: len", len)
+    if len < 0:
+        raise MbufError("m_append: negative len")
+    src = _src(cp, len, "m_append")
+    w, mv = c.w, c.mv
+    m = m0.handle
+    while w[(m >> 3) + NEXT]:
+        m = w[(m >> 3) + NEXT]
+    remainder, pos = len, 0
+    space = _trailing(c, m)
+    if space > 0:
+        space = min(space, remainder)
+        d = w[(m >> 3) + DATA] + w[(m >> 3) + LEN]
+        mv[d:d + space] = src[:space]
+        w[(m >> 3) + LEN] += space
+        pos += space
+        remainder -= space
+    typ = _typ(w, m >> 3)
+    while remainder > 0:
+        n = _mget(c, M_NOWAIT, _arg(typ, 0))
+        if n is None:
+            break
+        k = min(MLEN, remainder)
+        w[(n >> 3) + LEN] = k
+        d = w[(n >> 3) + DATA]
+        mv[d:d + k] = src[pos:pos + k]
+        pos += k
+        remainder -= k
+        w[(m >> 3) + NEXT] = n
+        m = n
+    if w[(m0.handle >> 3) + FLAGS] & M_PKTHDR:
+        w[(m0.handle >> 3) + PH_LEN] += len - remainder
+    return int(remainder == 0)
+
+
+# ============================================================================ copies
+def _copy_into(c, n, m, off, k):
+    """Data [off, off+k) of ``m`` into ``n`` (at n's m_data): share or copy."""
+    w = c.w
+    im, in_ = m >> 3, n >> 3
+    w[in_ + LEN] = k
+    if w[im + FLAGS] & M_EXT:
+        w[in_ + DATA] = w[im + DATA] + off
+        _dupcl(c, n, m)
+    else:
+        s, d = w[im + DATA] + off, w[in_ + DATA]
+        c.mv[d:d + k] = c.mv[s:s + k]
+
+
+def m_copym(m, off0: int, len: int, wait: int):
+    """A new chain with bytes [off0, off0+len) of ``m`` (``len`` M_COPYALL: to the
+    end); the packet header is copied when off0 is 0, external storage is shared
+    (one more reference, read-only for both), the rest copied.  None when an
+    allocation fails (the partial copy is freed) or nothing is copied."""
+    c = _c(m, "m_copym")
+    off0, len = _int("m_copym: off", off0), _int("m_copym: len", len)
+    if off0 < 0 or len < 0:
+        raise MbufError(f"m_copym: negative {'off' if off0 < 0 else 'len'}")
+    how = _how(c, wait)
+    w = c.w
+    h = m.handle
+    total = _chain_len(c, h)
+    if off0 > total:
+        raise MbufError(f"m_copym: offset {off0} > size of the mbuf chain ({total})")
+    if len != M_COPYALL and off0 + len > total:
+        raise MbufError(f"m_copym: length {off0}+{len} > size of the mbuf chain ({total})")
+    copyhdr = off0 == 0 and w[(m.handle >> 3) + FLAGS] & M_PKTHDR
+    h, off = _seek(w, h, off0)
+    top = prev = 0
+    while len > 0 and h:
+        i = h >> 3
+        n = _mget(c, how, _arg(_typ(w, i), M_PKTHDR if copyhdr else 0))
+        if n is None:
+            return _nospace(c, top)
+        if prev:
+            w[(prev >> 3) + NEXT] = n
+        else:
+            top = n
+        prev = n
+        if copyhdr:
+            if not _dup_pkthdr(c, n, h, how):
+                return _nospace(c, top)
+            if len == M_COPYALL:
+                w[(n >> 3) + PH_LEN] = w[i + PH_LEN] - off0
+            else:
+                w[(n >> 3) + PH_LEN] = len
+            copyhdr = 0
+        k = min(len, w[i + LEN] - off)
+        _copy_into(c, n, h, off, k)
+        if len != M_COPYALL:
+            len -= k
+        off = 0
+        h = w[i + NEXT]
+    if not top:
+        c.count("MCFAIL")
+        return None
+    return _wrap(c, top)
+
+
+def _nospace(c, top):
+    _freem(c, top)
+    c.count("MCFAIL")
+    return None
+
+
+def m_copypacket(m, how: int):
+    """m_copym(m, 0, M_COPYALL, how) for a packet, keeping the first mbuf's
+    leading space."""
+    c = _c(m, "m_copypacket")
+    h = m.handle
+    _pkthdr(c, h, "m_copypacket")
+    how = _how(c, how)
+    w = c.w
+    i = h >> 3
+    n = _mget(c, how, _arg(_typ(w, i), 0))
+    if n is None:
+        return _nospace(c, 0)
+    top = n
+    if not _dup_pkthdr(c, n, h, how):
+        return _nospace(c, top)
+    if w[i + FLAGS] & M_EXT:
+        w[(n >> 3) + LEN] = w[i + LEN]
+        w[(n >> 3) + DATA] = w[i + DATA]
+        _dupcl(c, n, h)
+    else:
+        w[(n >> 3) + DATA] = n + M_PKTDAT + (w[i + DATA] - (h + M_PKTDAT))
+        _copy_into(c, n, h, 0, w[i + LEN])
+    h = w[i + NEXT]
+    while h:
+        i = h >> 3
+        o = _mget(c, how, _arg(_typ(w, i), 0))
+        if o is None:
+            return _nospace(c, top)
+        w[(n >> 3) + NEXT] = o
+        n = o
+        _copy_into(c, n, h, 0, w[i + LEN])
+        h = w[i + NEXT]
+    return _wrap(c, top)
+
+
+def m_dup(m, how: int):
+    """A deep, writable copy of a packet into fresh mbufs and clusters (a cluster
+    whenever at least MINCLSIZE bytes remain).  None on failure (nothing leaks)."""
+    c = _c(m, "m_dup")
+    h = m.handle
+    _pkthdr(c, h, "m_dup")
+    how = _how(c, how)
+    w, mv = c.w, c.mv
+    remain = w[(m.handle >> 3) + PH_LEN]
+    if remain != _chain_len(c, h):
+        raise MbufError(f"m_dup: m_pkthdr.len {remain} != chain length {_chain_len(c, h)}")
+    typ = _typ(w, (m.handle >> 3))
+    top = prev = 0
+    moff = 0
+    while remain > 0 or not top:
+        if remain >= MINCLSIZE:
+            n = c.zpack.alloc(how, None, _arg(typ, 0))
+            nsize = MCLBYTES
+        else:
+            n = _mget(c, how, _arg(typ, 0))
+            nsize = MLEN
+        if n is None:
+            return _nospace(c, top)
+        if prev:
+            w[(prev >> 3) + NEXT] = n
+        else:
+            top = n
+            if not _dup_pkthdr(c, n, h, how):
+                return _nospace(c, top)
+            if not w[(n >> 3) + FLAGS] & M_EXT:
+                nsize = MHLEN
+        prev = n
+        ni = n >> 3
+        w[ni + LEN] = 0
+        while w[ni + LEN] < nsize and h:
+            i = h >> 3
+            chunk = min(nsize - w[ni + LEN], w[i + LEN] - moff)
+            s, d = w[i + DATA] + moff, w[ni + DATA] + w[ni + LEN]
+            mv[d:d + chunk] = mv[s:s + chunk]
+            moff += chunk
+            w[ni + LEN] += chunk
+            remain -= chunk
+            if moff == w[i + LEN]:
+                h = w[i + NEXT]
+                moff = 0
+    w[(top >> 3) + FLAGS] &= ~M_RDONLY
+    return _wrap(c, top)
+
+
+# ============================================================================ reshaping
+def m_pullup(n, len: int):
+    """Make the first ``len`` bytes contiguous in the first mbuf (not a cluster);
+    returns the new head, or None after freeing the whole chain (``len`` >
+    MHLEN, or no mbuf, or the chain is shorter than ``len``)."""
+    c = _c(n, "m_pullup")
+    len = _int("m_pullup: len", len)
+    if len < 0:
+        raise MbufError("m_pullup: negative len")
+    w, mv = c.w, c.mv
+    hn = n.handle
+    i = hn >> 3
+    if (not w[i + FLAGS] & M_EXT and w[i + DATA] + len < hn + MSIZE and w[i + NEXT]):
+        if w[i + LEN] >= len:
+            return n
+        hm = hn
+        hn = w[i + NEXT]
+        len -= w[i + LEN]
+    else:
+        if len > MHLEN:
+            return _pullup_bad(c, hn)
+        hm = _mget(c, M_NOWAIT, _arg(_typ(w, i), 0))
+        if hm is None:
+            return _pullup_bad(c, hn)
+        w[(hm >> 3) + LEN] = 0
+        if w[i + FLAGS] & M_PKTHDR:
+            _move_pkthdr(c, hm, hn)
+    im = hm >> 3
+    space = hm + MSIZE - (w[im + DATA] + w[im + LEN])
+    while True:
+        ino = hn >> 3
+        count = min(min(max(len, max_protohdr), space), w[ino + LEN])
+        s, d = w[ino + DATA], w[im + DATA] + w[im + LEN]
+        mv[d:d + count] = mv[s:s + count]
+        len -= count
+        w[im + LEN] += count
+        w[ino + LEN] -= count
+        space -= count
+        if w[ino + LEN]:
+            w[ino + DATA] += count
+        else:
+            hn = _free(c, hn)
+        if not (len > 0 and hn):
+            break
+    if len > 0:
+        w[im + NEXT] = hn
+        return _pullup_bad(c, hm)
+    w[im + NEXT] = hn
+    return _wrap(c, hm)
+
+
+def _pullup_bad(c, h):
+    _freem(c, h)
+    c.count("MPFAIL")
+    return None
+
+
+def m_prepend(m, len: int, how: int):
+    """A new first mbuf with ``len`` bytes of room for a header, at the end of its
+    data room (the packet header moves to it).  On failure the chain is freed and
+    None returned."""
+    c = _c(m, "m_prepend")
+    len = _int("m_prepend: len", len)
+    w, h = c.w, m.handle
+    pkthdr = w[(m.handle >> 3) + FLAGS] & M_PKTHDR
+    room = MHLEN if pkthdr else MLEN
+    if not 0 <= len <= room:
+        raise MbufError(f"m_prepend: len {len} is outside 0..{room}")
+    how = _how(c, how)
+    mn = _mget(c, how, _arg(_typ(w, (m.handle >> 3)), M_PKTHDR if pkthdr else 0))
+    if mn is None:
+        _freem(c, h)
+        return None
+    if pkthdr:
+        _move_pkthdr(c, mn, h)
+    i = mn >> 3
+    w[i + NEXT] = h
+    if len < room:
+        w[i + DATA] += (room - len) & ~7
+    w[i + LEN] = len
+    return _wrap(c, mn)
+
+
+def M_PREPEND(m, plen: int, how: int):
+    """Make room for ``plen`` bytes before the data: in the leading space when
+    there is enough (and it is writable), else with m_prepend.  Returns the new
+    head (None after freeing the chain on failure); m_pkthdr.len grows."""
+    c = _c(m, "M_PREPEND")
+    plen = _int("M_PREPEND: plen", plen)
+    if plen < 0:
+        raise MbufError("M_PREPEND: negative plen")
+    w, h = c.w, m.handle
+    if _leading(c, h) >= plen:
+        w[(m.handle >> 3) + DATA] -= plen
+        w[(m.handle >> 3) + LEN] += plen
+    else:
+        m = m_prepend(m, plen, how)
+        if m is None:
+            return None
+    if w[(m.handle >> 3) + FLAGS] & M_PKTHDR:
+        w[(m.handle >> 3) + PH_LEN] += plen
+    return m
+
+
+def m_adj(mp, req_len: int) -> None:
+    """Trim ``req_len`` bytes from the head (>= 0; emptied mbufs stay) or
+    ``-req_len`` from the tail (< 0; emptied trailing mbufs are freed)."""
+    c = _c(mp, "m_adj")
+    req_len = _int("m_adj: req_len", req_len)
+    w, hp = c.w, mp.handle
+    length = req_len
+    if length >= 0:
+        h = hp
+        while h and length > 0:
+            i = h >> 3
+            if w[i + LEN] <= length:
+                length -= w[i + LEN]
+                w[i + LEN] = 0
+                h = w[i + NEXT]
+            else:
+                w[i + LEN] -= length
+                w[i + DATA] += length
+                length = 0
+        if w[(mp.handle >> 3) + FLAGS] & M_PKTHDR:
+            w[(mp.handle >> 3) + PH_LEN] -= req_len - length
+        return
+    length = -length
+    count = 0
+    h = hp
+    while True:
+        count += w[(h >> 3) + LEN]
+        if not w[(h >> 3) + NEXT]:
+            break
+        h = w[(h >> 3) + NEXT]
+    if w[(h >> 3) + LEN] >= length:
+        w[(h >> 3) + LEN] -= length
+        if w[(mp.handle >> 3) + FLAGS] & M_PKTHDR:
+            w[(mp.handle >> 3) + PH_LEN] -= length
+        return
+    count = max(count - length, 0)
+    if w[(mp.handle >> 3) + FLAGS] & M_PKTHDR:
+        w[(mp.handle >> 3) + PH_LEN] = count
+    h = hp
+    while h:
+        i = h >> 3
+        if w[i + LEN] >= count:
+            w[i + LEN] = count
+            if w[i + NEXT]:
+                nxt = w[i + NEXT]
+                w[i + NEXT] = 0
+                _freem(c, nxt)
+            break
+        count -= w[i + LEN]
+        h = w[i + NEXT]
+
+
+def m_cat(m, n) -> None:
+    """Append chain ``n`` to ``m``: copy its data into ``m``'s last mbuf while that
+    is writable and has room (freeing n's mbufs), else link the rest.  The packet
+    header is not updated."""
+    c = _c(m, "m_cat")
+    hn = _same(c, n, "m_cat") if n is not None else 0
+    w, mv = c.w, c.mv
+    hm = m.handle
+    while w[(hm >> 3) + NEXT]:
+        hm = w[(hm >> 3) + NEXT]
+    if hn == hm:
+        raise MbufError(f"m_cat: mbuf {hn} is already in the chain")
+    while hn:
+        im, ino = hm >> 3, hn >> 3
+        if _trailing(c, hm) < w[ino + LEN] or not _writable(c, im):
+            w[im + NEXT] = hn
+            return
+        k = w[ino + LEN]
+        s, d = w[ino + DATA], w[im + DATA] + w[im + LEN]
+        mv[d:d + k] = mv[s:s + k]
+        w[im + LEN] += k
+        hn = _free(c, hn)
+
+
+def m_split(m0, len0: int, wait: int):
+    """Cut the chain after ``len0`` bytes and return the tail (with its own packet
+    header if ``m0`` has one); when the cut falls inside external storage both
+    halves share it.  None (the chain unchanged) if ``len0`` is past the end or an
+    allocation fails."""
+    c = _c(m0, "m_split")
+    len0 = _int("m_split: len0", len0)
+    if len0 < 0:
+        raise MbufError("m_split: negative len0")
+    how = _how(c, wait)
+    n = _split(c, m0.handle, len0, how)
+    return _wrap(c, n) if n else None
+
+
+def _split(c, h0, len0, how):
+    """m_split on handles: the tail's handle (0: nothing after the cut), or None
+    when ``len0`` is past the end or an allocation fails (nothing changed)."""
+    w, mv = c.w, c.mv
+    length = len0
+    h = h0
+    while h and length > w[(h >> 3) + LEN]:
+        length -= w[(h >> 3) + LEN]
+        h = w[(h >> 3) + NEXT]
+    if not h:
+        return None
+    i = h >> 3
+    remain = w[i + LEN] - length
+    i0 = h0 >> 3
+    if w[i0 + FLAGS] & M_PKTHDR:
+        n = _mget(c, how, _arg(_typ(w, i0), M_PKTHDR))
+        if n is None:
+            return None
+        ino = n >> 3
+        w[ino + PH_RCVIF] = w[i0 + PH_RCVIF]
+        w[ino + PH_LEN] = w[i0 + PH_LEN] - len0
+        old_len = w[i0 + PH_LEN]
+        w[i0 + PH_LEN] = len0
+        if not w[i + FLAGS] & M_EXT:
+            if remain > MHLEN:
+                # the tail cannot lead: an empty header mbuf, then split the data mbuf
+                nxt = _split(c, h, length, how)
+                if nxt is None:
+                    w[i0 + PH_LEN] = old_len
+                    _free(c, n)
+                    return None
+                w[ino + NEXT] = nxt
+                w[ino + LEN] = 0
+                return n
+            w[ino + DATA] += (MHLEN - remain) & ~7
+    elif remain == 0:
+        n = w[i + NEXT]
+        w[i + NEXT] = 0
+        return n
+    else:
+        n = _mget(c, how, _arg(_typ(w, i), 0))
+        if n is None:
+            return None
+        ino = n >> 3
+        w[ino + DATA] += (MLEN - remain) & ~7
+    if w[i + FLAGS] & M_EXT:
+        w[ino + DATA] = w[i + DATA] + length
+        _dupcl(c, n, h)
+    else:
+        s, d = w[i + DATA] + length, w[ino + DATA]
+        mv[d:d + remain] = mv[s:s + remain]
+    w[ino + LEN] = remain
+    w[i + LEN] = length
+    w[ino + NEXT] = w[i + NEXT]
+    w[i + NEXT] = 0
+    return n
