@@ -130,7 +130,7 @@ def sysctl(arena, name: str, value=None) -> int:
         changed = value != old
         if changed:
             w[word] = value
-            w[L.MBS_WORD + _MBS["SYSCTL_GEN"]] += 1
+            w[L.MBS_WORD + _MBS["SYSCTL_GEN"]] = L.next_gen(w[L.MBS_WORD + _MBS["SYSCTL_GEN"]])
     if not changed:
         return value
     if zone_name is not None:
