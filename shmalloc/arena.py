@@ -302,6 +302,9 @@ class Arena:
         self._thread_arenas: dict[tuple[int, int], Arena] = {}
         self._parent = parent
         self._wake = None
+        self._blocked = 0             # M_WAITOK sleeps and recv waits under way (owner thread)
+        self._probing = 0             # > 0: a zone init's try before it may wait (zone._run_init)
+        self._wait_deadline = None    # a waiting zone init's deadline, for the allocations it makes
         self.cpu_id = self._take_cpu()
         self._mail = PostOffice(self)
         _live_arenas.add(self)

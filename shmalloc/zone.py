@@ -60,6 +60,7 @@ M_ZERO = 0x0100
 BUCKET_MAX = 254               # UMA's BUCKET_SIZE(256) on LP64
 XFREE_DELAY = 0.005            # a remote-free batch waits at most this long (at the next free)
 XFREE_BATCH = 64               # items per remote-free message, whatever the bucket size
+SLEEP_SLICE = 0.05             # seconds an M_WAITOK sleeper waits between two looks
 # UMA's bucket zones: (entries, largest item size that uses them)
 _BUCKET_ZONES = ((2, 4096), (4, 3072), (8, 2048), (16, 1024), (30, 512), (62, 256),
                  (126, 128), (254, 64))
@@ -428,21 +429,53 @@ class _Cache:
         if other is not None:
             return other.alloc(how, timeout, arg)
         check_how(how, self.zone.name)
-        if self.items or self._fill():                      # a hit with a ctor or M_ZERO,
-            h = self.items.pop()                            # or a refilled stack
-            self.core.tags[self.tix.pop()] = self.w_alloc
-            self.counts(1, 0)
-            if self.zone.ctor is None and not how & M_ZERO:
-                return h
-            return self._ctor_path(h, arg, how)
         if how & M_WAITOK:
-            return self._sleep(how, timeout, arg)
-        self.fails += 1
+            return self._alloc_waitok(how, timeout, arg)
+        if self.items or self._fill():          # a hit with a ctor or M_ZERO, or a refill
+            return self._pop(how, arg)
+        if not self.arena._probing:             # A3 (a probe for a waiting request is not
+            self.fails += 1                     # a denied request: see _run_init)
         self.publish()
         return None
 
-    def _fill(self, want: int | None = None) -> bool:
-        """A1/A2: put a bucket into the empty stack.  True if it holds items now."""
+    def _pop(self, how, arg):
+        """Hand out the item on top of the stack (ctor and M_ZERO as asked)."""
+        h = self.items.pop()
+        self.core.tags[self.tix.pop()] = self.w_alloc
+        self.counts(1, 0)
+        if self.zone.ctor is None and not how & M_ZERO:
+            return h
+        return self._ctor_path(h, arg, how)
+
+    def _alloc_waitok(self, how, timeout, arg):
+        """M_WAITOK: A1/A2 with the zone init allowed to wait (``_run_init``), then
+        A4 (``_sleep``).  Waits at most ``timeout`` seconds, and never past the
+        deadline of a waiting allocation whose hook called this one (the packet
+        init taking a cluster); TimeoutError past it, counted as one failure of
+        this zone.  ArenaClosedError when the arena closes meanwhile."""
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"zone {self.zone.name!r}: timeout must be >= 0, not {timeout}")
+        arena = self.arena
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outer = arena._wait_deadline
+        if outer is not None and (deadline is None or outer < deadline):
+            deadline = outer
+        arena._blocked += 1
+        try:
+            if not (self.items or self._fill(None, how, deadline)):
+                self._sleep(how, deadline)
+        except TimeoutError:
+            self.fails += 1
+            self.publish()
+            raise
+        finally:
+            arena._blocked -= 1
+        return self._pop(how, arg)
+
+    def _fill(self, want: int | None = None, how: int = M_NOWAIT, deadline=None) -> bool:
+        """A1/A2: put a bucket into the empty stack (``want`` items if given).
+        True if it holds items now.  ``how`` and ``deadline`` go to the zone init
+        (``_run_init``)."""
         mail = self.arena._mail
         if mail.pending():                  # the home CPU takes its mail first
             mail.collect()
@@ -473,31 +506,55 @@ class _Cache:
             if KILLPOINTS:
                 killpoint("zone.fill.locked")
             keg = zone.keg
+            got = 0
             klk = core.lock(keg.lock_index)
             klk.acquire(owner_id=self.cpu)
             try:
                 got = keg.take(k, self.w_import if zone.init else self.w_cached, hs, ts)
             finally:
                 klk.release()
-            if got < k:
-                w[zw + _Z["ITEMS"]] -= k - got
+                if got < k:
+                    w[zw + _Z["ITEMS"]] -= k - got
             if got:
                 self.imports += 1
         finally:
             lk.release()
         if zone.init is not None and hs:
-            hs, ts = self._run_init(hs, ts)
+            hs, ts = self._run_init(hs, ts, how, deadline)
         self.items[:0] = hs
         self.tix[:0] = ts
         self.publish()
         return bool(hs)
 
-    def _run_init(self, hs, ts):
+    def _run_init(self, hs, ts, how=M_NOWAIT, deadline=None):
         """Zone init on imported items, outside the locks.  The good ones before
         the first failure are kept; the rest go back to the slab without fini
-        (UMA's ``zone_alloc_bucket``)."""
-        zone = self.zone
+        (UMA's ``zone_alloc_bucket``).
+
+        Only the first item's init may wait, and only for an M_WAITOK request
+        (UMA's import stops blocking once it has an item).  It is first tried
+        without waiting, as a probe whose failures in other zones are not counted
+        (``arena._probing``): the request has not been denied, it will wait.  If
+        the probe fails, the other items go back to the slab at once, so that
+        nothing but that item is held while the init waits -- with ``how``, until
+        ``deadline`` (``arena._wait_deadline``), in whichever zone it allocates
+        from (the packet init sleeps in the cluster zone, and is counted there)."""
+        zone, arena = self.zone, self.arena
+        if how & M_WAITOK:
+            try:
+                ok = self._init_first_waitok(hs, ts, how, deadline)
+            except BaseException:
+                self._release_to_keg(hs, ts, run_fini=False)
+                raise
+            if not ok:
+                self._release_to_keg(hs, ts, run_fini=False)
+                return [], []
+            if len(hs) == 1:
+                self._mark_cached(ts)
+                return hs, ts
         for i, (h, t) in enumerate(zip(hs, ts)):
+            if i == 0 and how & M_WAITOK:
+                continue                                # inited above
             try:
                 ok = zone.init(zone, h, M_NOWAIT) is not False
             except BaseException:
@@ -513,6 +570,26 @@ class _Cache:
                 break
         self._mark_cached(ts)
         return hs, ts
+
+    def _init_first_waitok(self, hs, ts, how, deadline) -> bool:
+        """The first item's init for an M_WAITOK request (``_run_init``): a probe
+        without waiting, then, if it failed, the other items back to the slab
+        (``hs`` and ``ts`` cut to the first) and the init again, allowed to wait.
+        A failure or an exception leaves the first item to the caller."""
+        zone, arena, h = self.zone, self.arena, hs[0]
+        arena._probing += 1
+        try:
+            if zone.init(zone, h, M_NOWAIT) is not False:
+                return True
+        finally:
+            arena._probing -= 1
+        self._release_to_keg(hs[1:], ts[1:], run_fini=False)
+        del hs[1:], ts[1:]
+        outer, arena._wait_deadline = arena._wait_deadline, deadline
+        try:
+            return zone.init(zone, h, how & ~M_ZERO) is not False
+        finally:
+            arena._wait_deadline = outer
 
     def _mark_cached(self, ts):
         self._mark(ts, self.w_cached)
@@ -598,20 +675,24 @@ class _Cache:
             raise error
 
     # ================================================================== sleeping (A4)
-    def _sleep(self, how, timeout, arg):
-        """Wait, FIFO among this zone's sleepers, for a freed item to be handed
-        over (or for room under the limit).  Lock: none on entry; takes zone."""
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be >= 0")
+    def _sleep(self, how, deadline) -> None:
+        """A4: wait, FIFO among this zone's sleepers, until an item is on the
+        stack: a freed one handed over (``_grant``), or one imported when room
+        opens (the init may fail again: then back in the queue, the same sleep).
+        One sleep is counted, and no failure while asleep.  Every round checks,
+        under the zone lock, for a grant first, then the arena closing
+        (ArenaClosedError) and the deadline (TimeoutError, uncounted here: the
+        caller counts it).  Lock: none on entry; takes zone."""
         w, zw, cw = self.core.w, self.zw, L.cpu_word(self.cpu)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.arena._flush_xfree()           # what this CPU freed for others goes home first
-        wake = self.arena._wake_sem()
+        zid1 = self.zone.id + 1
+        arena = self.arena
+        arena._flush_xfree()                # what this CPU freed for others goes home first
+        wake = arena._wake_sem()
         wake.drain()
         lk = self._zlock()
         try:
             w[cw + _C["GRANT_ZONE"]] = 0
-            w[cw + _C["WAIT_ZONE"]] = self.zone.id + 1
+            w[cw + _C["WAIT_ZONE"]] = zid1
             self._sleepq_push(self.cpu)
             w[zw + _Z["SLEEPS"]] += 1
         finally:
@@ -620,54 +701,51 @@ class _Cache:
         self.publish()
         self.refresh()
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            # Short slices: a slot in the arena may also open up by a free to
-            # the keg from another zone (pages), which posts nobody.
-            slice_ = 0.05 if left is None else max(0.0, min(left, 0.05))
-            wake.wait(slice_)
             lk = self._zlock()
             try:
-                if w[cw + _C["GRANT_ZONE"]] == self.zone.id + 1:
+                if w[cw + _C["GRANT_ZONE"]] == zid1:
                     h, t = w[cw + _C["GRANT_H"]], w[cw + _C["GRANT_T"]]
                     w[cw + _C["GRANT_ZONE"]] = 0
                     w[cw + _C["WAIT_ZONE"]] = 0
                     self.items.append(h)
                     self.tix.append(t)
                     break
+                now = time.monotonic()
+                if arena._closing or (deadline is not None and now >= deadline):
+                    self._sleepq_remove(self.cpu)
+                    w[cw + _C["WAIT_ZONE"]] = 0
+                    if arena._closing:
+                        raise ArenaClosedError(f"zone {self.zone.name!r}: arena "
+                                               f"{arena.name!r} was closed while this "
+                                               f"M_WAITOK allocation slept")
+                    raise TimeoutError(f"zone {self.zone.name!r}: no item became free "
+                                       f"within the time allowed")
                 if not self._sleepq_contains(self.cpu):
                     # dequeued by a granter that died before granting: queue again
                     self._sleepq_push(self.cpu)
-                first = self._sleepq_first()
-                if first == self.cpu and self._room_now():
+                attempt = self._sleepq_first() == self.cpu and self._room_now()
+                if attempt:
                     self._sleepq_remove(self.cpu)
                     w[cw + _C["WAIT_ZONE"]] = 0
-                    got = True
-                else:
-                    got = False
-                if not got and left is not None and left <= 0:
-                    self._sleepq_remove(self.cpu)
-                    w[cw + _C["WAIT_ZONE"]] = 0
-                    self.refresh()
-                    self.fails += 1
-                    self.publish()
-                    raise TimeoutError(f"zone {self.zone.name!r}: no item freed within "
-                                       f"{timeout} s")
             finally:
                 lk.release()
-            if got:
-                if self._fill(1):
+            if attempt:
+                if self._fill(1, how, deadline):
                     break
                 # lost the room to a racing M_NOWAIT allocation, or the zone's init
                 # failed: back in the queue, still the same sleep
                 lk = self._zlock()
                 try:
-                    w[cw + _C["WAIT_ZONE"]] = self.zone.id + 1
+                    w[cw + _C["WAIT_ZONE"]] = zid1
                     self._sleepq_push(self.cpu)
                 finally:
                     lk.release()
+            # Short slices: a slot in the arena may also open up by a free to the
+            # keg from another zone (pages), which posts nobody.
+            left = SLEEP_SLICE if deadline is None else deadline - time.monotonic()
+            wake.wait(max(0.0, min(left, SLEEP_SLICE)))
         self.refresh()
         self.publish()
-        return self.alloc(how & ~M_WAITOK | M_NOWAIT, None, arg)
 
     def _room_now(self) -> bool:
         """Zone lock held: could an import succeed now?"""

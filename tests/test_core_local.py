@@ -99,6 +99,13 @@ class Worker(threading.Thread):
             raise self.error
         return self.result
 
+    @classmethod
+    def run_now(cls, fn, timeout=JOIN):
+        """``fn()`` in a thread of its own, bounded by ``timeout``."""
+        w = cls(fn)
+        w.start()
+        return w.finish(timeout)
+
 
 # ============================================================================ layout
 def test_refcnt_cluster_keg_wastes_little_with_the_smallest_slab(arena):
@@ -861,11 +868,14 @@ def test_vmstat_z_prints_freebsds_header_and_the_right_numbers(arena):
 def test_two_threads_sharing_a_zone_object_get_their_own_cpus(arena):
     z = arena.zcreate("shared", 128, bucket_size=8)
     start = threading.Barrier(2, timeout=JOIN)
+    attached = threading.Barrier(2, timeout=JOIN)
 
     def churn(mark):
         start.wait()
-        mine = []
-        for i in range(3000):
+        mine = [z.alloc(M_NOWAIT)]
+        z.view(mine[0])[:] = bytes([mark]) * 128
+        attached.wait()         # both CPUs exist: neither thread ends before the other
+        for i in range(3000):   # starts (a new thread's first call closes ended threads' CPUs)
             if len(mine) < 40 and (i % 3 or not mine):
                 h = z.alloc(M_NOWAIT)
                 assert h is not None
@@ -968,6 +978,68 @@ def test_waitok_times_out_when_nobody_frees(arena, full_zone):
     s = z.stats()
     assert s.sleepers == 0 and s.sleeps == 1 and s.failures == fails + 1
     assert s.items == 2
+    assert_consistent(arena, z)
+
+
+# A zone whose init can fail (a secondary zone like the packet zone): its init takes
+# a part from the limited zone "parts", with the caller's how.
+@pytest.fixture
+def pairs(arena, hooks):
+    """(pairs, parts, the two parts held): every part is out, held bare."""
+    parts = arena.zcreate("parts", 64, max_items=2, bucket_size=1)
+    base = arena.zcreate("base", 256)
+    pairs = arena.zsecond_create("pairs", base, init=hooks_mod.pair_init,
+                                 fini=hooks_mod.pair_fini)
+    held = [parts.alloc(M_NOWAIT), parts.alloc(M_NOWAIT)]
+    assert None not in held and parts.alloc(M_NOWAIT) is None
+    return pairs, parts, held
+
+
+def test_waitok_in_a_zone_whose_init_waits_honours_the_timeout(arena, pairs):
+    pairs, parts, _ = pairs
+    before = parts.stats().failures
+    t0 = time.monotonic()
+    waiter = Worker(lambda: pairs.alloc(M_WAITOK, timeout=0.5))
+    waiter.start()
+    with pytest.raises(TimeoutError):
+        waiter.finish()
+    took = time.monotonic() - t0
+    assert 0.5 <= took < 3, took
+    p, s = parts.stats(), pairs.stats()
+    # the wait was the part's: one sleep in "parts", none in "pairs"; one failure
+    # each for the request that timed out, none while it slept
+    assert (p.sleeps, p.failures - before, p.sleepers) == (1, 1, 0)
+    assert (s.sleeps, s.failures, s.items) == (0, 1, 0)
+    assert_consistent(arena, parts, pairs)
+
+
+def test_waitok_in_a_zone_whose_init_waits_is_served_by_a_free_of_the_other_zone(arena, pairs):
+    pairs, parts, held = pairs
+    before = parts.stats().failures
+    waiter = Worker(lambda: pairs.alloc(M_WAITOK, timeout=5))
+    waiter.start()
+    wait_until(lambda: parts.stats().sleepers == 1, "the part request to sleep in 'parts'")
+    parts.free(held[0])
+    h = waiter.finish()
+    assert hooks_mod.pair_part(pairs, h) == held[0]       # handed over to the sleeper
+    p, s = parts.stats(), pairs.stats()
+    assert (p.sleeps, p.failures - before) == (1, 0)
+    assert (s.sleeps, s.failures, s.used) == (0, 0, 1)
+    # nothing else of the bucket was held while the init slept
+    assert s.items == 1
+    assert_consistent(arena, parts, pairs)
+
+
+def test_waitok_with_an_init_that_keeps_failing_sleeps_once_and_times_out(arena, hooks):
+    z = hooked_zone(arena, "failing")
+    hooks.init_fails = True
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        Worker.run_now(lambda: z.alloc(M_WAITOK, timeout=0.3))
+    assert 0.3 <= time.monotonic() - t0 < 3
+    s = z.stats()
+    assert (s.sleeps, s.failures, s.sleepers, s.items) == (1, 1, 0, 0)
+    assert len(hooks.events("init")) >= 2                 # it did try again while asleep
     assert_consistent(arena, z)
 
 
