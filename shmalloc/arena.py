@@ -17,6 +17,7 @@ import itertools
 import os
 import sys
 import time
+import warnings
 import weakref
 from array import array
 from threading import get_ident
@@ -40,6 +41,7 @@ from .zone import BUCKET_MAX, Zone, apply_maxcache, as_handle, bucket_select
 
 _H, _Z, _C, _K = L.HDR, L.ZONE, L.CPU, L.KEG
 DEFAULT_SIZE = 64 << 20
+CLOSE_WAIT = 5.0             # seconds close() waits for its threads' sleepers to leave
 DEPOT_CAP = 1024
 _DEPOT_PAGES = -(-DEPOT_CAP * L.DEPOT_ENTRY_BYTES // L.PAGE_SIZE)
 
@@ -545,7 +547,7 @@ class Arena:
         on first use."""
         if self._owner_tid == get_ident() and self._pid == os.getpid():
             return self
-        if self._closed:
+        if self._closed or self._closing:
             raise ArenaClosedError(f"arena {self.name!r} is closed in this process")
         key = (os.getpid(), get_ident())
         a = self._thread_arenas.get(key)
@@ -792,15 +794,30 @@ class Arena:
             raise ArenaClosedError(f"arena {self.name!r} is closed in this process")
 
     def close(self) -> None:
-        """Give this CPU's cached items back and its slot up; unmap."""
+        """Give this CPU's cached items back and its slot up; unmap.  The CPUs of
+        this process's other threads close too; one of them asleep in an M_WAITOK
+        allocation or waiting in ``recv`` is woken first and leaves with
+        ArenaClosedError (``_wake_blocked``)."""
         if self._closed:
             return
         self._closing = True
-        for a in list(self._thread_arenas.values()):
-            if a._pid == os.getpid():
+        pid = os.getpid()
+        threads = [a for a in list(self._thread_arenas.values())
+                   if a._pid == pid and not a._closed]
+        for a in threads:
+            a._closing = True
+        stuck = self._wake_blocked([self] + threads)
+        for a in threads:
+            if a not in stuck:
+                a._adopt()
                 a.close()
         self._thread_arenas.clear()
+        if self in stuck:                     # its thread never left: leave it mapped
+            self._closed = True
+            _live_arenas.discard(self)
+            return
         if not self._forked():
+            self._adopt()
             self._drain_caches()
             self._release_cpu()
         for z in self._zones.values():
@@ -816,6 +833,38 @@ class Arena:
         if self._parent is None or not self._core.backend.local:
             if not self._core.backend.local:
                 self._core.close()
+
+    def _adopt(self) -> None:
+        """The calling thread takes this CPU over (to close it): the fast paths
+        now serve it alone, and the former owner's calls find the arena closing."""
+        if self._owner_tid != get_ident() and not self._forked():
+            self._owner_tid = get_ident()
+            for z in self._zones.values():
+                z._cache.refresh()
+
+    def _wake_blocked(self, arenas) -> list:
+        """Wake the CPUs among ``arenas`` (closing) whose thread sleeps in M_WAITOK
+        or waits in ``recv``, and wait until each has left (it sees the arena
+        closing at once, under its zone lock when asleep), ``CLOSE_WAIT`` seconds
+        at most.  Returns those still inside then (a thread stuck in a hook or on
+        a lock whose holder died), which are left open rather than unmapped under
+        it; a RuntimeWarning names them."""
+        me = get_ident()
+        deadline = time.monotonic() + CLOSE_WAIT
+        while True:
+            blocked = [a for a in arenas if a._blocked and a._owner_tid != me]
+            if not blocked:
+                return []
+            for a in blocked:
+                if a._wake is not None:
+                    a._wake.post()
+            if time.monotonic() >= deadline:
+                warnings.warn(f"arena {self.name!r}: CPU(s) "
+                              f"{', '.join(str(a.cpu_id) for a in blocked)} still wait in "
+                              f"an allocation or recv {CLOSE_WAIT:g} s after close; left "
+                              f"open", RuntimeWarning, stacklevel=3)
+                return blocked
+            time.sleep(0.002)
 
     def destroy(self) -> None:
         """Remove every OS object of the arena (segment, semaphores, queues).
@@ -875,18 +924,25 @@ class Arena:
         if (here := self._here()) is not self:
             return here.recv(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._mail.pending():
-                self._mail.collect()
-            if self._mail.inbox:
-                out = list(self._mail.inbox)
-                self._mail.inbox.clear()
-                return out
-            self._flush_xfree()            # idle: what was freed here goes home now
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return []
-            self._wake.wait(0.05 if left is None else min(left, 0.05))
+        self._blocked += 1
+        try:
+            while True:
+                if self._mail.pending():
+                    self._mail.collect()
+                if self._mail.inbox:
+                    out = list(self._mail.inbox)
+                    self._mail.inbox.clear()
+                    return out
+                if self._closing:
+                    raise ArenaClosedError(f"arena {self.name!r} was closed while recv "
+                                           f"waited")
+                self._flush_xfree()            # idle: what was freed here goes home now
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return []
+                self._wake.wait(0.05 if left is None else min(left, 0.05))
+        finally:
+            self._blocked -= 1
 
     def poll(self) -> None:
         """Take this CPU's mail and send its pending remote frees home (call it

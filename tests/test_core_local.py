@@ -981,6 +981,36 @@ def test_waitok_times_out_when_nobody_frees(arena, full_zone):
     assert_consistent(arena, z)
 
 
+@pytest.mark.parametrize("how", ["destroy", "close"])
+def test_close_from_another_thread_wakes_an_m_waitok_sleeper(how):
+    a = Arena.create_local(size=1 * MiB)
+    z = a.zcreate("waitok", 256, max_items=1)
+    assert z.alloc(M_NOWAIT) is not None
+    sleeper = Worker(lambda: z.alloc(M_WAITOK))             # no timeout
+    sleeper.start()
+    wait_until(lambda: z.stats().sleepers == 1, "the sleeper to queue")
+    Worker.run_now(getattr(a, how))                         # returns: no deadlock
+    with pytest.raises(ArenaClosedError, match="closed while this M_WAITOK"):
+        sleeper.finish()
+    assert a._closed
+
+
+def test_close_wakes_the_threads_waiting_in_recv_and_in_m_waitok():
+    a = Arena.create_local(size=1 * MiB)
+    z = a.zcreate("waitok", 256, max_items=1)
+    assert z.alloc(M_NOWAIT) is not None
+    receiver = Worker(lambda: a.recv(timeout=None))
+    receiver.start()
+    sleeper = Worker(lambda: z.alloc(M_WAITOK, timeout=60))
+    sleeper.start()
+    wait_until(lambda: z.stats().sleepers == 1 and len(a._thread_arenas) == 2,
+               "the sleeper to queue and the receiver to attach")
+    Worker.run_now(a.close)
+    for w in (receiver, sleeper):
+        with pytest.raises(ArenaClosedError):
+            w.finish()
+
+
 # A zone whose init can fail (a secondary zone like the packet zone): its init takes
 # a part from the limited zone "parts", with the caller's how.
 @pytest.fixture
