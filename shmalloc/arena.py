@@ -37,7 +37,7 @@ from .hooks import DTOR_RECOVER
 from .keg import Keg
 from .mail import CpuGoneError, MailboxFullError, PostOffice, max_handles, MSG_HANDOFF
 from .vm import Vm
-from .zone import BUCKET_MAX, Zone, apply_maxcache, as_handle, bucket_select
+from .zone import BUCKET_MAX, Zone, apply_maxcache, as_handle, bucket_select, drain_companions
 
 _H, _Z, _C, _K = L.HDR, L.ZONE, L.CPU, L.KEG
 DEFAULT_SIZE = 64 << 20
@@ -1084,6 +1084,26 @@ class Arena:
             z._cache.flush_xfree()
         for z in list(self._zones.values()):
             z._cache.drain_cache()
+
+    def _drain_zone(self, zone_id: int) -> None:
+        """A drain request for one zone (MSG_ZDRAIN, a CPU asleep on it): give
+        this CPU's cached items of the zone back -- to the sleepers first --
+        after draining the zones whose cached items hold items of it."""
+        if zone_id not in self._core.live_zone_ids():
+            return
+        self._drain_companions(self._core.zone_name(zone_id))
+        z = self._zones.get(zone_id)
+        if z is not None:
+            z._cache.flush_xfree()
+            z._cache.drain_cache()
+
+    def _drain_companions(self, name: str) -> None:
+        """Drain (caches, depot) every zone registered as holding items of zone
+        ``name`` in its cached items (``zone.register_drain_companion``)."""
+        for companion in drain_companions(name):
+            zid = self._core.zone_id(companion)
+            if zid >= 0:
+                self._zone_by_id(zid).drain()
 
     # ------------------------------------------------------------ mbuf layer (shmalloc.mbuf)
     def sysctl(self, name: str, value: int | None = None) -> int:

@@ -402,6 +402,12 @@ class Keg:
                 page += 1
         return bases
 
+    def handle_of(self, ti: int) -> int:
+        """Handle of the item whose tag is at u32 index ``ti``."""
+        core = self.core
+        base = core.pt[(ti << 2) >> L.PAGE_SHIFT] ^ self.kid_bits
+        return base + ((ti << 2) - (base + self.tagoff)) // 4 * self.rsize
+
     def held_by(self, cpu: int, bases=None):
         """Yield (tag index, tag) of every item whose tag names ``cpu`` as holder.
         Tags of a live CPU's items change under its feet: use for a CPU that is

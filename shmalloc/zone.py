@@ -70,6 +70,25 @@ _C = L.CPU
 _CS = L.CS
 
 
+# Zone name -> names of the zones whose cached items hold items of it (a cached packet
+# holds a cluster): when a request sleeps on the zone, those are drained first, here
+# and by the CPUs asked for their caches.  Upper layers register (the mbuf layer:
+# mbuf_cluster <- mbuf_packet); the core names none.
+_DRAIN_COMPANIONS: dict[str, tuple[str, ...]] = {}
+
+
+def register_drain_companion(name: str, companion: str) -> None:
+    """Items of zone ``name`` sit inside cached items of zone ``companion`` (its
+    init takes one, its fini gives it back): a sleeper on ``name`` also needs
+    ``companion``'s caches and depot drained."""
+    if companion not in _DRAIN_COMPANIONS.get(name, ()):
+        _DRAIN_COMPANIONS[name] = _DRAIN_COMPANIONS.get(name, ()) + (companion,)
+
+
+def drain_companions(name: str) -> tuple[str, ...]:
+    return _DRAIN_COMPANIONS.get(name, ())
+
+
 def as_handle(h, zone_name: str) -> int:
     """``h`` as an int handle; TypeError for anything that is not an integer."""
     if isinstance(h, bool) or not hasattr(h, "__index__"):
@@ -113,6 +132,20 @@ def bucket_select(size: int) -> int:
         if maxsize >= size:
             best = entries
     return best
+
+
+def _keep(hs: list, ts: list, tags, tag_word: int) -> None:
+    """Filter the parallel lists ``hs``/``ts`` in place to the items tagged
+    ``tag_word``, each once (``_Cache._resync``)."""
+    seen = set()
+    kh, kt = [], []
+    for h, t in zip(hs, ts):
+        if tags[t] == tag_word and h not in seen:
+            seen.add(h)
+            kh.append(h)
+            kt.append(t)
+    hs[:] = kh
+    ts[:] = kt
 
 
 class Zone:
@@ -253,6 +286,8 @@ class _Cache:
         self.w_depot = L.tag(L.TAG_DEPOT, zone.zidx)
         self.w_import = L.tag(L.TAG_IMPORT, zone.zidx, self.cpu, self.cpu)
         self.w_fini = L.tag(L.TAG_FINI, zone.zidx, self.cpu, self.cpu)
+        self.rev_w = L.cpu_word(self.cpu) + _C["REVOKES"]
+        self.rev = core.w[self.rev_w]    # REVOKES when this cache last matched the tags
         self.fails = self.sleeps = self.depot_gets = self.depot_puts = self.imports = 0
         self.xfrees = self.msgs_sent = self.items_sent = self.fallbacks = 0
         self.xfree_message = bool(core.w[self.zw + _Z["XFREE"]])
@@ -271,16 +306,21 @@ class _Cache:
         ctor, ctor_path = zone.ctor, self._ctor_path
         W_ALLOC, W_CACHED = self.w_alloc, self.w_cached
         sleepers_w = self.zw + _Z["SLEEPERS"]
+        rev_w = self.rev_w
         alloc_slow, free_slow, free_item = self._alloc_slow, self._free_slow, self._free_item
         tid = -1
         cap = 0
+        rev = self.rev
         nallocs = nfrees = 0
 
         # how values the alloc fast path serves are M_NOWAIT and M_WAITOK (anything
-        # else, M_ZERO included, takes _alloc_slow); a ctor runs through _ctor_path
+        # else, M_ZERO included, takes _alloc_slow); a ctor runs through _ctor_path.
+        # REVOKES unchanged: the keg manager has taken none of the stack's items
+        # since the stack last matched the tags (else _alloc_slow resyncs first).
         def alloc(how=M_NOWAIT, timeout=None, arg=None, get_ident=get_ident):
             nonlocal nallocs
-            if items and tid == get_ident() and (how == M_NOWAIT or how == M_WAITOK):
+            if items and tid == get_ident() and w[rev_w] == rev and (
+                    how == M_NOWAIT or how == M_WAITOK):
                 tags[tix.pop()] = W_ALLOC
                 nallocs += 1
                 if ctor is None:
@@ -327,8 +367,12 @@ class _Cache:
             cap, tid = new_cap, new_tid
             self.tid = new_tid                  # for the bulk paths
 
+        def set_rev(new_rev):
+            nonlocal rev
+            rev = self.rev = new_rev
+
         self.alloc, self.free, self.view = alloc, free, view
-        self.counts, self.set_params = counts, set_params
+        self.counts, self.set_params, self.set_rev = counts, set_params, set_rev
         assert L.PAGE_SHIFT == 12
 
     def refresh(self):
@@ -354,6 +398,30 @@ class _Cache:
             return self.arena._other_thread_zone(self.zone.id)._cache
         return None
 
+    def _check_revoked(self) -> None:
+        """Resync the stack if the keg manager took items of this CPU's caches
+        since it last matched the tags.  The owner thread."""
+        if self.core.w[self.rev_w] != self.rev:
+            self._resync()
+
+    def _resync(self) -> None:
+        """Keep in the stack, and in the remote-free batches, only the items whose
+        tags still say this CPU caches them, each once (an item taken by the keg
+        manager may have come back since, received and freed here: its old entry
+        and the new one name the same item).  Lock: takes zone; the owner thread."""
+        core, tags = self.core, self.core.tags
+        lk = self._zlock()
+        try:
+            rev = core.w[self.rev_w]
+            _keep(self.items, self.tix, tags, self.w_cached)
+            for home, (hs, ts, _) in list(self.xbatches.items()):
+                _keep(hs, ts, tags, L.tag(L.TAG_CACHED, self.zone.zidx, self.cpu, home))
+                if not hs:
+                    del self.xbatches[home]
+            self.set_rev(rev)
+        finally:
+            lk.release()
+
     def _zlock(self):
         lk = self.core.lock(self.zone._lock_index)
         lk.acquire(owner_id=self.cpu)
@@ -371,12 +439,22 @@ class _Cache:
         """Write this CPU's counters for the zone where every process can sum them;
         at debug level 3, check the whole arena (publish ends every slow path)."""
         w, sw = self.core.w, self.sw
+        if w[self.rev_w] != self.rev and self.tid == get_ident():
+            self._resync()
         a, f = self.counts()
         w[sw + _CS["ALLOCS"]] = a
         w[sw + _CS["FREES"]] = f
         w[sw + _CS["FAILS"]] = self.fails
         w[sw + _CS["SLEEPS"]] = self.sleeps
-        w[sw + _CS["CACHED"]] = len(self.items) + sum(len(b[0]) for b in self.xbatches.values())
+        if w[self.rev_w] == self.rev:
+            w[sw + _CS["CACHED"]] = len(self.items) + sum(len(b[0])
+                                                          for b in self.xbatches.values())
+        else:                   # another thread publishes (check): count, change nothing
+            tags, wc = self.core.tags, self.w_cached
+            w[sw + _CS["CACHED"]] = len({h for h, t in zip(self.items, self.tix)
+                                         if tags[t] == wc}) + sum(
+                1 for b in self.xbatches.values() for t in b[1]
+                if L.tag_state(tags[t]) == L.TAG_CACHED and L.tag_holder(tags[t]) == self.cpu)
         w[sw + _CS["DEPOT_GETS"]] = self.depot_gets
         w[sw + _CS["DEPOT_PUTS"]] = self.depot_puts
         w[sw + _CS["KEG_IMPORTS"]] = self.imports
@@ -429,6 +507,7 @@ class _Cache:
         if other is not None:
             return other.alloc(how, timeout, arg)
         check_how(how, self.zone.name)
+        self._check_revoked()
         if how & M_WAITOK:
             return self._alloc_waitok(how, timeout, arg)
         if self.items or self._fill():          # a hit with a ctor or M_ZERO, or a refill
@@ -700,7 +779,11 @@ class _Cache:
         self.sleeps += 1
         self.publish()
         self.refresh()
+        self._ask_for_caches()
+        mail = arena._mail
         while True:
+            if mail.pending():              # asleep, this CPU still answers its mail
+                mail.collect()
             lk = self._zlock()
             try:
                 if w[cw + _C["GRANT_ZONE"]] == zid1:
@@ -709,6 +792,10 @@ class _Cache:
                     w[cw + _C["WAIT_ZONE"]] = 0
                     self.items.append(h)
                     self.tix.append(t)
+                    break
+                if self.items:              # its own items, come home by mail
+                    self._sleepq_remove(self.cpu)
+                    w[cw + _C["WAIT_ZONE"]] = 0
                     break
                 now = time.monotonic()
                 if arena._closing or (deadline is not None and now >= deadline):
@@ -746,6 +833,55 @@ class _Cache:
             wake.wait(max(0.0, min(left, SLEEP_SLICE)))
         self.refresh()
         self.publish()
+
+    def _ask_for_caches(self) -> None:
+        """A request goes to sleep: the items it waits for may sit in caches.
+        Drain this CPU's companion zones (``register_drain_companion``: their
+        cached items hold items of this zone), and ask every other live CPU, by a
+        message it acts on when it next takes its mail, for its cached items of
+        this zone -- once per sleep, and never while such a request already waits
+        in its mailbox.  Published counts lag a CPU's fast path, so every live
+        CPU is asked.  A CPU that does not answer within ``GRACE`` seconds has its
+        cache taken by the keg manager (``take_cache_of``).  Lock: none."""
+        arena, zone = self.arena, self.zone
+        arena._drain_companions(zone.name)
+        mail = arena._mail
+        for cpu in self.core.live_cpus():
+            if cpu != self.cpu:
+                mail.ask_drain(cpu, zone.id)
+
+    def take_cache_of(self, cpu: int) -> int:
+        """Take CPU ``cpu``'s cached items of this zone (its stack and its
+        remote-free batches, as the tags name them) into this CPU's cache: the
+        keg manager, on behalf of a sleeper, from a CPU that left a drain request
+        unanswered.  The victim's REVOKES word moves with them, so that its next
+        alloc (the fast path reads it) or slow path first resyncs its stack from
+        the tags (``_resync``).  Returns how many were taken.
+
+        The one race left: an alloc fast path of the victim already past its
+        REVOKES read when the tags change; the manager leaves a CPU ``GRACE``
+        seconds (and never takes from a stopped process), and any call of the
+        victim into this zone's slow paths, or its recv or poll, answers the
+        request first.  Lock: takes zone (and keg, to list the slabs)."""
+        core, keg, zidx = self.core, self.zone.keg, self.zone.zidx
+        tags, w = core.tags, core.w
+        cached = L.TAG_CACHED | zidx << 4
+        hs, ts = [], []
+        lk = self._zlock()
+        try:
+            for ti, tv in list(keg.held_by(cpu, keg.slab_bases_locked(self.cpu))):
+                if tv & 0xFF == cached and tags[ti] == tv:
+                    tags[ti] = self.w_cached
+                    hs.append(keg.handle_of(ti))
+                    ts.append(ti)
+            if hs:
+                w[L.cpu_word(cpu) + _C["REVOKES"]] += 1
+                w[L.cpu_stat_word(cpu, self.zone.id) + _CS["CACHED"]] = 0
+        finally:
+            lk.release()
+        if hs:
+            self.take_home(hs, ts)
+        return len(hs)
 
     def _room_now(self) -> bool:
         """Zone lock held: could an import succeed now?"""
@@ -841,8 +977,12 @@ class _Cache:
         return self._free_validated(h, t, tg, arg)
 
     def _free_validated(self, h, t, tg, arg):
-        """The free slow path (F2-F6) of a validated item with tag ``tg``."""
+        """The free slow path (F2-F6) of a validated item with tag ``tg``.  While
+        the zone has sleepers this CPU first takes its mail: a drain request
+        waiting there gives its cache of the zone back (to them)."""
         zone, core = self.zone, self.core
+        if core.w[self.zw + _Z["SLEEPERS"]] and self.arena._mail.pending():
+            self.arena._mail.collect()
         if L.tag_holder(tg) != self.cpu:                            # F4
             tg = self._take_over(h, t, tg)
         home = L.tag_home(tg)
@@ -972,6 +1112,7 @@ class _Cache:
 
     def flush_xfree(self, max_age: float = 0.0):
         """Send every batch older than ``max_age`` seconds."""
+        self._check_revoked()
         now = time.monotonic()
         for home in [h for h, b in self.xbatches.items() if now - b[2] >= max_age]:
             self._xfree_send(home)
@@ -989,6 +1130,9 @@ class _Cache:
     def _flush(self, k: int):
         """F3: move the ``k`` oldest cached items to the depot, or to the keg when
         the depot is full (or caching is off)."""
+        if self.core.w[self.rev_w] != self.rev:
+            self._resync()
+            k = min(k, len(self.items))
         hs, ts = self.items[:k], self.tix[:k]
         del self.items[:k]
         del self.tix[:k]
@@ -1014,6 +1158,7 @@ class _Cache:
             raise ValueError(f"zone {self.zone.name!r}: alloc_bulk of {n} items")
         if self.tid != get_ident() and (other := self._check_thread()) is not None:
             return other.alloc_bulk(n, how, timeout)
+        self._check_revoked()
         zone = self.zone
         items = self.items
         plain = type(how) is int and (how == M_NOWAIT or how == M_WAITOK)
@@ -1150,6 +1295,7 @@ class _Cache:
 
     def drain_cache(self):
         """Give every cached item back (depot first, else keg)."""
+        self._check_revoked()
         if self.items:
             self._flush(len(self.items))
         self.publish()

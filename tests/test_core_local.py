@@ -1073,6 +1073,56 @@ def test_waitok_with_an_init_that_keeps_failing_sleeps_once_and_times_out(arena,
     assert_consistent(arena, z)
 
 
+# Items parked in another CPU's cache: the sleeper asks for them (MSG_ZDRAIN), the
+# keg manager takes those of a CPU that never answers (take_cache_of).
+def test_a_sleeper_asks_every_other_cpu_for_its_cached_items(arena):
+    z = arena.zcreate("parked", 256, max_items=4, bucket_size=4)
+    b = arena.attach_local()
+    try:
+        zb = b.zone("parked")
+        parked = [zb.alloc(M_NOWAIT) for _ in range(4)]
+        zb.free_bulk(parked)                          # all four in B's cache
+        assert z.stats().free_cache == 4 and z.alloc(M_NOWAIT) is None
+        sleeper = Worker(lambda: z.alloc(M_WAITOK, timeout=5))
+        sleeper.start()
+        wait_until(lambda: z.stats().sleepers == 1, "the sleeper to queue")
+        assert b._core.w[layout.cpu_word(b.cpu_id) + layout.CPU["DRAIN_ASKED"]]
+        b.poll()                                      # B calls in: it answers
+        assert sleeper.finish() in parked
+        assert b._mail.zdrains == 1 and not zb._cache.items
+        s = z.stats()
+        assert (s.sleeps, s.failures, s.used, s.free_cache) == (1, 1, 1, 0)   # the M_NOWAIT
+        assert_consistent(arena, z)
+    finally:
+        b.close()
+
+
+def test_an_idle_cpus_cache_taken_for_a_sleeper_is_never_handed_out_twice(arena):
+    z = arena.zcreate("parked", 256, max_items=4, bucket_size=4)
+    b = arena.attach_local()
+    try:
+        zb = b.zone("parked")
+        parked = [zb.alloc(M_NOWAIT) for _ in range(4)]
+        zb.free_bulk(parked)                          # B's stack names all four
+        assert z._cache.take_cache_of(b.cpu_id) == 4  # what the keg manager does
+        mine = [z.alloc(M_NOWAIT) for _ in range(4)]
+        assert sorted(mine) == sorted(parked)
+        assert zb.alloc(M_NOWAIT) is None             # not one of A's four
+        assert not zb._cache.items
+        arena.send(b.cpu_id, mine[:1])                # one comes back to B...
+        (h,) = b.recv(timeout=1)
+        zb.free(h)                                    # ...and is cached there again
+        assert zb.alloc(M_NOWAIT) == h
+        assert zb.alloc(M_NOWAIT) is None             # once
+        zb.free(h)
+        z.free_bulk(mine[1:])
+        zb._cache.publish()                           # (B's fast path publishes nothing)
+        assert_consistent(arena, z)
+        arena.check(level=2)
+    finally:
+        b.close()
+
+
 def test_two_cpus_bucket_fills_put_their_tags_in_different_cache_lines(arena):
     from shmalloc.keg import TAG_LINE
     z = arena.zcreate("lines", 2048, bucket_size=8)

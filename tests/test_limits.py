@@ -9,17 +9,81 @@ anything; rerun a failure with SHMALLOC_TEST_SEED=<seed>.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import queue
+import random
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
+
+import mp_helpers
+from shmalloc import M_NOWAIT, Arena
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX shm and semaphores")
 
 WAIT = 60.0                  # seconds: the bound of every join, wait and subprocess
+SERVED = 20.0                # seconds an M_WAITOK allocation may wait before it fails a test
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPAWN = multiprocessing.get_context("spawn")
+MiB = 1 << 20
+
+
+@pytest.fixture
+def seed():
+    s = int(os.environ.get("SHMALLOC_TEST_SEED") or random.randrange(1 << 32))
+    print(f"seed {s} (rerun with SHMALLOC_TEST_SEED={s})")
+    return s
+
+
+class Kids:
+    """Spawned children running ``mp_helpers`` workers; each report comes back on
+    one queue, a child's traceback fails the test, every wait is bounded."""
+
+    def __init__(self, seed):
+        self.seed = seed
+        self.q = SPAWN.Queue()
+        self.procs = []
+
+    def start(self, fn_name, tag, *args):
+        p = SPAWN.Process(target=mp_helpers.run, args=(fn_name, self.q, tag, *args),
+                          name=tag, daemon=True)
+        p.start()
+        self.procs.append(p)
+
+    def get(self, what, timeout=WAIT):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                kind, tag, payload = self.q.get(timeout=0.2)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"seed {self.seed}: no report for {what} within {timeout} s "
+                                f"({self._codes()})")
+                continue
+            if kind == "err":
+                pytest.fail(f"seed {self.seed}: child {tag} failed ({what}):\n{payload}")
+            return tag, payload
+
+    def _codes(self):
+        return ", ".join(f"{p.name}: {'alive' if p.is_alive() else p.exitcode}"
+                         for p in self.procs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.join(WAIT if exc[0] is None else 1)
+            if p.is_alive():
+                p.kill()
+                p.join(WAIT)
+        self.q.close()
+        self.q.join_thread()
 
 
 def run_python(code: str, timeout: float = WAIT, **kw) -> subprocess.CompletedProcess:
@@ -58,3 +122,98 @@ def test_destroy_with_a_thread_asleep_in_m_waitok_wakes_it_with_arena_closed_err
     """)
     assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout, r.stderr)
     assert "closed while this M_WAITOK allocation slept" in r.stdout
+
+
+# ============================================================================ stranded sleepers
+@pytest.mark.parametrize("size,limit", [(1 * MiB, 32), (2048, 256)], ids=["1MiB-32", "2KiB-256"])
+@pytest.mark.parametrize("bucket", ["adaptive", 1, "half"])
+def test_a_producer_at_the_limit_is_served_from_the_consumers_cache(arena_name, seed, size,
+                                                                    limit, bucket):
+    """Producer: alloc(M_WAITOK) one item at a time and send it; consumer: recv and
+    free item by item.  With a bucket of half the limit the consumer's cache can
+    hold every item, freed there before the producer sleeps: without the drain
+    request the producer waits for good."""
+    total = 4 * limit
+    bsize = limit // 2 if bucket == "half" else bucket
+    with Arena.create(arena_name, size=limit * size + 24 * MiB) as a:
+        z = a.zcreate("frames", size, max_items=limit, bucket_size=bsize)
+        with Kids(seed) as kids:
+            kids.start("limit_consumer", "consumer", a.name, "frames", total, seed)
+            _, (what, dest) = kids.get("the consumer to attach")
+            kids.start("limit_producer", "producer", a.name, "frames", dest, total, seed,
+                       SERVED)
+            reports = dict(kids.get("the end of a run", timeout=WAIT + SERVED)
+                           for _ in range(2))
+        assert reports["consumer"] == ("done", total, 0), f"seed {seed}: {reports}"
+        assert reports["producer"][:2] == ("done", total), f"seed {seed}: {reports}"
+        s = z.stats()
+        assert s.used == 0 and s.sleepers == 0 and s.items <= limit, f"seed {seed}: {s}"
+        a.check(level=2)
+
+
+def test_a_cache_that_never_answers_is_taken_by_the_manager_for_the_sleeper(arena_name, seed):
+    """The consumer (a thread here) caches every item of the zone, then blocks in
+    Event.wait and never calls into the arena again: the keg manager takes its
+    cache (after GRACE) and the sleeping producer is served.  The consumer's own
+    next allocations then never hand out an item it no longer has."""
+    from shmalloc.workers.manager import Manager
+    limit = 8
+    mgr = Manager(arena_name, size=16 * MiB)
+    a = mgr.arena
+    try:
+        z = a.zcreate("frames", 2048, max_items=limit, bucket_size=limit)
+        ready, cached, release = threading.Event(), threading.Event(), threading.Event()
+        out = {}
+
+        def consumer():
+            out["cpu"] = a._here().cpu_id
+            ready.set()
+            hs = []
+            while len(hs) < limit:
+                hs += a.recv(timeout=WAIT)
+            for h in hs:
+                z.free(h)                        # all of them into this CPU's cache
+            out["freed"] = sorted(hs)
+            cached.set()
+            release.wait(WAIT)                   # never calls in meanwhile
+            out["after"] = [z.alloc(M_NOWAIT) for _ in range(limit)]
+
+        th = threading.Thread(target=consumer, daemon=True)
+        th.start()
+        assert ready.wait(WAIT)
+        go = SPAWN.Event()
+        with Kids(seed) as kids:
+            kids.start("waitok_once", "producer", a.name, "frames", out["cpu"], limit, SERVED,
+                       go)
+            kids.get("the producer to send its items")
+            assert cached.wait(WAIT), f"seed {seed}: the consumer did not cache the items"
+            assert z.stats().free_cache == limit
+            go.set()                             # now the producer sleeps
+            deadline = time.monotonic() + WAIT
+            report = None
+            while report is None:
+                mgr.step()
+                try:
+                    kind, tag, report = kids.q.get(timeout=0.1)
+                except queue.Empty:
+                    assert time.monotonic() < deadline, f"seed {seed}: no report"
+                    continue
+                assert kind == "ok", f"seed {seed}: {report}"
+            assert report[0] == "got", f"seed {seed}: the sleeper was not served: {report}"
+            got = report[1]
+            assert got in out["freed"], f"seed {seed}: {got} was not in the consumer's cache"
+            assert mgr.caches_taken >= 1
+        release.set()
+        th.join(WAIT)
+        assert not th.is_alive()
+        after = [h for h in out["after"] if h is not None]
+        # the producer freed its item before exiting: the consumer gets all 8 back,
+        # each once, from the depot (not from the handles its stack still named)
+        assert len(after) == len(set(after)) == limit, f"seed {seed}: {out['after']}"
+        a.check(level=1)
+        for h in after:
+            z.free(h)
+        assert z.stats().used == 0
+        a.check(level=1)
+    finally:
+        mgr.shutdown()

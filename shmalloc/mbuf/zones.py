@@ -39,7 +39,7 @@ from .. import hooks
 from .. import layout as L
 from ..errors import ZoneError
 from ..hooks import DTOR_RECOVER
-from ..zone import BUCKET_MAX, M_NOWAIT, M_WAITOK
+from ..zone import BUCKET_MAX, M_NOWAIT, M_WAITOK, register_drain_companion
 from .constants import (EXT_CLUSTER, EXT_JUMBO9, EXT_JUMBO16, EXT_JUMBOP, EXT_PACKET, M_EXT,
                         M_NOFREE, M_PKTHDR, MB_NOTAGS, MBUF_CLUSTER_MEM_NAME,
                         MBUF_EXTREFCNT_MEM_NAME, MBUF_JUMBO9_MEM_NAME, MBUF_JUMBO16_MEM_NAME,
@@ -562,6 +562,10 @@ def mb_zinit_extref(zone, h, how):
     """keg -> mbuf_ext_refcnt: a refcount starts at 0 (UMA_ZONE_ZINIT)."""
     _zctx(zone).u32[h >> 2] = 0
 
+
+# a cached packet holds a cluster: a request asleep on the cluster zone also needs the
+# packet zone drained (its fini gives the cluster back), here and by the CPUs it asks
+register_drain_companion(MBUF_CLUSTER_MEM_NAME, MBUF_PACKET_MEM_NAME)
 
 for _fn in (mb_ctor_mbuf, mb_dtor_mbuf, mb_zinit_mbuf, mb_ctor_clust, mb_dtor_clust,
             mb_zinit_pack, mb_zfini_pack, mb_ctor_pack, mb_dtor_pack, mb_zinit_extref):
