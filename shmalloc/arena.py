@@ -25,11 +25,11 @@ from threading import get_ident
 import psutil
 
 from . import layout as L
-from .errors import (ArenaClosedError, LayoutError, ShmallocError,
-                     ZoneError)
+from .errors import (ArenaClosedError, ArenaFullError, ArenaSizeWarning, LayoutError,
+                     NoSpaceError, ShmallocError, ZoneError)
 from .ipc import naming
 from .ipc.lock import LocalLock, SemLock
-from .ipc.segment import Segment
+from .ipc.segment import Segment, shm_free_bytes
 from .ipc.semaphore import LocalWakeSemaphore, WakeSemaphore
 from . import slots
 from .debug import LockOrderError, WitnessLock
@@ -93,6 +93,10 @@ class _PosixBackend:
             naming.remove_object(kind, obj)
         Segment.unlink(naming.object_name(self.name, "arena"))
 
+    def reserve(self, offset: int, length: int) -> None:
+        """Back bytes of the segment with memory of /dev/shm (NoSpaceError)."""
+        self.segment.reserve(offset, length)
+
     def close(self):
         self.segment.close()
 
@@ -130,6 +134,9 @@ class _LocalBackend:
     def unlink_all(self):
         self.locks.clear()
         self.wakes.clear()
+
+    def reserve(self, offset: int, length: int) -> None:
+        """A bytearray is backed already."""
 
     def close(self):
         pass
@@ -314,23 +321,47 @@ class Arena:
     # ------------------------------------------------------------ constructors
     @classmethod
     def create(cls, name: str, size: int = DEFAULT_SIZE, *, debug: int | None = None,
-               tunables: dict | None = None) -> "Arena":
+               tunables: dict | None = None, strict: bool = False) -> "Arena":
         """Create arena ``name`` of ``size`` bytes (rounded up to pages).
         ``tunables``: boot-time sysctls of the mbuf layer, e.g.
-        ``{"kern.ipc.nmbclusters": 0}`` (``shmalloc.mbuf.tunables``)."""
+        ``{"kern.ipc.nmbclusters": 0}`` (``shmalloc.mbuf.tunables``).
+
+        ``/dev/shm`` backs the arena's pages as they are handed out; a size
+        beyond the room it has warns (ArenaSizeWarning), or with ``strict``
+        raises ArenaFullError; the metadata pages are reserved here."""
         name = naming.validate_name(name)
         size = cls._check_size(size)
         tunables = _mbuf_tunables(tunables)
+        cls._check_room(name, size, strict)
         seg_name = naming.object_name(name, "arena")
         seg = Segment.create(seg_name, size)
         try:
+            seg.reserve(0, L.Geometry(size).data_off)
             backend = _PosixBackend(name, seg)
             core = _Core(backend, size)
             cls._format(core, debug, tunables)
             return cls(core, name, creator=True)
+        except NoSpaceError as e:
+            _cleanup_failed_create(name, seg)
+            raise ArenaFullError(f"arena {name!r}: /dev/shm has no room for its "
+                                 f"{L.Geometry(size).data_off} bytes of metadata "
+                                 f"({e.free} bytes free there)") from e
         except BaseException:
             _cleanup_failed_create(name, seg)
             raise
+
+    @staticmethod
+    def _check_room(name: str, size: int, strict: bool) -> None:
+        """Warn (or with ``strict`` refuse) an arena larger than the room left in
+        /dev/shm: its pages would run out there before they run out in it."""
+        free = shm_free_bytes()
+        if free < 0 or size <= free:
+            return
+        msg = (f"arena {name!r}: {size} bytes asked, /dev/shm has {free} bytes free; "
+               f"allocations raise ArenaFullError once its pages outgrow that")
+        if strict:
+            raise ArenaFullError(msg + " (strict: not created)")
+        warnings.warn(msg, ArenaSizeWarning, stacklevel=3)
 
     @classmethod
     def create_local(cls, size: int = 8 << 20, *, debug: int | None = None,

@@ -507,7 +507,10 @@ def alloc(arena, nbytes: int) -> Buffer:
     _reap()
     a = arena._here()
     size = class_size(n)
-    m = _alloc_mbuf(a, size)
+    try:
+        m = _alloc_mbuf(a, size)
+    except ArenaFullError:             # /dev/shm could not back new pages: pages given
+        m = None                       # back below are backed already
     if m is None:
         a.reclaim()                    # cached and depot items, empty slabs: back to pages
         m = _alloc_mbuf(a, size)

@@ -10,6 +10,7 @@ __all__ = [
     "IpcLimitError", "LockTimeoutError", "ShmallocError", "BadHandleError", "ForeignHandleError",
     "DoubleFreeError", "ArenaClosedError", "LayoutError", "CorruptionError", "UseAfterFreeError",
     "ZoneError", "HookError", "TooManyCpusError", "ArenaFullError", "StaleArenaError",
+    "NoSpaceError", "ArenaSizeWarning",
 ]
 
 from .ipc.errors import (  # noqa: E402  (re-exported)
@@ -20,6 +21,7 @@ from .ipc.errors import (  # noqa: E402  (re-exported)
     IpcError,
     IpcLimitError,
     LockTimeoutError,
+    NoSpaceError,
     ShmallocError,
 )
 
@@ -40,6 +42,12 @@ class DoubleFreeError(BadHandleError):
 class ArenaFullError(ShmallocError, MemoryError):
     """No storage now: the arena's pages, a zone's limit, or the room left in
     ``/dev/shm`` to back the arena's pages, are used up."""
+
+
+class ArenaSizeWarning(UserWarning):
+    """An arena is created larger than ``/dev/shm`` has room for: it works until
+    its pages outgrow the room, then allocations raise ArenaFullError
+    (``Arena.create(..., strict=True)`` refuses instead)."""
 
 
 class StaleArenaError(ArenaExistsError):

@@ -48,7 +48,8 @@ from array import array
 from threading import get_ident
 
 from . import layout as L
-from .errors import ArenaClosedError, BadHandleError, DoubleFreeError, ForeignHandleError
+from .errors import (ArenaClosedError, ArenaFullError, BadHandleError, DoubleFreeError,
+                     ForeignHandleError)
 from .debug import KILLPOINTS, killpoint, trash_hooks
 from .hooks import resolve
 from .mail import MSG_XFREE
@@ -510,7 +511,13 @@ class _Cache:
         self._check_revoked()
         if how & M_WAITOK:
             return self._alloc_waitok(how, timeout, arg)
-        if self.items or self._fill():          # a hit with a ctor or M_ZERO, or a refill
+        try:
+            got = self.items or self._fill()    # a hit with a ctor or M_ZERO, or a refill
+        except ArenaFullError:                  # /dev/shm cannot back a new slab
+            self.fails += 1
+            self.publish()
+            raise
+        if got:
             return self._pop(how, arg)
         if not self.arena._probing:             # A3 (a probe for a waiting request is not
             self.fails += 1                     # a denied request: see _run_init)
@@ -543,7 +550,7 @@ class _Cache:
         try:
             if not (self.items or self._fill(None, how, deadline)):
                 self._sleep(how, deadline)
-        except TimeoutError:
+        except (TimeoutError, ArenaFullError):
             self.fails += 1
             self.publish()
             raise

@@ -9,10 +9,12 @@ anything; rerun a failure with SHMALLOC_TEST_SEED=<seed>.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import queue
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,7 +24,7 @@ import time
 import pytest
 
 import mp_helpers
-from shmalloc import M_NOWAIT, Arena
+from shmalloc import M_NOWAIT, Arena, ArenaFullError
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX shm and semaphores")
 
@@ -217,3 +219,126 @@ def test_a_cache_that_never_answers_is_taken_by_the_manager_for_the_sleeper(aren
         a.check(level=1)
     finally:
         mgr.shutdown()
+
+
+# ============================================================================ a full /dev/shm
+def _enospc(fd, offset, length):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_no_room_in_dev_shm_for_a_new_slab_is_arena_full_error(arena_name, monkeypatch):
+    """fallocate made to fail: the slab is refused with ArenaFullError naming the
+    arena, the bytes and the room left; the arena stays consistent and works
+    again once there is room."""
+    from shmalloc.ipc import segment
+    with Arena.create(arena_name, size=16 * MiB) as a:
+        z = a.zcreate("big", 64 << 10)
+        held = [z.alloc(M_NOWAIT) for _ in range(z.keg.ipers)]     # one full slab
+        before = z.stats()
+        monkeypatch.setattr(segment.os, "posix_fallocate", _enospc)
+        for how in (M_NOWAIT, mp_helpers.M_WAITOK):
+            with pytest.raises(ArenaFullError) as e:
+                z.alloc(how, timeout=1)
+            msg = str(e.value)
+            assert a.name in msg and "/dev/shm" in msg and "bytes free there" in msg, msg
+            assert f"({z.keg.ppera * 4096} bytes)" in msg, msg
+            assert isinstance(e.value, MemoryError)
+        s = z.stats()
+        assert (s.items, s.pages, s.failures) == (len(held), before.pages,
+                                                  before.failures + 2)
+        a.check(level=2)
+        monkeypatch.undo()
+        held.append(z.alloc(M_NOWAIT))               # room again: it works
+        assert held[-1] is not None
+        z.free_bulk(held)
+        a.check(level=2)
+
+
+def test_a_bucket_import_keeps_what_it_took_before_dev_shm_ran_out(arena_name, monkeypatch):
+    from shmalloc.ipc import segment
+    with Arena.create(arena_name, size=16 * MiB) as a:
+        z = a.zcreate("small", 2048, bucket_size=8)
+        ipers = z.keg.ipers
+        held = [z.alloc(M_NOWAIT) for _ in range(ipers - 3)]   # 3 left in the slab
+        z._cache.drain_cache()
+        monkeypatch.setattr(segment.os, "posix_fallocate", _enospc)
+        more = [z.alloc(M_NOWAIT) for _ in range(3)]            # the import takes those 3
+        assert None not in more
+        with pytest.raises(ArenaFullError):
+            z.alloc(M_NOWAIT)
+        monkeypatch.undo()
+        z.free_bulk(held + more)
+        a.check(level=2)
+
+
+def test_an_arena_whose_metadata_dev_shm_cannot_hold_is_not_created(arena_name, monkeypatch):
+    from shmalloc.ipc import naming, segment
+    monkeypatch.setattr(segment.os, "posix_fallocate", _enospc)
+    with pytest.raises(ArenaFullError, match="metadata"):
+        Arena.create(arena_name, size=16 * MiB)
+    assert naming.list_objects(arena_name) == []
+
+
+def test_an_arena_larger_than_dev_shm_warns_and_strict_refuses(arena_name, monkeypatch):
+    from shmalloc import arena as arena_module
+    from shmalloc.errors import ArenaSizeWarning
+    from shmalloc.ipc import naming
+    monkeypatch.setattr(arena_module, "shm_free_bytes", lambda: 8 * MiB)
+    with pytest.raises(ArenaFullError, match="8388608 bytes free"):
+        Arena.create(arena_name, size=16 * MiB, strict=True)
+    assert naming.list_objects(arena_name) == []
+    with pytest.warns(ArenaSizeWarning, match="/dev/shm has 8388608 bytes free"):
+        a = Arena.create(arena_name, size=16 * MiB)
+    a.destroy()
+
+
+def _can_mount_tmpfs() -> str:
+    """'' if this process may mount a tmpfs in a mount namespace of its own, else why not."""
+    if not shutil.which("unshare"):
+        return "no unshare(1)"
+    try:
+        r = subprocess.run(["unshare", "-m", "sh", "-c",
+                            "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True, text=True, timeout=WAIT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unshare failed: {e}"
+    return "" if r.returncode == 0 else f"cannot mount a tmpfs here: {r.stderr.strip()}"
+
+
+def test_a_small_real_tmpfs_filling_up_is_arena_full_error_not_sigbus(arena_name):
+    """A 6 MiB tmpfs on /dev/shm (a mount namespace of the test's own) under a
+    64 MiB arena: allocating until the tmpfs is full raises ArenaFullError (the
+    process used to die of SIGBUS), check() passes, and everything frees."""
+    why = _can_mount_tmpfs()
+    if why:
+        pytest.skip(why)
+    code = textwrap.dedent(f"""
+        import warnings
+        from shmalloc import Arena, M_NOWAIT, ShmallocError
+        with warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter("always")
+            a = Arena.create({arena_name!r}, size=64 << 20)
+        z = a.zcreate("big", 64 << 10)
+        held = []
+        try:
+            while True:
+                h = z.alloc(M_NOWAIT)
+                assert h is not None, "the arena ran out before /dev/shm"
+                z.view(h)[:] = b"x" * (64 << 10)          # touch every page
+                held.append(h)
+        except ShmallocError as e:
+            print("full after", len(held), "items:", type(e).__name__, e)
+        print("warned:", [w.category.__name__ for w in ws])
+        a.check(level=2)
+        z.free_bulk(held)
+        a.check(level=2)
+        a.destroy()
+        print("ok")
+    """)
+    r = subprocess.run(["unshare", "-m", "sh", "-c",
+                        "mount -t tmpfs -o size=6m tmpfs /dev/shm && exec \"$0\" -c \"$1\"",
+                        sys.executable, code], cwd=REPO, capture_output=True, text=True,
+                       timeout=WAIT)
+    assert r.returncode == 0 and r.stdout.endswith("ok\n"), (r.returncode, r.stdout, r.stderr)
+    assert "ArenaFullError" in r.stdout and "no room in /dev/shm" in r.stdout, r.stdout
+    assert "warned: ['ArenaSizeWarning']" in r.stdout, r.stdout

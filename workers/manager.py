@@ -78,7 +78,7 @@ GRACE = 1.0            # seconds a drain request may wait unread before the cach
 class Manager:
     def __init__(self, name: str, size: int | None = None, tunables: dict | None = None,
                  adopt: bool = False, lowmem: float = LOWMEM, log=None,
-                 idle_exit: float | None = None):
+                 idle_exit: float | None = None, strict: bool = False):
         self.log = log or (lambda msg: None)
         self.idle_exit = idle_exit
         self._busy_at = time.monotonic()
@@ -100,7 +100,7 @@ class Manager:
                      f"{self.arena._core.w[L.HDR['MANAGER_PID']]})")
         else:
             kw = {} if size is None else {"size": size}
-            self.arena = Arena.create(name, tunables=tunables, **kw)
+            self.arena = Arena.create(name, tunables=tunables, strict=strict, **kw)
             try:
                 self._make_mbuf_zones()
             except BaseException:
@@ -462,9 +462,10 @@ def _stopped(pid: int) -> bool:
 
 
 def serve_main(name: str, size: int | None, tunables: dict, adopt: bool, quiet: bool,
-               idle_exit: float | None = None) -> int:
+               idle_exit: float | None = None, strict: bool = False) -> int:
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     faulthandler.register(signal.SIGUSR1, all_threads=True)    # kill -USR1: where is it?
-    mgr = Manager(name, size=size, tunables=tunables, adopt=adopt, log=log, idle_exit=idle_exit)
+    mgr = Manager(name, size=size, tunables=tunables, adopt=adopt, log=log, idle_exit=idle_exit,
+                  strict=strict)
     mgr.run()
     return 0
