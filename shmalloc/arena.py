@@ -25,8 +25,8 @@ from threading import get_ident
 import psutil
 
 from . import layout as L
-from .errors import (ArenaClosedError, ArenaFullError, ArenaSizeWarning, LayoutError,
-                     NoSpaceError, ShmallocError, ZoneError)
+from .errors import (ArenaClosedError, ArenaExistsError, ArenaFullError, ArenaSizeWarning,
+                     LayoutError, NoSpaceError, ShmallocError, StaleArenaError, ZoneError)
 from .ipc import naming
 from .ipc.lock import LocalLock, SemLock
 from .ipc.segment import Segment, shm_free_bytes
@@ -321,20 +321,32 @@ class Arena:
     # ------------------------------------------------------------ constructors
     @classmethod
     def create(cls, name: str, size: int = DEFAULT_SIZE, *, debug: int | None = None,
-               tunables: dict | None = None, strict: bool = False) -> "Arena":
+               tunables: dict | None = None, strict: bool = False,
+               replace: bool = False) -> "Arena":
         """Create arena ``name`` of ``size`` bytes (rounded up to pages).
         ``tunables``: boot-time sysctls of the mbuf layer, e.g.
         ``{"kern.ipc.nmbclusters": 0}`` (``shmalloc.mbuf.tunables``).
 
         ``/dev/shm`` backs the arena's pages as they are handed out; a size
         beyond the room it has warns (ArenaSizeWarning), or with ``strict``
-        raises ArenaFullError; the metadata pages are reserved here."""
+        raises ArenaFullError; the metadata pages are reserved here.  A name
+        still held by a live process raises ArenaExistsError naming it; one left
+        by processes that all died raises StaleArenaError, unless ``replace``:
+        then what they left is removed and the arena made anew."""
         name = naming.validate_name(name)
         size = cls._check_size(size)
         tunables = _mbuf_tunables(tunables)
         cls._check_room(name, size, strict)
         seg_name = naming.object_name(name, "arena")
-        seg = Segment.create(seg_name, size)
+        try:
+            seg = Segment.create(seg_name, size)
+        except ArenaExistsError:
+            from .admin import existing_arena_error, remove_stale
+            err = existing_arena_error(name)
+            if not (replace and isinstance(err, StaleArenaError)):
+                raise err from None
+            remove_stale(name)
+            seg = Segment.create(seg_name, size)
         try:
             seg.reserve(0, L.Geometry(size).data_off)
             backend = _PosixBackend(name, seg)

@@ -24,7 +24,8 @@ import time
 import pytest
 
 import mp_helpers
-from shmalloc import M_NOWAIT, Arena, ArenaFullError
+from shmalloc import (M_NOWAIT, Arena, ArenaExistsError, ArenaFullError,
+                      StaleArenaError)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX shm and semaphores")
 
@@ -342,3 +343,60 @@ def test_a_small_real_tmpfs_filling_up_is_arena_full_error_not_sigbus(arena_name
     assert r.returncode == 0 and r.stdout.endswith("ok\n"), (r.returncode, r.stdout, r.stderr)
     assert "ArenaFullError" in r.stdout and "no room in /dev/shm" in r.stdout, r.stdout
     assert "warned: ['ArenaSizeWarning']" in r.stdout, r.stdout
+
+
+# ============================================================================ stale names
+def _crash_holding(arena_name, manager=False) -> int:
+    """A process that creates arena ``arena_name`` (or runs its manager) and is
+    SIGKILLed: its pid."""
+    code = ("from shmalloc.workers.manager import Manager; m = Manager({n!r}, size=8 << 20)"
+            if manager else "from shmalloc import Arena; a = Arena.create({n!r}, size=8 << 20)")
+    p = subprocess.Popen([sys.executable, "-c", code.format(n=arena_name)
+                          + "; import sys; print('up', flush=True); sys.stdin.read()"],
+                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "up\n"
+    finally:
+        p.kill()
+        p.wait(WAIT)
+    return p.pid
+
+
+@pytest.mark.parametrize("manager", [False, True], ids=["creator", "manager"])
+def test_create_over_a_crashed_arena_says_it_is_stale_and_replace_makes_it_anew(arena_name,
+                                                                                manager):
+    from shmalloc.ipc import naming
+    pid = _crash_holding(arena_name, manager)
+    with pytest.raises(StaleArenaError) as e:
+        Arena.create(arena_name, size=8 * MiB)
+    msg = str(e.value)
+    assert isinstance(e.value, FileExistsError)
+    assert f"pid {pid}" in msg and f"shmalloc cleanup --name {arena_name}" in msg, msg
+    assert "replace=True" in msg, msg
+    with Arena.create(arena_name, size=8 * MiB, replace=True) as a:
+        z = a.zcreate("z", 64)
+        z.free(z.alloc(M_NOWAIT))
+        a.check(level=2)
+    assert naming.list_objects(arena_name) == []
+
+
+def test_create_over_a_live_arena_names_its_holders_and_replace_refuses(arena_name):
+    with Arena.create(arena_name, size=8 * MiB) as a:
+        for replace in (False, True):
+            with pytest.raises(ArenaExistsError) as e:
+                Arena.create(arena_name, size=8 * MiB, replace=replace)
+            assert not isinstance(e.value, StaleArenaError)
+            assert f"in use by pid {os.getpid()} (CPU {a.cpu_id})" in str(e.value)
+        a.zcreate("z", 64)                           # untouched
+        a.check()
+
+
+def test_a_half_created_segment_counts_as_stale(arena_name):
+    import posix_ipc
+    from shmalloc.ipc import naming
+    seg = posix_ipc.SharedMemory(naming.object_name(arena_name, "arena"), posix_ipc.O_CREX,
+                                 mode=0o600)         # size 0: its creator "died" there
+    seg.close_fd()
+    with pytest.raises(StaleArenaError, match="died while making it"):
+        Arena.create(arena_name, size=8 * MiB)
+    Arena.create(arena_name, size=8 * MiB, replace=True).destroy()
