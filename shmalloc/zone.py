@@ -12,9 +12,14 @@ Slow paths, in the order ``alloc`` tries them (UMA's ``cache_alloc``):
     A1  a bucket from the zone's depot (shared, zone lock)
     A2  a bucket imported from the keg's slabs (zone lock, then keg lock), within
         the zone's limit; zone init runs on the imported items, outside the locks
+        (for M_WAITOK the first item's init may wait, with the caller's deadline:
+        ``_run_init``); ArenaFullError when /dev/shm cannot back a new slab
     A3  M_NOWAIT: count a failure and return None
-    A4  M_WAITOK: queue on the zone's FIFO sleep queue and wait for a freed item to
-        be handed over (``_sleep``), or for the timeout
+    A4  M_WAITOK: queue on the zone's FIFO sleep queue, ask the other CPUs for their
+        cached items of the zone (``_ask_for_caches``), and wait for a freed item to
+        be handed over or room to open (``_sleep``), the arena to close, or the
+        timeout; the keg manager takes the cache of a CPU that does not answer
+        (``take_cache_of``, resynced by its owner: ``_resync``)
 
 and ``free`` (UMA's ``uma_zfree_arg`` cases):
 
