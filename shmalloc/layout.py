@@ -171,7 +171,8 @@ NIL = -1                                # end of a slab list
 #                                      depot goes straight to the caller)
 #   ALLOC  -> DEPOT   zone lock held  (free_bulk of a batch that would overflow the
 #                                      stack: it goes straight to the depot)
-#   CACHED -> FINI    holder          (zone fini about to run, item on its way to the slab)
+#   CACHED -> FINI    holder          (item on its way to the slab; zone fini, if any,
+#                                      about to run)
 #   FINI|CACHED|IMPORT -> FREE keg lock held
 #   ALLOC  -> INFLIGHT sender, dest's mailbox lock held (hand-off; holder := dest)
 #   INFLIGHT -> ALLOC  receiver, its mailbox lock held

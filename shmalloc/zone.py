@@ -411,22 +411,32 @@ class _Cache:
             self._resync()
 
     def _resync(self) -> None:
+        """``_resync_locked`` under the zone lock.  Lock: takes zone."""
+        lk = self._zlock()
+        try:
+            self._resync_locked()
+        finally:
+            lk.release()
+
+    def _resync_locked(self) -> None:
         """Keep in the stack, and in the remote-free batches, only the items whose
         tags still say this CPU caches them, each once (an item taken by the keg
         manager may have come back since, received and freed here: its old entry
-        and the new one name the same item).  Lock: takes zone; the owner thread."""
+        and the new one name the same item).  Lock: zone; the owner thread.
+
+        Every path of this CPU that holds cached items outside these lists while
+        it waits for a lock does so under the zone lock (``_flush``,
+        ``_xfree_send``) or has re-tagged them first (FINI: ``_release_to_keg``),
+        so the keg manager, which takes items under the zone lock, finds in the
+        tags only what these lists name."""
         core, tags = self.core, self.core.tags
-        lk = self._zlock()
-        try:
-            rev = core.w[self.rev_w]
-            _keep(self.items, self.tix, tags, self.w_cached)
-            for home, (hs, ts, _) in list(self.xbatches.items()):
-                _keep(hs, ts, tags, L.tag(L.TAG_CACHED, self.zone.zidx, self.cpu, home))
-                if not hs:
-                    del self.xbatches[home]
-            self.set_rev(rev)
-        finally:
-            lk.release()
+        rev = core.w[self.rev_w]
+        _keep(self.items, self.tix, tags, self.w_cached)
+        for home, (hs, ts, _) in list(self.xbatches.items()):
+            _keep(hs, ts, tags, L.tag(L.TAG_CACHED, self.zone.zidx, self.cpu, home))
+            if not hs:
+                del self.xbatches[home]
+        self.set_rev(rev)
 
     def _zlock(self):
         lk = self.core.lock(self.zone._lock_index)
@@ -735,15 +745,18 @@ class _Cache:
 
     def _release_to_keg(self, hs, ts, run_fini: bool):
         """Items this CPU holds go back to their slabs; the limit units are
-        returned.  Zone fini runs first (outside the locks) when asked."""
+        returned.  With ``run_fini`` they are tagged FINI (on their way to the
+        slab: no longer in a cache) and zone fini runs first, outside the locks;
+        without, they are IMPORT items whose init failed."""
         if not hs:
             return
         zone, core, tags = self.zone, self.core, self.core.tags
         error = None
-        if run_fini and zone.fini is not None:
+        if run_fini:
             wf = self.w_fini
             for t in ts:
                 tags[t] = wf
+        if run_fini and zone.fini is not None:
             for h in hs:
                 if KILLPOINTS:
                     killpoint("release.fini")
@@ -881,13 +894,16 @@ class _Cache:
         hs, ts = [], []
         lk = self._zlock()
         try:
-            for ti, tv in list(keg.held_by(cpu, keg.slab_bases_locked(self.cpu))):
-                if tv & 0xFF == cached and tags[ti] == tv:
+            found = [(ti, tv) for ti, tv in keg.held_by(cpu, keg.slab_bases_locked(self.cpu))
+                     if tv & 0xFF == cached]
+            if found:       # first: killed half-way, the victim still resyncs
+                w[L.cpu_word(cpu) + _C["REVOKES"]] += 1
+            for ti, tv in found:
+                if tags[ti] == tv:
                     tags[ti] = self.w_cached
                     hs.append(keg.handle_of(ti))
                     ts.append(ti)
-            if hs:
-                w[L.cpu_word(cpu) + _C["REVOKES"]] += 1
+            if found:
                 w[L.cpu_stat_word(cpu, self.zone.id) + _CS["CACHED"]] = 0
         finally:
             lk.release()
@@ -1109,10 +1125,22 @@ class _Cache:
             self._xfree_send(home)              # publishes
 
     def _xfree_send(self, home):
-        hs, ts, _ = self.xbatches.pop(home)
+        """Send the batch for ``home``.  Under the zone lock (the mailbox lock, a
+        leaf, inside it): the batch is never out of ``xbatches`` yet still cached
+        here while the keg manager could take it.  Lock: takes zone."""
         zone = self.zone
-        sent = self.arena._mail.post(home, MSG_XFREE, [(zone.id, zone.zidx, hs, ts)],
-                                     L.TAG_XFREE)
+        lk = self._zlock()
+        try:
+            if self.core.w[self.rev_w] != self.rev:
+                self._resync_locked()
+            batch = self.xbatches.pop(home, None)
+            if batch is None:                   # taken by the keg manager meanwhile
+                return
+            hs, ts, _ = batch
+            sent = self.arena._mail.post(home, MSG_XFREE, [(zone.id, zone.zidx, hs, ts)],
+                                         L.TAG_XFREE)
+        finally:
+            lk.release()
         if sent:
             self.msgs_sent += 1
             self.items_sent += len(hs)
@@ -1140,27 +1168,38 @@ class _Cache:
         self.publish()
 
     def _flush(self, k: int):
-        """F3: move the ``k`` oldest cached items to the depot, or to the keg when
-        the depot is full (or caching is off)."""
-        if self.core.w[self.rev_w] != self.rev:
-            self._resync()
+        """F3: move the ``k`` oldest cached items to the sleepers, then the depot,
+        or to the keg when the depot is full (or caching is off).  The items
+        leave the stack under the zone lock, or (no caching) re-tagged FINI
+        before any lock is waited for: never cached here yet out of the stack
+        while the keg manager might take this CPU's cache (``take_cache_of``)."""
+        if not self.bsize:
+            self._check_revoked()
             k = min(k, len(self.items))
-        hs, ts = self.items[:k], self.tix[:k]
-        del self.items[:k]
-        del self.tix[:k]
-        if self.bsize:
-            lk = self._zlock()
-            try:
-                while hs and self.core.w[self.zw + _Z["SLEEPERS"]]:
-                    if not self._grant(hs[-1], ts[-1]):
-                        break
-                    hs.pop()
-                    ts.pop()
-                if not hs or self._depot_put(hs, ts):
-                    self.depot_puts += 1
-                    return
-            finally:
-                lk.release()
+            hs, ts = self.items[:k], self.tix[:k]
+            del self.items[:k]
+            del self.tix[:k]
+            self._release_to_keg(hs, ts, run_fini=True)
+            return
+        lk = self._zlock()
+        try:
+            if self.core.w[self.rev_w] != self.rev:
+                self._resync_locked()
+                k = min(k, len(self.items))
+            hs, ts = self.items[:k], self.tix[:k]
+            del self.items[:k]
+            del self.tix[:k]
+            while hs and self.core.w[self.zw + _Z["SLEEPERS"]]:
+                if not self._grant(hs[-1], ts[-1]):
+                    break
+                hs.pop()
+                ts.pop()
+            if not hs or self._depot_put(hs, ts):
+                self.depot_puts += 1
+                return
+            self._mark(ts, self.w_fini)             # on their way to the slab
+        finally:
+            lk.release()
         self._release_to_keg(hs, ts, run_fini=True)
 
     # ================================================================== bulk

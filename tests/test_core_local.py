@@ -1123,6 +1123,29 @@ def test_an_idle_cpus_cache_taken_for_a_sleeper_is_never_handed_out_twice(arena)
         b.close()
 
 
+def test_remote_free_batches_taken_for_a_sleeper_are_never_sent_home(arena):
+    z = arena.zcreate("homed", 256, xfree="message", bucket_size=8)
+    b = arena.attach_local()
+    try:
+        zb = b.zone("homed")
+        mine = [z.alloc(M_NOWAIT) for _ in range(3)]
+        arena.send(b.cpu_id, mine)
+        got = b.recv(timeout=1)
+        for h in got:
+            zb.free(h)                                # batched in B, homed at A
+        assert sum(len(x[0]) for x in zb._cache.xbatches.values()) == 3
+        assert z._cache.take_cache_of(b.cpu_id) == 3  # what the keg manager does
+        b.poll()                                      # B sends its batches: none left
+        assert not zb._cache.xbatches and zb._cache.msgs_sent == 0
+        assert sorted(z._cache.items[-3:]) == sorted(mine)
+        zb._cache.publish()
+        assert_consistent(arena, z)
+        arena.check(level=2)
+    finally:
+        b.close()
+    arena.check()
+
+
 def test_two_cpus_bucket_fills_put_their_tags_in_different_cache_lines(arena):
     from shmalloc.keg import TAG_LINE
     z = arena.zcreate("lines", 2048, bucket_size=8)
