@@ -894,8 +894,11 @@ class _Cache:
         hs, ts = [], []
         lk = self._zlock()
         try:
+            cw = L.cpu_word(cpu)        # an item granted to it, not yet picked up: its
+            granted = w[cw + _C["GRANT_T"]] if w[cw + _C["GRANT_ZONE"]] == self.zone.id + 1 \
+                else -1                 # sleep loop takes it under this lock, leave it
             found = [(ti, tv) for ti, tv in keg.held_by(cpu, keg.slab_bases_locked(self.cpu))
-                     if tv & 0xFF == cached]
+                     if tv & 0xFF == cached and ti != granted]
             if found:       # first: killed half-way, the victim still resyncs
                 w[L.cpu_word(cpu) + _C["REVOKES"]] += 1
             for ti, tv in found:

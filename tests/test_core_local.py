@@ -1146,6 +1146,32 @@ def test_remote_free_batches_taken_for_a_sleeper_are_never_sent_home(arena):
     arena.check()
 
 
+def test_an_item_granted_to_a_sleeper_not_yet_awake_is_not_taken_from_it(arena):
+    z = arena.zcreate("granted", 256, max_items=1)
+    b = arena.attach_local()
+    try:
+        zb, cw = b.zone("granted"), layout.cpu_word(b.cpu_id)
+        h = z.alloc(M_NOWAIT)
+        w = arena._core.w
+        with arena._core.lock(z._lock_index):         # B queued, as _sleep queues it
+            w[cw + layout.CPU["WAIT_ZONE"]] = z.id + 1
+            zb._cache._sleepq_push(b.cpu_id)
+        z.free(h)                                     # F2: handed to B's grant slot
+        assert w[cw + layout.CPU["GRANT_ZONE"]] == z.id + 1
+        assert z._cache.take_cache_of(b.cpu_id) == 0  # B's to pick up, not the manager's
+        with arena._core.lock(z._lock_index):         # B wakes and takes it
+            t = w[cw + layout.CPU["GRANT_T"]]
+            w[cw + layout.CPU["GRANT_ZONE"]] = w[cw + layout.CPU["WAIT_ZONE"]] = 0
+            zb._cache.items.append(h)
+            zb._cache.tix.append(t)
+        assert zb.alloc(M_NOWAIT) == h
+        zb.free(h)
+        zb._cache.publish()
+        assert_consistent(arena, z)
+    finally:
+        b.close()
+
+
 def test_two_cpus_bucket_fills_put_their_tags_in_different_cache_lines(arena):
     from shmalloc.keg import TAG_LINE
     z = arena.zcreate("lines", 2048, bucket_size=8)
