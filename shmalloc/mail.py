@@ -138,7 +138,9 @@ class PostOffice:
 
     def ask_drain(self, dest: int, zone_id: int) -> bool:
         """Ask CPU ``dest`` for its cached items of zone ``zone_id`` (MSG_ZDRAIN),
-        unless such a request already waits in its mailbox.  True if sent."""
+        unless such a request already waits in its mailbox (its DRAIN_ASKED bit for
+        the zone, set here and cleared when it takes its mail).  True if sent.
+        Lock: takes ``dest``'s mailbox lock."""
         core, w = self.core, self.core.w
         cw = L.cpu_word(dest)
         gen = w[cw + _C["GEN"]]
