@@ -17,6 +17,7 @@ from .errors import (
     IpcError,
     IpcLimitError,
     LockTimeoutError,
+    NoSpaceError,
     ShmallocError,
     os_errors,
     translate,
@@ -44,7 +45,7 @@ from .naming import (
     validate_name,
     validate_part,
 )
-from .segment import Segment
+from .segment import Segment, shm_free_bytes
 from .semaphore import LocalWakeSemaphore, WakeSemaphore
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "IpcError",
     "IpcLimitError",
     "LockTimeoutError",
+    "NoSpaceError",
     "ShmallocError",
     "os_errors",
     "translate",
@@ -78,6 +80,7 @@ __all__ = [
     "validate_name",
     "validate_part",
     "Segment",
+    "shm_free_bytes",
     "LocalWakeSemaphore",
     "WakeSemaphore",
 ]

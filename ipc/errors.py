@@ -38,6 +38,16 @@ class IpcLimitError(ShmallocError, OSError):
     """
 
 
+class NoSpaceError(IpcLimitError, MemoryError):
+    """The filesystem behind POSIX shared memory (/dev/shm, a tmpfs) has no room
+    left for pages a segment needs.  ``wanted`` and ``free`` are in bytes."""
+
+    def __init__(self, *args, wanted: int = 0, free: int = 0):
+        super().__init__(*args)
+        self.wanted = wanted
+        self.free = free
+
+
 class BadNameError(ShmallocError, ValueError):
     """An arena or object name that shmalloc does not accept."""
 

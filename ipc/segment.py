@@ -2,16 +2,19 @@
 
 The segment is created mode 0600 and refused on attach unless it belongs to this user and
 grants nothing to group or others: the arena's bytes are trusted by every process that
-maps them. The file descriptor is closed as soon as the segment is mapped; the mapping
-stays valid until ``close``.
+maps them. The mapping stays valid until ``close``; so does the file descriptor, kept to
+reserve backing store (``reserve``): a page of a tmpfs file that is touched when the
+filesystem is full kills the process with SIGBUS, a reservation that fails is an error.
 """
 
+import errno
 import mmap
 import os
 
 import posix_ipc
 
-from .errors import ArenaPermissionError, IpcError, os_errors
+from .errors import ArenaPermissionError, IpcError, NoSpaceError, os_errors, translate
+from .naming import SHM_DIR
 
 MODE = 0o600
 
@@ -27,12 +30,14 @@ class Segment:
     buffer protocol and ``find(sub, start, end)``.
     """
 
-    __slots__ = ("name", "size", "buf")
+    __slots__ = ("name", "size", "buf", "fd", "_reserving")
 
-    def __init__(self, name, size, buf):
+    def __init__(self, name, size, buf, fd=None):
         self.name = name
         self.size = size
         self.buf = buf
+        self.fd = fd
+        self._reserving = fd is not None
 
     def __repr__(self):
         return f"<Segment {self.name or '(anonymous)'} size={self.size}>"
@@ -51,11 +56,10 @@ class Segment:
             try:
                 buf = mmap.mmap(shm.fd, size)
             except BaseException:
+                shm.close_fd()
                 posix_ipc.unlink_shared_memory(name)
                 raise
-            finally:
-                shm.close_fd()
-        return cls(name, size, buf)
+        return cls(name, size, buf, shm.fd)
 
     @classmethod
     def attach(cls, name):
@@ -79,14 +83,38 @@ class Segment:
                 if st.st_size == 0:
                     raise IpcError(f"{what} is empty: its creator died while creating it")
                 buf = mmap.mmap(shm.fd, st.st_size)
-            finally:
+            except BaseException:
                 shm.close_fd()
-        return cls(name, st.st_size, buf)
+                raise
+        return cls(name, st.st_size, buf, shm.fd)
 
     @classmethod
     def anonymous(cls, size):
         """A process-private stand-in over a ``bytearray``: no name; ``close`` does nothing."""
         return cls(None, size, bytearray(size))
+
+    def reserve(self, offset, length):
+        """Allocate backing store for bytes ``offset .. offset + length`` of the
+        segment (``posix_fallocate``), so that touching them later cannot raise
+        SIGBUS. NoSpaceError (a MemoryError) when the filesystem behind the
+        segment has no room for them; nothing is reserved then. Pages already
+        backed cost nothing. A no-op for an anonymous segment, and where the
+        filesystem cannot reserve (EOPNOTSUPP: then only touching tells)."""
+        if not self._reserving or length <= 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                self._reserving = False
+                return
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+                free = shm_free_bytes()
+                raise NoSpaceError(
+                    errno.ENOSPC, f"{_what(self.name)}: {SHM_DIR} has no room for {length} "
+                    f"bytes at offset {offset} ({free} bytes free there)",
+                    wanted=length, free=free) from e
+            raise translate(e, _what(self.name)) from e
 
     def close(self):
         """Unmap the segment from this process; the segment itself stays. Idempotent.
@@ -98,6 +126,13 @@ class Segment:
         if self.name is None or self.buf is None:
             return
         buf, self.buf = self.buf, None
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            self._reserving = False
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         try:
             buf.close()
         except BufferError:
@@ -115,3 +150,13 @@ class Segment:
             except posix_ipc.ExistentialError:
                 return False
         return True
+
+
+def shm_free_bytes(path=SHM_DIR):
+    """Bytes an unprivileged process may still allocate in ``path`` (the
+    filesystem of POSIX shared memory); -1 if it cannot be read."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize

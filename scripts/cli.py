@@ -91,6 +91,9 @@ def _parser():
     p.add_argument("--idle-exit", type=_positive_float, metavar="SECONDS",
                    help="remove the arena and exit once no other process has been attached "
                    "for SECONDS")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to create an arena larger than /dev/shm has room for "
+                   "(default: warn)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log recoveries")
 
     p = command("sysctl", _sysctl, "read or raise the mbuf sysctls of a running arena, "
@@ -162,7 +165,7 @@ def _serve(args):
     """Run the keg manager until SIGTERM/SIGINT."""
     from shmalloc.workers.manager import serve_main
     return serve_main(args.name, args.size, _tunables(args.tunable), args.adopt, args.quiet,
-                      idle_exit=args.idle_exit)
+                      idle_exit=args.idle_exit, strict=args.strict)
 
 
 def _positive_float(text):

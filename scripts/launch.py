@@ -43,6 +43,9 @@ def add_arguments(parser):
     parser.add_argument("--kill-every", type=positive_seconds, metavar="SECONDS",
                         help="SIGKILL a random worker every SECONDS; a new one takes its "
                         "place and the keg manager recovers what the dead one held")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse an arena larger than /dev/shm has room for (default: "
+                        "the manager warns)")
     parser.add_argument("--kill-manager", action="store_true",
                         help="SIGKILL the keg manager halfway and adopt the arena with a "
                         "new one (shmalloc serve --adopt)")
@@ -53,7 +56,7 @@ def run(args):
     check passed and no OS object was left, else 1."""
     summary = launch(n=args.workers, seconds=args.seconds, size=args.size, seed=args.seed,
                      name=args.name, workload=args.workload, kill_every=args.kill_every,
-                     kill_manager=args.kill_manager)
+                     kill_manager=args.kill_manager, strict=args.strict)
     return 0 if summary["ok"] else 1
 
 

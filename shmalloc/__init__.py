@@ -13,11 +13,11 @@ The byte layout of an arena lives in ``layout`` alone.
 """
 
 from .arena import Arena
-from .errors import (ArenaClosedError, ArenaExistsError, ArenaNotFoundError,
+from .errors import (ArenaClosedError, ArenaExistsError, ArenaFullError, ArenaNotFoundError,
                      ArenaPermissionError, BadHandleError, BadNameError, CorruptionError,
                      DoubleFreeError, ForeignHandleError, HookError, IpcLimitError, LayoutError,
-                     LockTimeoutError, ShmallocError, TooManyCpusError, UseAfterFreeError,
-                     ZoneError)
+                     LockTimeoutError, ShmallocError, StaleArenaError, TooManyCpusError,
+                     UseAfterFreeError, ZoneError)
 from .hooks import register as register_hook
 from .mail import CpuGoneError, MailboxFullError
 from .stats import LockStats, ZoneStats
@@ -32,15 +32,15 @@ __all__ = [
     "ArenaNotFoundError", "ArenaPermissionError", "BadHandleError", "BadNameError",
     "CorruptionError", "DoubleFreeError", "ForeignHandleError", "HookError", "IpcLimitError",
     "LayoutError", "LockTimeoutError", "TooManyCpusError", "UseAfterFreeError", "ZoneError",
-    "MailboxFullError", "CpuGoneError",
-    "Buffer", "BufferClosedError", "ArenaFullError", "SharedArray", "connect", "default_arena",
+    "MailboxFullError", "CpuGoneError", "ArenaFullError", "StaleArenaError",
+    "Buffer", "BufferClosedError", "SharedArray", "connect", "default_arena",
 ]
 
 
 def __getattr__(name):
     """Buffers load the mbuf layer: imported on first use, so that ``import shmalloc``
     stays the core alone (SharedArray also needs numpy, which is optional)."""
-    if name in ("Buffer", "BufferClosedError", "ArenaFullError"):
+    if name in ("Buffer", "BufferClosedError"):
         from . import buffer
         return getattr(buffer, name)
     if name == "SharedArray":

@@ -17,6 +17,7 @@ import itertools
 import os
 import sys
 import time
+import warnings
 import weakref
 from array import array
 from threading import get_ident
@@ -24,11 +25,11 @@ from threading import get_ident
 import psutil
 
 from . import layout as L
-from .errors import (ArenaClosedError, LayoutError, ShmallocError,
-                     ZoneError)
+from .errors import (ArenaClosedError, ArenaExistsError, ArenaFullError, ArenaSizeWarning,
+                     LayoutError, NoSpaceError, ShmallocError, StaleArenaError, ZoneError)
 from .ipc import naming
 from .ipc.lock import LocalLock, SemLock
-from .ipc.segment import Segment
+from .ipc.segment import Segment, shm_free_bytes
 from .ipc.semaphore import LocalWakeSemaphore, WakeSemaphore
 from . import slots
 from .debug import LockOrderError, WitnessLock
@@ -36,10 +37,11 @@ from .hooks import DTOR_RECOVER
 from .keg import Keg
 from .mail import CpuGoneError, MailboxFullError, PostOffice, max_handles, MSG_HANDOFF
 from .vm import Vm
-from .zone import BUCKET_MAX, Zone, apply_maxcache, as_handle, bucket_select
+from .zone import BUCKET_MAX, Zone, apply_maxcache, as_handle, bucket_select, drain_companions
 
 _H, _Z, _C, _K = L.HDR, L.ZONE, L.CPU, L.KEG
 DEFAULT_SIZE = 64 << 20
+CLOSE_WAIT = 5.0             # seconds close() waits for its threads' sleepers to leave
 DEPOT_CAP = 1024
 _DEPOT_PAGES = -(-DEPOT_CAP * L.DEPOT_ENTRY_BYTES // L.PAGE_SIZE)
 
@@ -91,6 +93,10 @@ class _PosixBackend:
             naming.remove_object(kind, obj)
         Segment.unlink(naming.object_name(self.name, "arena"))
 
+    def reserve(self, offset: int, length: int) -> None:
+        """Back bytes of the segment with memory of /dev/shm (NoSpaceError)."""
+        self.segment.reserve(offset, length)
+
     def close(self):
         self.segment.close()
 
@@ -128,6 +134,9 @@ class _LocalBackend:
     def unlink_all(self):
         self.locks.clear()
         self.wakes.clear()
+
+    def reserve(self, offset: int, length: int) -> None:
+        """A bytearray is backed already."""
 
     def close(self):
         pass
@@ -302,6 +311,9 @@ class Arena:
         self._thread_arenas: dict[tuple[int, int], Arena] = {}
         self._parent = parent
         self._wake = None
+        self._blocked = 0             # M_WAITOK sleeps and recv waits under way (owner thread)
+        self._probing = 0             # > 0: a zone init's try before it may wait (zone._run_init)
+        self._wait_deadline = None    # a waiting zone init's deadline, for the allocations it makes
         self.cpu_id = self._take_cpu()
         self._mail = PostOffice(self)
         _live_arenas.add(self)
@@ -309,23 +321,59 @@ class Arena:
     # ------------------------------------------------------------ constructors
     @classmethod
     def create(cls, name: str, size: int = DEFAULT_SIZE, *, debug: int | None = None,
-               tunables: dict | None = None) -> "Arena":
+               tunables: dict | None = None, strict: bool = False,
+               replace: bool = False) -> "Arena":
         """Create arena ``name`` of ``size`` bytes (rounded up to pages).
         ``tunables``: boot-time sysctls of the mbuf layer, e.g.
-        ``{"kern.ipc.nmbclusters": 0}`` (``shmalloc.mbuf.tunables``)."""
+        ``{"kern.ipc.nmbclusters": 0}`` (``shmalloc.mbuf.tunables``).
+
+        ``/dev/shm`` backs the arena's pages as they are handed out; a size
+        beyond the room it has warns (ArenaSizeWarning), or with ``strict``
+        raises ArenaFullError; the metadata pages are reserved here.  A name
+        still held by a live process raises ArenaExistsError naming it; one left
+        by processes that all died raises StaleArenaError, unless ``replace``:
+        then what they left is removed and the arena made anew."""
         name = naming.validate_name(name)
         size = cls._check_size(size)
         tunables = _mbuf_tunables(tunables)
+        cls._check_room(name, size, strict)
         seg_name = naming.object_name(name, "arena")
-        seg = Segment.create(seg_name, size)
         try:
+            seg = Segment.create(seg_name, size)
+        except ArenaExistsError:
+            from .admin import existing_arena_error, remove_stale
+            err = existing_arena_error(name)
+            if not (replace and isinstance(err, StaleArenaError)):
+                raise err from None
+            remove_stale(name)
+            seg = Segment.create(seg_name, size)
+        try:
+            seg.reserve(0, L.Geometry(size).data_off)
             backend = _PosixBackend(name, seg)
             core = _Core(backend, size)
             cls._format(core, debug, tunables)
             return cls(core, name, creator=True)
+        except NoSpaceError as e:
+            _cleanup_failed_create(name, seg)
+            raise ArenaFullError(f"arena {name!r}: /dev/shm has no room for its "
+                                 f"{L.Geometry(size).data_off} bytes of metadata "
+                                 f"({e.free} bytes free there)") from e
         except BaseException:
             _cleanup_failed_create(name, seg)
             raise
+
+    @staticmethod
+    def _check_room(name: str, size: int, strict: bool) -> None:
+        """Warn (or with ``strict`` refuse) an arena larger than the room left in
+        /dev/shm: its pages would run out there before they run out in it."""
+        free = shm_free_bytes()
+        if free < 0 or size <= free:
+            return
+        msg = (f"arena {name!r}: {size} bytes asked, /dev/shm has {free} bytes free; "
+               f"allocations raise ArenaFullError once its pages outgrow that")
+        if strict:
+            raise ArenaFullError(msg + " (strict: not created)")
+        warnings.warn(msg, ArenaSizeWarning, stacklevel=3)
 
     @classmethod
     def create_local(cls, size: int = 8 << 20, *, debug: int | None = None,
@@ -542,7 +590,7 @@ class Arena:
         on first use."""
         if self._owner_tid == get_ident() and self._pid == os.getpid():
             return self
-        if self._closed:
+        if self._closed or self._closing:
             raise ArenaClosedError(f"arena {self.name!r} is closed in this process")
         key = (os.getpid(), get_ident())
         a = self._thread_arenas.get(key)
@@ -789,15 +837,30 @@ class Arena:
             raise ArenaClosedError(f"arena {self.name!r} is closed in this process")
 
     def close(self) -> None:
-        """Give this CPU's cached items back and its slot up; unmap."""
+        """Give this CPU's cached items back and its slot up; unmap.  The CPUs of
+        this process's other threads close too; one of them asleep in an M_WAITOK
+        allocation or waiting in ``recv`` is woken first and leaves with
+        ArenaClosedError (``_wake_blocked``)."""
         if self._closed:
             return
         self._closing = True
-        for a in list(self._thread_arenas.values()):
-            if a._pid == os.getpid():
+        pid = os.getpid()
+        threads = [a for a in list(self._thread_arenas.values())
+                   if a._pid == pid and not a._closed]
+        for a in threads:
+            a._closing = True
+        stuck = self._wake_blocked([self] + threads)
+        for a in threads:
+            if a not in stuck:
+                a._adopt()
                 a.close()
         self._thread_arenas.clear()
+        if self in stuck:                     # its thread never left: leave it mapped
+            self._closed = True
+            _live_arenas.discard(self)
+            return
         if not self._forked():
+            self._adopt()
             self._drain_caches()
             self._release_cpu()
         for z in self._zones.values():
@@ -813,6 +876,38 @@ class Arena:
         if self._parent is None or not self._core.backend.local:
             if not self._core.backend.local:
                 self._core.close()
+
+    def _adopt(self) -> None:
+        """The calling thread takes this CPU over (to close it): the fast paths
+        now serve it alone, and the former owner's calls find the arena closing."""
+        if self._owner_tid != get_ident() and not self._forked():
+            self._owner_tid = get_ident()
+            for z in self._zones.values():
+                z._cache.refresh()
+
+    def _wake_blocked(self, arenas) -> list:
+        """Wake the CPUs among ``arenas`` (closing) whose thread sleeps in M_WAITOK
+        or waits in ``recv``, and wait until each has left (it sees the arena
+        closing at once, under its zone lock when asleep), ``CLOSE_WAIT`` seconds
+        at most.  Returns those still inside then (a thread stuck in a hook or on
+        a lock whose holder died), which are left open rather than unmapped under
+        it; a RuntimeWarning names them."""
+        me = get_ident()
+        deadline = time.monotonic() + CLOSE_WAIT
+        while True:
+            blocked = [a for a in arenas if a._blocked and a._owner_tid != me]
+            if not blocked:
+                return []
+            for a in blocked:
+                if a._wake is not None:
+                    a._wake.post()
+            if time.monotonic() >= deadline:
+                warnings.warn(f"arena {self.name!r}: CPU(s) "
+                              f"{', '.join(str(a.cpu_id) for a in blocked)} still wait in "
+                              f"an allocation or recv {CLOSE_WAIT:g} s after close; left "
+                              f"open", RuntimeWarning, stacklevel=3)
+                return blocked
+            time.sleep(0.002)
 
     def destroy(self) -> None:
         """Remove every OS object of the arena (segment, semaphores, queues).
@@ -872,18 +967,25 @@ class Arena:
         if (here := self._here()) is not self:
             return here.recv(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._mail.pending():
-                self._mail.collect()
-            if self._mail.inbox:
-                out = list(self._mail.inbox)
-                self._mail.inbox.clear()
-                return out
-            self._flush_xfree()            # idle: what was freed here goes home now
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return []
-            self._wake.wait(0.05 if left is None else min(left, 0.05))
+        self._blocked += 1
+        try:
+            while True:
+                if self._mail.pending():
+                    self._mail.collect()
+                if self._mail.inbox:
+                    out = list(self._mail.inbox)
+                    self._mail.inbox.clear()
+                    return out
+                if self._closing:
+                    raise ArenaClosedError(f"arena {self.name!r} was closed while recv "
+                                           f"waited")
+                self._flush_xfree()            # idle: what was freed here goes home now
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return []
+                self._wake.wait(0.05 if left is None else min(left, 0.05))
+        finally:
+            self._blocked -= 1
 
     def poll(self) -> None:
         """Take this CPU's mail and send its pending remote frees home (call it
@@ -1025,6 +1127,26 @@ class Arena:
             z._cache.flush_xfree()
         for z in list(self._zones.values()):
             z._cache.drain_cache()
+
+    def _drain_zone(self, zone_id: int) -> None:
+        """A drain request for one zone (MSG_ZDRAIN, a CPU asleep on it): give
+        this CPU's cached items of the zone back -- to the sleepers first --
+        after draining the zones whose cached items hold items of it."""
+        if zone_id not in self._core.live_zone_ids():
+            return
+        self._drain_companions(self._core.zone_name(zone_id))
+        z = self._zones.get(zone_id)
+        if z is not None:
+            z._cache.flush_xfree()
+            z._cache.drain_cache()
+
+    def _drain_companions(self, name: str) -> None:
+        """Drain (caches, depot) every zone registered as holding items of zone
+        ``name`` in its cached items (``zone.register_drain_companion``)."""
+        for companion in drain_companions(name):
+            zid = self._core.zone_id(companion)
+            if zid >= 0:
+                self._zone_by_id(zid).drain()
 
     # ------------------------------------------------------------ mbuf layer (shmalloc.mbuf)
     def sysctl(self, name: str, value: int | None = None) -> int:

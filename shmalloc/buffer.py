@@ -50,7 +50,7 @@ import weakref
 from . import default
 from . import layout as L
 from ._export import Exporter
-from .errors import ArenaClosedError, ArenaNotFoundError, ShmallocError, ZoneError
+from .errors import ArenaClosedError, ArenaFullError, ArenaNotFoundError, ShmallocError, ZoneError
 from . import mbuf as mb
 from .mbuf.constants import M_EXT, M_PKTHDR, MCLBYTES, MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE
 from .mbuf.header import Mbuf
@@ -70,10 +70,6 @@ _CLUSTER_ZONES = {MCLBYTES: "mbuf_cluster", MJUMPAGESIZE: "mbuf_jumbo_page",
 
 class BufferClosedError(ArenaClosedError, ValueError):
     """The Buffer was closed (or detached) in this process."""
-
-
-class ArenaFullError(ShmallocError, MemoryError):
-    """No storage for a Buffer now: the arena's pages, or a zone's limit, are used up."""
 
 
 # ============================================================================ size classes
@@ -511,7 +507,10 @@ def alloc(arena, nbytes: int) -> Buffer:
     _reap()
     a = arena._here()
     size = class_size(n)
-    m = _alloc_mbuf(a, size)
+    try:
+        m = _alloc_mbuf(a, size)
+    except ArenaFullError:             # /dev/shm could not back new pages: pages given
+        m = None                       # back below are backed already
     if m is None:
         a.reclaim()                    # cached and depot items, empty slabs: back to pages
         m = _alloc_mbuf(a, size)

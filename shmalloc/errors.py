@@ -9,7 +9,8 @@ __all__ = [
     "ArenaExistsError", "ArenaNotFoundError", "ArenaPermissionError", "BadNameError", "IpcError",
     "IpcLimitError", "LockTimeoutError", "ShmallocError", "BadHandleError", "ForeignHandleError",
     "DoubleFreeError", "ArenaClosedError", "LayoutError", "CorruptionError", "UseAfterFreeError",
-    "ZoneError", "HookError", "TooManyCpusError",
+    "ZoneError", "HookError", "TooManyCpusError", "ArenaFullError", "StaleArenaError",
+    "NoSpaceError", "ArenaSizeWarning",
 ]
 
 from .ipc.errors import (  # noqa: E402  (re-exported)
@@ -20,6 +21,7 @@ from .ipc.errors import (  # noqa: E402  (re-exported)
     IpcError,
     IpcLimitError,
     LockTimeoutError,
+    NoSpaceError,
     ShmallocError,
 )
 
@@ -35,6 +37,23 @@ class ForeignHandleError(BadHandleError):
 
 class DoubleFreeError(BadHandleError):
     """The item is already free (in a cache, the depot or its slab)."""
+
+
+class ArenaFullError(ShmallocError, MemoryError):
+    """No storage now: the arena's pages, a zone's limit, or the room left in
+    ``/dev/shm`` to back the arena's pages, are used up."""
+
+
+class ArenaSizeWarning(UserWarning):
+    """An arena is created larger than ``/dev/shm`` has room for: it works until
+    its pages outgrow the room, then allocations raise ArenaFullError
+    (``Arena.create(..., strict=True)`` refuses instead)."""
+
+
+class StaleArenaError(ArenaExistsError):
+    """The arena's name exists, but every process that held it (its manager and
+    its CPUs) is dead: ``shmalloc cleanup --name NAME`` or
+    ``Arena.create(..., replace=True)`` removes what they left."""
 
 
 class ArenaClosedError(ShmallocError):

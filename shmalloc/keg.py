@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from . import layout as L
 from .debug import KILLPOINTS, killpoint
-from .errors import CorruptionError
+from .errors import ArenaFullError, CorruptionError
 
 _K = L.KEG
 _S = L.SLAB
@@ -226,7 +226,8 @@ class Keg:
     def take(self, n: int, tag_word: int, hs: list, ts: list) -> int:
         """Take up to ``n`` free items, tag them ``tag_word`` and append their
         handles and tag indexes to ``hs``/``ts``.  Returns how many were taken
-        (fewer when the arena has no pages left).  Lock: keg."""
+        (fewer when the arena has no pages left).  ArenaFullError when it took
+        none because ``/dev/shm`` has no room for a new slab.  Lock: keg."""
         self.core.assert_held(self.lock_index)
         core = self.core
         w, tags, buf = core.w, core.tags, core.buf
@@ -237,7 +238,12 @@ class Keg:
             if base == L.NIL:
                 base = w[kw + _K["HEAD_FREE"]]
                 if base == L.NIL:
-                    base = self.new_slab()
+                    try:
+                        base = self.new_slab()
+                    except ArenaFullError:      # /dev/shm is full: what was taken stands
+                        if got:
+                            break
+                        raise
                     if base < 0:
                         break
             sw = self._sw(base)
@@ -401,6 +407,12 @@ class Keg:
             else:
                 page += 1
         return bases
+
+    def handle_of(self, ti: int) -> int:
+        """Handle of the item whose tag is at u32 index ``ti``."""
+        core = self.core
+        base = core.pt[(ti << 2) >> L.PAGE_SHIFT] ^ self.kid_bits
+        return base + ((ti << 2) - (base + self.tagoff)) // 4 * self.rsize
 
     def held_by(self, cpu: int, bases=None):
         """Yield (tag index, tag) of every item whose tag names ``cpu`` as holder.

@@ -50,7 +50,7 @@ from __future__ import annotations
 from .ipc import lock as _ipc_lock
 
 MAGIC = 0x434F4C4C414D4853          # b"SHMALLOC" read as a little-endian word
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2                   # 2: CPU words DRAIN_ASKED, REVOKES
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -109,9 +109,18 @@ CPU = _fields(
     "STATE", "PID", "START", "GEN", "GRANT_ZONE", "GRANT_H", "GRANT_T",
     "WAIT_ZONE", "HEARTBEAT_NS", "ATTACHED_NS", "FLAGS", "WAKE",
     "MBOX_OFF", "MBOX_PAGES",
+    "DRAIN_ASKED",      # zone bits (zone_bit): a drain request for the zone is in the mailbox
+    "REVOKES",          # bumped when the keg manager takes this CPU's cached items (zone lock)
 )
 CPU_FIXED_WORDS = 16
 CPU_FREE, CPU_LIVE, CPU_DEAD = 0, 1, 2
+
+
+def zone_bit(zone_id: int) -> int:
+    """Zone ``zone_id``'s bit in a 64-bit zone mask held in one signed word
+    (bit 63 is the sign)."""
+    return 1 << zone_id if zone_id < 63 else -(1 << 63)
+
 # Per-zone counters a CPU publishes (summed on read); CS_WORDS each, MAX_ZONES of them.
 CS = _fields("ALLOCS", "FREES", "FAILS", "SLEEPS", "CACHED", "DEPOT_GETS", "DEPOT_PUTS",
              "KEG_IMPORTS", "XFREES", "MSGS_SENT", "ITEMS_SENT", "FALLBACKS")
@@ -162,7 +171,8 @@ NIL = -1                                # end of a slab list
 #                                      depot goes straight to the caller)
 #   ALLOC  -> DEPOT   zone lock held  (free_bulk of a batch that would overflow the
 #                                      stack: it goes straight to the depot)
-#   CACHED -> FINI    holder          (zone fini about to run, item on its way to the slab)
+#   CACHED -> FINI    holder          (item on its way to the slab; zone fini, if any,
+#                                      about to run)
 #   FINI|CACHED|IMPORT -> FREE keg lock held
 #   ALLOC  -> INFLIGHT sender, dest's mailbox lock held (hand-off; holder := dest)
 #   INFLIGHT -> ALLOC  receiver, its mailbox lock held
@@ -444,6 +454,7 @@ assert (_ipc_lock.LOCK_WORDS, _ipc_lock.L_OWNER_PID, _ipc_lock.L_OWNER_ID,
     LOCK_WORDS, LOCK["OWNER_PID"], LOCK["OWNER_ID"], LOCK["ACQUISITIONS"], LOCK["CONTENDED"],
     LOCK["WAIT_NS"], LOCK["MAX_WAIT_NS"], LOCK["ACQUIRED_NS"], LOCK["WAIT_HIST"])
 assert len(CPU) <= CPU_FIXED_WORDS
+assert MAX_ZONES <= 64 and zone_bit(MAX_ZONES - 1) & zone_bit(0) == 0
 assert len(CS) <= CS_WORDS
 assert len(ZONE) <= ZONE_FIXED_WORDS
 assert len(KEG) <= KEG_WORDS

@@ -15,6 +15,11 @@ A message is ``[kind, src_cpu, src_gen, groups]`` with ``groups`` a list of
                  back into it (snmalloc's batched remote frees)
     MSG_HANDOFF  items handed to this CPU (``arena.send``): ownership moves
     MSG_DRAIN    the keg manager asks for this CPU's caches (low memory)
+    MSG_ZDRAIN   a CPU asleep at a zone's limit asks for this CPU's cached items of
+                 that zone (groups ``[[zone_id, []]]``); at most one is in a mailbox per
+                 zone (the CPU's DRAIN_ASKED bits, under its mailbox lock), and the
+                 receiver gives its cache of the zone back when it takes its mail --
+                 at its next recv, poll or slow path (``Arena._drain_zone``)
 
 Items travel tagged: a hand-off ``INFLIGHT``, a remote free ``XFREE``, with the
 destination as holder.  The sender writes the record, then re-tags the items,
@@ -38,10 +43,10 @@ from . import layout as L
 from .debug import KILLPOINTS, killpoint
 from .errors import ShmallocError
 from .ipc import codec
-from .ipc.ring import Ring
+from .ipc.ring import RING_HEAD, Ring
 
-MSG_XFREE, MSG_HANDOFF, MSG_DRAIN = 1, 2, 3
-_KINDS = (MSG_XFREE, MSG_HANDOFF, MSG_DRAIN)
+MSG_XFREE, MSG_HANDOFF, MSG_DRAIN, MSG_ZDRAIN = 1, 2, 3, 4
+_KINDS = (MSG_XFREE, MSG_HANDOFF, MSG_DRAIN, MSG_ZDRAIN)
 _C = L.CPU
 _STATE_HOLDER_MASK = 0xFF0F      # state and holder bits of a tag
 
@@ -65,6 +70,12 @@ def ring_of(core, cpu: int) -> Ring:
     return Ring(core.w[off >> 3:(off + pages * L.PAGE_SIZE) >> 3])
 
 
+def mail_taken(core, cpu: int) -> int:
+    """How far ``cpu`` has read its mailbox (a position that grows with every
+    record taken): unchanged means it has not taken its mail meanwhile."""
+    return ring_of(core, cpu).words[RING_HEAD]
+
+
 def max_handles(core, cpu: int) -> int:
     """Handles that fit in one message to ``cpu`` (a msgpack int is <= 9 bytes)."""
     pages = core.w[L.cpu_word(cpu) + _C["MBOX_PAGES"]]
@@ -84,6 +95,8 @@ class PostOffice:
         self.bad = 0                           # records or handles dropped as invalid
         self.received = 0
         self.drains = 0
+        self.zdrains = 0                       # drain requests of one zone acted on
+        self._collecting = False
 
     # ------------------------------------------------------------------ sending
     def post(self, dest: int, kind: int, groups, new_state: int) -> bool:
@@ -123,6 +136,34 @@ class PostOffice:
         self.arena._post_wake(dest)
         return True
 
+    def ask_drain(self, dest: int, zone_id: int) -> bool:
+        """Ask CPU ``dest`` for its cached items of zone ``zone_id`` (MSG_ZDRAIN),
+        unless such a request already waits in its mailbox (its DRAIN_ASKED bit for
+        the zone, set here and cleared when it takes its mail).  True if sent.
+        Lock: takes ``dest``'s mailbox lock."""
+        core, w = self.core, self.core.w
+        cw = L.cpu_word(dest)
+        gen = w[cw + _C["GEN"]]
+        if w[cw + _C["STATE"]] != L.CPU_LIVE or not w[cw + _C["MBOX_OFF"]]:
+            return False
+        bit = L.zone_bit(zone_id)
+        if w[cw + _C["DRAIN_ASKED"]] & bit:          # unlocked peek; checked again below
+            return False
+        ring = self._ring_of(dest)
+        payload = codec.encode([MSG_ZDRAIN, self.cpu, w[L.cpu_word(self.cpu) + _C["GEN"]],
+                                [[zone_id, []]]])
+        lk = core.lock(L.mbox_lock_index(dest))
+        lk.acquire(owner_id=self.cpu)
+        try:
+            if (w[cw + _C["STATE"]] != L.CPU_LIVE or w[cw + _C["GEN"]] != gen
+                    or w[cw + _C["DRAIN_ASKED"]] & bit or not ring.put(payload)):
+                return False
+            w[cw + _C["DRAIN_ASKED"]] |= bit
+        finally:
+            lk.release()
+        self.arena._post_wake(dest)
+        return True
+
     def _ring_of(self, dest: int) -> Ring:
         """``dest``'s mailbox, kept from one post to the next while the slot keeps
         its mailbox (``post`` checks the slot's generation under the lock)."""
@@ -140,7 +181,18 @@ class PostOffice:
 
     def collect(self) -> None:
         """Take every message: remote frees go into the zones' caches, hand-offs
-        into the inbox, drain requests drain the caches."""
+        into the inbox, drain requests drain the caches.  (A drain here may free
+        into a zone with sleepers, whose free path takes the mail: that nested
+        call returns at once, the next one takes what came meanwhile.)"""
+        if self._collecting:
+            return
+        self._collecting = True
+        try:
+            self._collect()
+        finally:
+            self._collecting = False
+
+    def _collect(self) -> None:
         core = self.core
         lk = core.lock(L.mbox_lock_index(self.cpu))
         lk.acquire(owner_id=self.cpu)
@@ -148,7 +200,8 @@ class PostOffice:
             records = self.ring.take_all()
             if KILLPOINTS and records:
                 killpoint("mail.collect")
-            xfrees, drain = self._accept(records)
+            xfrees, drain, zdrains = self._accept(records)
+            core.w[L.cpu_word(self.cpu) + _C["DRAIN_ASKED"]] = 0    # all taken
         finally:
             lk.release()
         for zone_id, (hs, ts) in xfrees.items():
@@ -156,11 +209,15 @@ class PostOffice:
         if drain:
             self.drains += 1
             self.arena._drain_caches()
+        for zone_id in zdrains:
+            self.zdrains += 1
+            self.arena._drain_zone(zone_id)
 
     def _accept(self, records):
         """Validate and re-tag.  Lock: own mailbox."""
         xfrees: dict[int, tuple[list, list]] = {}
         drain = False
+        zdrains: list[int] = []
         live = self.core.live_zone_ids()
         for rec in records:
             msg = self._parse(rec, live)
@@ -170,6 +227,12 @@ class PostOffice:
             if kind == MSG_DRAIN:
                 drain = True
                 continue
+            if kind == MSG_ZDRAIN:
+                if len(groups) != 1 or groups[0][1]:    # one zone, no handles
+                    self.bad += 1
+                elif groups[0][0] not in zdrains:
+                    zdrains.append(groups[0][0])
+                continue
             for zone_id, handles in groups:
                 zone = self.arena._zone_by_id(zone_id)
                 if kind == MSG_XFREE:
@@ -177,7 +240,7 @@ class PostOffice:
                 else:
                     hs, ts = self.inbox, []
                 self._take_group(kind, src, zone, handles, hs, ts)
-        return xfrees, drain
+        return xfrees, drain, zdrains
 
     def _take_group(self, kind, src, zone, handles, hs, ts) -> None:
         """Re-tag the items of one zone that a message from CPU ``src`` brings,

@@ -265,7 +265,4 @@ def _recover_zone_items(arena, zone_id: int, cpu: int, counts: dict) -> None:
 
 def _handle_of(keg, ti: int) -> int:
     """Handle of the item whose tag is at u32 index ``ti``."""
-    core = keg.core
-    page = (ti << 2) >> L.PAGE_SHIFT
-    base = core.pt[page] ^ keg.kid_bits
-    return base + ((ti << 2) - (base + keg.tagoff)) // 4 * keg.rsize
+    return keg.handle_of(ti)

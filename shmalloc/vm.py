@@ -14,6 +14,12 @@ owner fills it (a slab header, zeroed tags), and only then is it mapped in the
 page table (``map_run``).  A CPU that dies in between leaves reserved pages with
 no owner, which a rebuild from the page table returns to the free map.
 
+Before a run leaves the free map, the backend reserves backing store for it
+(``posix_fallocate`` on the segment: a tmpfs page touched when ``/dev/shm`` is full
+is a SIGBUS); when there is no room the run stays free and ArenaFullError is
+raised, naming the arena, the bytes wanted and the room left.  One system call per
+run, off the fast paths; pages backed once cost nothing more.
+
 Lock: every function here needs the vm lock (``layout.VM_LOCK``) held on entry
 and on return.
 """
@@ -24,6 +30,7 @@ from array import array
 
 from . import layout as L
 from .debug import KILLPOINTS, killpoint
+from .errors import ArenaFullError, NoSpaceError
 
 _H = L.HDR
 
@@ -69,6 +76,7 @@ class Vm:
         if pos < 0:
             return -1
         page = pos - self.fm
+        self._back(page, npages)
         self.mv[pos:pos + npages] = bytes(npages)
         if KILLPOINTS:
             killpoint("vm.reserve")
@@ -76,6 +84,17 @@ class Vm:
         if page == hint:
             w[_H["FREE_HINT"]] = page + npages
         return page << L.PAGE_SHIFT
+
+    def _back(self, page: int, npages: int) -> None:
+        """Reserve backing store for a run about to be handed out; ArenaFullError
+        (nothing changed) when the filesystem behind the segment is full."""
+        try:
+            self.core.backend.reserve(page << L.PAGE_SHIFT, npages << L.PAGE_SHIFT)
+        except NoSpaceError as e:
+            raise ArenaFullError(
+                f"arena {self.core.backend.name!r}: no room in /dev/shm for a run of "
+                f"{npages} pages ({npages << L.PAGE_SHIFT} bytes); {e.free} bytes free "
+                f"there") from e
 
     def map_run(self, base: int, npages: int, owner: int) -> None:
         """Point the page table at a reserved run's owner."""

@@ -12,9 +12,14 @@ Slow paths, in the order ``alloc`` tries them (UMA's ``cache_alloc``):
     A1  a bucket from the zone's depot (shared, zone lock)
     A2  a bucket imported from the keg's slabs (zone lock, then keg lock), within
         the zone's limit; zone init runs on the imported items, outside the locks
+        (for M_WAITOK the first item's init may wait, with the caller's deadline:
+        ``_run_init``); ArenaFullError when /dev/shm cannot back a new slab
     A3  M_NOWAIT: count a failure and return None
-    A4  M_WAITOK: queue on the zone's FIFO sleep queue and wait for a freed item to
-        be handed over (``_sleep``), or for the timeout
+    A4  M_WAITOK: queue on the zone's FIFO sleep queue, ask the other CPUs for their
+        cached items of the zone (``_ask_for_caches``), and wait for a freed item to
+        be handed over or room to open (``_sleep``), the arena to close, or the
+        timeout; the keg manager takes the cache of a CPU that does not answer
+        (``take_cache_of``, resynced by its owner: ``_resync``)
 
 and ``free`` (UMA's ``uma_zfree_arg`` cases):
 
@@ -48,7 +53,8 @@ from array import array
 from threading import get_ident
 
 from . import layout as L
-from .errors import ArenaClosedError, BadHandleError, DoubleFreeError, ForeignHandleError
+from .errors import (ArenaClosedError, ArenaFullError, BadHandleError, DoubleFreeError,
+                     ForeignHandleError)
 from .debug import KILLPOINTS, killpoint, trash_hooks
 from .hooks import resolve
 from .mail import MSG_XFREE
@@ -60,6 +66,7 @@ M_ZERO = 0x0100
 BUCKET_MAX = 254               # UMA's BUCKET_SIZE(256) on LP64
 XFREE_DELAY = 0.005            # a remote-free batch waits at most this long (at the next free)
 XFREE_BATCH = 64               # items per remote-free message, whatever the bucket size
+SLEEP_SLICE = 0.05             # seconds an M_WAITOK sleeper waits between two looks
 # UMA's bucket zones: (entries, largest item size that uses them)
 _BUCKET_ZONES = ((2, 4096), (4, 3072), (8, 2048), (16, 1024), (30, 512), (62, 256),
                  (126, 128), (254, 64))
@@ -67,6 +74,25 @@ _BUCKET_ZONES = ((2, 4096), (4, 3072), (8, 2048), (16, 1024), (30, 512), (62, 25
 _Z = L.ZONE
 _C = L.CPU
 _CS = L.CS
+
+
+# Zone name -> names of the zones whose cached items hold items of it (a cached packet
+# holds a cluster): when a request sleeps on the zone, those are drained first, here
+# and by the CPUs asked for their caches.  Upper layers register (the mbuf layer:
+# mbuf_cluster <- mbuf_packet); the core names none.
+_DRAIN_COMPANIONS: dict[str, tuple[str, ...]] = {}
+
+
+def register_drain_companion(name: str, companion: str) -> None:
+    """Items of zone ``name`` sit inside cached items of zone ``companion`` (its
+    init takes one, its fini gives it back): a sleeper on ``name`` also needs
+    ``companion``'s caches and depot drained."""
+    if companion not in _DRAIN_COMPANIONS.get(name, ()):
+        _DRAIN_COMPANIONS[name] = _DRAIN_COMPANIONS.get(name, ()) + (companion,)
+
+
+def drain_companions(name: str) -> tuple[str, ...]:
+    return _DRAIN_COMPANIONS.get(name, ())
 
 
 def as_handle(h, zone_name: str) -> int:
@@ -112,6 +138,20 @@ def bucket_select(size: int) -> int:
         if maxsize >= size:
             best = entries
     return best
+
+
+def _keep(hs: list, ts: list, tags, tag_word: int) -> None:
+    """Filter the parallel lists ``hs``/``ts`` in place to the items tagged
+    ``tag_word``, each once (``_Cache._resync``)."""
+    seen = set()
+    kh, kt = [], []
+    for h, t in zip(hs, ts):
+        if tags[t] == tag_word and h not in seen:
+            seen.add(h)
+            kh.append(h)
+            kt.append(t)
+    hs[:] = kh
+    ts[:] = kt
 
 
 class Zone:
@@ -252,6 +292,8 @@ class _Cache:
         self.w_depot = L.tag(L.TAG_DEPOT, zone.zidx)
         self.w_import = L.tag(L.TAG_IMPORT, zone.zidx, self.cpu, self.cpu)
         self.w_fini = L.tag(L.TAG_FINI, zone.zidx, self.cpu, self.cpu)
+        self.rev_w = L.cpu_word(self.cpu) + _C["REVOKES"]
+        self.rev = core.w[self.rev_w]    # REVOKES when this cache last matched the tags
         self.fails = self.sleeps = self.depot_gets = self.depot_puts = self.imports = 0
         self.xfrees = self.msgs_sent = self.items_sent = self.fallbacks = 0
         self.xfree_message = bool(core.w[self.zw + _Z["XFREE"]])
@@ -270,16 +312,21 @@ class _Cache:
         ctor, ctor_path = zone.ctor, self._ctor_path
         W_ALLOC, W_CACHED = self.w_alloc, self.w_cached
         sleepers_w = self.zw + _Z["SLEEPERS"]
+        rev_w = self.rev_w
         alloc_slow, free_slow, free_item = self._alloc_slow, self._free_slow, self._free_item
         tid = -1
         cap = 0
+        rev = self.rev
         nallocs = nfrees = 0
 
         # how values the alloc fast path serves are M_NOWAIT and M_WAITOK (anything
-        # else, M_ZERO included, takes _alloc_slow); a ctor runs through _ctor_path
+        # else, M_ZERO included, takes _alloc_slow); a ctor runs through _ctor_path.
+        # REVOKES unchanged: the keg manager has taken none of the stack's items
+        # since the stack last matched the tags (else _alloc_slow resyncs first).
         def alloc(how=M_NOWAIT, timeout=None, arg=None, get_ident=get_ident):
             nonlocal nallocs
-            if items and tid == get_ident() and (how == M_NOWAIT or how == M_WAITOK):
+            if items and tid == get_ident() and w[rev_w] == rev and (
+                    how == M_NOWAIT or how == M_WAITOK):
                 tags[tix.pop()] = W_ALLOC
                 nallocs += 1
                 if ctor is None:
@@ -326,8 +373,12 @@ class _Cache:
             cap, tid = new_cap, new_tid
             self.tid = new_tid                  # for the bulk paths
 
+        def set_rev(new_rev):
+            nonlocal rev
+            rev = self.rev = new_rev
+
         self.alloc, self.free, self.view = alloc, free, view
-        self.counts, self.set_params = counts, set_params
+        self.counts, self.set_params, self.set_rev = counts, set_params, set_rev
         assert L.PAGE_SHIFT == 12
 
     def refresh(self):
@@ -353,6 +404,40 @@ class _Cache:
             return self.arena._other_thread_zone(self.zone.id)._cache
         return None
 
+    def _check_revoked(self) -> None:
+        """Resync the stack if the keg manager took items of this CPU's caches
+        since it last matched the tags.  The owner thread."""
+        if self.core.w[self.rev_w] != self.rev:
+            self._resync()
+
+    def _resync(self) -> None:
+        """``_resync_locked`` under the zone lock.  Lock: takes zone."""
+        lk = self._zlock()
+        try:
+            self._resync_locked()
+        finally:
+            lk.release()
+
+    def _resync_locked(self) -> None:
+        """Keep in the stack, and in the remote-free batches, only the items whose
+        tags still say this CPU caches them, each once (an item taken by the keg
+        manager may have come back since, received and freed here: its old entry
+        and the new one name the same item).  Lock: zone; the owner thread.
+
+        Every path of this CPU that holds cached items outside these lists while
+        it waits for a lock does so under the zone lock (``_flush``,
+        ``_xfree_send``) or has re-tagged them first (FINI: ``_release_to_keg``),
+        so the keg manager, which takes items under the zone lock, finds in the
+        tags only what these lists name."""
+        core, tags = self.core, self.core.tags
+        rev = core.w[self.rev_w]
+        _keep(self.items, self.tix, tags, self.w_cached)
+        for home, (hs, ts, _) in list(self.xbatches.items()):
+            _keep(hs, ts, tags, L.tag(L.TAG_CACHED, self.zone.zidx, self.cpu, home))
+            if not hs:
+                del self.xbatches[home]
+        self.set_rev(rev)
+
     def _zlock(self):
         lk = self.core.lock(self.zone._lock_index)
         lk.acquire(owner_id=self.cpu)
@@ -370,12 +455,22 @@ class _Cache:
         """Write this CPU's counters for the zone where every process can sum them;
         at debug level 3, check the whole arena (publish ends every slow path)."""
         w, sw = self.core.w, self.sw
+        if w[self.rev_w] != self.rev and self.tid == get_ident():
+            self._resync()
         a, f = self.counts()
         w[sw + _CS["ALLOCS"]] = a
         w[sw + _CS["FREES"]] = f
         w[sw + _CS["FAILS"]] = self.fails
         w[sw + _CS["SLEEPS"]] = self.sleeps
-        w[sw + _CS["CACHED"]] = len(self.items) + sum(len(b[0]) for b in self.xbatches.values())
+        if w[self.rev_w] == self.rev:
+            w[sw + _CS["CACHED"]] = len(self.items) + sum(len(b[0])
+                                                          for b in self.xbatches.values())
+        else:                   # another thread publishes (check): count, change nothing
+            tags, wc = self.core.tags, self.w_cached
+            w[sw + _CS["CACHED"]] = len({h for h, t in zip(self.items, self.tix)
+                                         if tags[t] == wc}) + sum(
+                1 for b in self.xbatches.values() for t in b[1]
+                if L.tag_state(tags[t]) == L.TAG_CACHED and L.tag_holder(tags[t]) == self.cpu)
         w[sw + _CS["DEPOT_GETS"]] = self.depot_gets
         w[sw + _CS["DEPOT_PUTS"]] = self.depot_puts
         w[sw + _CS["KEG_IMPORTS"]] = self.imports
@@ -428,21 +523,60 @@ class _Cache:
         if other is not None:
             return other.alloc(how, timeout, arg)
         check_how(how, self.zone.name)
-        if self.items or self._fill():                      # a hit with a ctor or M_ZERO,
-            h = self.items.pop()                            # or a refilled stack
-            self.core.tags[self.tix.pop()] = self.w_alloc
-            self.counts(1, 0)
-            if self.zone.ctor is None and not how & M_ZERO:
-                return h
-            return self._ctor_path(h, arg, how)
+        self._check_revoked()
         if how & M_WAITOK:
-            return self._sleep(how, timeout, arg)
-        self.fails += 1
+            return self._alloc_waitok(how, timeout, arg)
+        try:
+            got = self.items or self._fill()    # a hit with a ctor or M_ZERO, or a refill
+        except ArenaFullError:                  # /dev/shm cannot back a new slab
+            self.fails += 1
+            self.publish()
+            raise
+        if got:
+            return self._pop(how, arg)
+        if not self.arena._probing:             # A3 (a probe for a waiting request is not
+            self.fails += 1                     # a denied request: see _run_init)
         self.publish()
         return None
 
-    def _fill(self, want: int | None = None) -> bool:
-        """A1/A2: put a bucket into the empty stack.  True if it holds items now."""
+    def _pop(self, how, arg):
+        """Hand out the item on top of the stack (ctor and M_ZERO as asked)."""
+        h = self.items.pop()
+        self.core.tags[self.tix.pop()] = self.w_alloc
+        self.counts(1, 0)
+        if self.zone.ctor is None and not how & M_ZERO:
+            return h
+        return self._ctor_path(h, arg, how)
+
+    def _alloc_waitok(self, how, timeout, arg):
+        """M_WAITOK: A1/A2 with the zone init allowed to wait (``_run_init``), then
+        A4 (``_sleep``).  Waits at most ``timeout`` seconds, and never past the
+        deadline of a waiting allocation whose hook called this one (the packet
+        init taking a cluster); TimeoutError past it, counted as one failure of
+        this zone.  ArenaClosedError when the arena closes meanwhile."""
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"zone {self.zone.name!r}: timeout must be >= 0, not {timeout}")
+        arena = self.arena
+        deadline = None if timeout is None else time.monotonic() + timeout
+        outer = arena._wait_deadline
+        if outer is not None and (deadline is None or outer < deadline):
+            deadline = outer
+        arena._blocked += 1
+        try:
+            if not (self.items or self._fill(None, how, deadline)):
+                self._sleep(how, deadline)
+        except (TimeoutError, ArenaFullError):
+            self.fails += 1
+            self.publish()
+            raise
+        finally:
+            arena._blocked -= 1
+        return self._pop(how, arg)
+
+    def _fill(self, want: int | None = None, how: int = M_NOWAIT, deadline=None) -> bool:
+        """A1/A2: put a bucket into the empty stack (``want`` items if given).
+        True if it holds items now.  ``how`` and ``deadline`` go to the zone init
+        (``_run_init``)."""
         mail = self.arena._mail
         if mail.pending():                  # the home CPU takes its mail first
             mail.collect()
@@ -473,31 +607,55 @@ class _Cache:
             if KILLPOINTS:
                 killpoint("zone.fill.locked")
             keg = zone.keg
+            got = 0
             klk = core.lock(keg.lock_index)
             klk.acquire(owner_id=self.cpu)
             try:
                 got = keg.take(k, self.w_import if zone.init else self.w_cached, hs, ts)
             finally:
                 klk.release()
-            if got < k:
-                w[zw + _Z["ITEMS"]] -= k - got
+                if got < k:
+                    w[zw + _Z["ITEMS"]] -= k - got
             if got:
                 self.imports += 1
         finally:
             lk.release()
         if zone.init is not None and hs:
-            hs, ts = self._run_init(hs, ts)
+            hs, ts = self._run_init(hs, ts, how, deadline)
         self.items[:0] = hs
         self.tix[:0] = ts
         self.publish()
         return bool(hs)
 
-    def _run_init(self, hs, ts):
+    def _run_init(self, hs, ts, how=M_NOWAIT, deadline=None):
         """Zone init on imported items, outside the locks.  The good ones before
         the first failure are kept; the rest go back to the slab without fini
-        (UMA's ``zone_alloc_bucket``)."""
-        zone = self.zone
+        (UMA's ``zone_alloc_bucket``).
+
+        Only the first item's init may wait, and only for an M_WAITOK request
+        (UMA's import stops blocking once it has an item).  It is first tried
+        without waiting, as a probe whose failures in other zones are not counted
+        (``arena._probing``): the request has not been denied, it will wait.  If
+        the probe fails, the other items go back to the slab at once, so that
+        nothing but that item is held while the init waits -- with ``how``, until
+        ``deadline`` (``arena._wait_deadline``), in whichever zone it allocates
+        from (the packet init sleeps in the cluster zone, and is counted there)."""
+        zone, arena = self.zone, self.arena
+        if how & M_WAITOK:
+            try:
+                ok = self._init_first_waitok(hs, ts, how, deadline)
+            except BaseException:
+                self._release_to_keg(hs, ts, run_fini=False)
+                raise
+            if not ok:
+                self._release_to_keg(hs, ts, run_fini=False)
+                return [], []
+            if len(hs) == 1:
+                self._mark_cached(ts)
+                return hs, ts
         for i, (h, t) in enumerate(zip(hs, ts)):
+            if i == 0 and how & M_WAITOK:
+                continue                                # inited above
             try:
                 ok = zone.init(zone, h, M_NOWAIT) is not False
             except BaseException:
@@ -513,6 +671,26 @@ class _Cache:
                 break
         self._mark_cached(ts)
         return hs, ts
+
+    def _init_first_waitok(self, hs, ts, how, deadline) -> bool:
+        """The first item's init for an M_WAITOK request (``_run_init``): a probe
+        without waiting, then, if it failed, the other items back to the slab
+        (``hs`` and ``ts`` cut to the first) and the init again, allowed to wait.
+        A failure or an exception leaves the first item to the caller."""
+        zone, arena, h = self.zone, self.arena, hs[0]
+        arena._probing += 1
+        try:
+            if zone.init(zone, h, M_NOWAIT) is not False:
+                return True
+        finally:
+            arena._probing -= 1
+        self._release_to_keg(hs[1:], ts[1:], run_fini=False)
+        del hs[1:], ts[1:]
+        outer, arena._wait_deadline = arena._wait_deadline, deadline
+        try:
+            return zone.init(zone, h, how & ~M_ZERO) is not False
+        finally:
+            arena._wait_deadline = outer
 
     def _mark_cached(self, ts):
         self._mark(ts, self.w_cached)
@@ -567,15 +745,18 @@ class _Cache:
 
     def _release_to_keg(self, hs, ts, run_fini: bool):
         """Items this CPU holds go back to their slabs; the limit units are
-        returned.  Zone fini runs first (outside the locks) when asked."""
+        returned.  With ``run_fini`` they are tagged FINI (on their way to the
+        slab: no longer in a cache) and zone fini runs first, outside the locks;
+        without, they are IMPORT items whose init failed."""
         if not hs:
             return
         zone, core, tags = self.zone, self.core, self.core.tags
         error = None
-        if run_fini and zone.fini is not None:
+        if run_fini:
             wf = self.w_fini
             for t in ts:
                 tags[t] = wf
+        if run_fini and zone.fini is not None:
             for h in hs:
                 if KILLPOINTS:
                     killpoint("release.fini")
@@ -598,20 +779,24 @@ class _Cache:
             raise error
 
     # ================================================================== sleeping (A4)
-    def _sleep(self, how, timeout, arg):
-        """Wait, FIFO among this zone's sleepers, for a freed item to be handed
-        over (or for room under the limit).  Lock: none on entry; takes zone."""
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be >= 0")
+    def _sleep(self, how, deadline) -> None:
+        """A4: wait, FIFO among this zone's sleepers, until an item is on the
+        stack: a freed one handed over (``_grant``), or one imported when room
+        opens (the init may fail again: then back in the queue, the same sleep).
+        One sleep is counted, and no failure while asleep.  Every round checks,
+        under the zone lock, for a grant first, then the arena closing
+        (ArenaClosedError) and the deadline (TimeoutError, uncounted here: the
+        caller counts it).  Lock: none on entry; takes zone."""
         w, zw, cw = self.core.w, self.zw, L.cpu_word(self.cpu)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.arena._flush_xfree()           # what this CPU freed for others goes home first
-        wake = self.arena._wake_sem()
+        zid1 = self.zone.id + 1
+        arena = self.arena
+        arena._flush_xfree()                # what this CPU freed for others goes home first
+        wake = arena._wake_sem()
         wake.drain()
         lk = self._zlock()
         try:
             w[cw + _C["GRANT_ZONE"]] = 0
-            w[cw + _C["WAIT_ZONE"]] = self.zone.id + 1
+            w[cw + _C["WAIT_ZONE"]] = zid1
             self._sleepq_push(self.cpu)
             w[zw + _Z["SLEEPS"]] += 1
         finally:
@@ -619,55 +804,115 @@ class _Cache:
         self.sleeps += 1
         self.publish()
         self.refresh()
+        self._ask_for_caches()
+        mail = arena._mail
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            # Short slices: a slot in the arena may also open up by a free to
-            # the keg from another zone (pages), which posts nobody.
-            slice_ = 0.05 if left is None else max(0.0, min(left, 0.05))
-            wake.wait(slice_)
+            if mail.pending():              # asleep, this CPU still answers its mail
+                mail.collect()
             lk = self._zlock()
             try:
-                if w[cw + _C["GRANT_ZONE"]] == self.zone.id + 1:
+                if w[cw + _C["GRANT_ZONE"]] == zid1:
                     h, t = w[cw + _C["GRANT_H"]], w[cw + _C["GRANT_T"]]
                     w[cw + _C["GRANT_ZONE"]] = 0
                     w[cw + _C["WAIT_ZONE"]] = 0
                     self.items.append(h)
                     self.tix.append(t)
                     break
+                if self.items:              # its own items, come home by mail
+                    self._sleepq_remove(self.cpu)
+                    w[cw + _C["WAIT_ZONE"]] = 0
+                    break
+                now = time.monotonic()
+                if arena._closing or (deadline is not None and now >= deadline):
+                    self._sleepq_remove(self.cpu)
+                    w[cw + _C["WAIT_ZONE"]] = 0
+                    if arena._closing:
+                        raise ArenaClosedError(f"zone {self.zone.name!r}: arena "
+                                               f"{arena.name!r} was closed while this "
+                                               f"M_WAITOK allocation slept")
+                    raise TimeoutError(f"zone {self.zone.name!r}: no item became free "
+                                       f"within the time allowed")
                 if not self._sleepq_contains(self.cpu):
                     # dequeued by a granter that died before granting: queue again
                     self._sleepq_push(self.cpu)
-                first = self._sleepq_first()
-                if first == self.cpu and self._room_now():
+                attempt = self._sleepq_first() == self.cpu and self._room_now()
+                if attempt:
                     self._sleepq_remove(self.cpu)
                     w[cw + _C["WAIT_ZONE"]] = 0
-                    got = True
-                else:
-                    got = False
-                if not got and left is not None and left <= 0:
-                    self._sleepq_remove(self.cpu)
-                    w[cw + _C["WAIT_ZONE"]] = 0
-                    self.refresh()
-                    self.fails += 1
-                    self.publish()
-                    raise TimeoutError(f"zone {self.zone.name!r}: no item freed within "
-                                       f"{timeout} s")
             finally:
                 lk.release()
-            if got:
-                if self._fill(1):
+            if attempt:
+                if self._fill(1, how, deadline):
                     break
                 # lost the room to a racing M_NOWAIT allocation, or the zone's init
                 # failed: back in the queue, still the same sleep
                 lk = self._zlock()
                 try:
-                    w[cw + _C["WAIT_ZONE"]] = self.zone.id + 1
+                    w[cw + _C["WAIT_ZONE"]] = zid1
                     self._sleepq_push(self.cpu)
                 finally:
                     lk.release()
+            # Short slices: a slot in the arena may also open up by a free to the
+            # keg from another zone (pages), which posts nobody.
+            left = SLEEP_SLICE if deadline is None else deadline - time.monotonic()
+            wake.wait(max(0.0, min(left, SLEEP_SLICE)))
         self.refresh()
         self.publish()
-        return self.alloc(how & ~M_WAITOK | M_NOWAIT, None, arg)
+
+    def _ask_for_caches(self) -> None:
+        """A request goes to sleep: the items it waits for may sit in caches.
+        Drain this CPU's companion zones (``register_drain_companion``: their
+        cached items hold items of this zone), and ask every other live CPU, by a
+        message it acts on when it next takes its mail, for its cached items of
+        this zone -- once per sleep, and never while such a request already waits
+        in its mailbox.  Published counts lag a CPU's fast path, so every live
+        CPU is asked.  A CPU that does not answer within ``GRACE`` seconds has its
+        cache taken by the keg manager (``take_cache_of``).  Lock: none."""
+        arena, zone = self.arena, self.zone
+        arena._drain_companions(zone.name)
+        mail = arena._mail
+        for cpu in self.core.live_cpus():
+            if cpu != self.cpu:
+                mail.ask_drain(cpu, zone.id)
+
+    def take_cache_of(self, cpu: int) -> int:
+        """Take CPU ``cpu``'s cached items of this zone (its stack and its
+        remote-free batches, as the tags name them) into this CPU's cache: the
+        keg manager, on behalf of a sleeper, from a CPU that left a drain request
+        unanswered.  The victim's REVOKES word moves with them, so that its next
+        alloc (the fast path reads it) or slow path first resyncs its stack from
+        the tags (``_resync``).  Returns how many were taken.
+
+        The one race left: an alloc fast path of the victim already past its
+        REVOKES read when the tags change; the manager leaves a CPU ``GRACE``
+        seconds (and never takes from a stopped process), and any call of the
+        victim into this zone's slow paths, or its recv or poll, answers the
+        request first.  Lock: takes zone (and keg, to list the slabs)."""
+        core, keg, zidx = self.core, self.zone.keg, self.zone.zidx
+        tags, w = core.tags, core.w
+        cached = L.TAG_CACHED | zidx << 4
+        hs, ts = [], []
+        lk = self._zlock()
+        try:
+            cw = L.cpu_word(cpu)        # an item granted to it, not yet picked up: its
+            granted = w[cw + _C["GRANT_T"]] if w[cw + _C["GRANT_ZONE"]] == self.zone.id + 1 \
+                else -1                 # sleep loop takes it under this lock, leave it
+            found = [(ti, tv) for ti, tv in keg.held_by(cpu, keg.slab_bases_locked(self.cpu))
+                     if tv & 0xFF == cached and ti != granted]
+            if found:       # first: killed half-way, the victim still resyncs
+                w[L.cpu_word(cpu) + _C["REVOKES"]] += 1
+            for ti, tv in found:
+                if tags[ti] == tv:
+                    tags[ti] = self.w_cached
+                    hs.append(keg.handle_of(ti))
+                    ts.append(ti)
+            if found:
+                w[L.cpu_stat_word(cpu, self.zone.id) + _CS["CACHED"]] = 0
+        finally:
+            lk.release()
+        if hs:
+            self.take_home(hs, ts)
+        return len(hs)
 
     def _room_now(self) -> bool:
         """Zone lock held: could an import succeed now?"""
@@ -763,8 +1008,12 @@ class _Cache:
         return self._free_validated(h, t, tg, arg)
 
     def _free_validated(self, h, t, tg, arg):
-        """The free slow path (F2-F6) of a validated item with tag ``tg``."""
+        """The free slow path (F2-F6) of a validated item with tag ``tg``.  While
+        the zone has sleepers this CPU first takes its mail: a drain request
+        waiting there gives its cache of the zone back (to them)."""
         zone, core = self.zone, self.core
+        if core.w[self.zw + _Z["SLEEPERS"]] and self.arena._mail.pending():
+            self.arena._mail.collect()
         if L.tag_holder(tg) != self.cpu:                            # F4
             tg = self._take_over(h, t, tg)
         home = L.tag_home(tg)
@@ -879,10 +1128,22 @@ class _Cache:
             self._xfree_send(home)              # publishes
 
     def _xfree_send(self, home):
-        hs, ts, _ = self.xbatches.pop(home)
+        """Send the batch for ``home``.  Under the zone lock (the mailbox lock, a
+        leaf, inside it): the batch is never out of ``xbatches`` yet still cached
+        here while the keg manager could take it.  Lock: takes zone."""
         zone = self.zone
-        sent = self.arena._mail.post(home, MSG_XFREE, [(zone.id, zone.zidx, hs, ts)],
-                                     L.TAG_XFREE)
+        lk = self._zlock()
+        try:
+            if self.core.w[self.rev_w] != self.rev:
+                self._resync_locked()
+            batch = self.xbatches.pop(home, None)
+            if batch is None:                   # taken by the keg manager meanwhile
+                return
+            hs, ts, _ = batch
+            sent = self.arena._mail.post(home, MSG_XFREE, [(zone.id, zone.zidx, hs, ts)],
+                                         L.TAG_XFREE)
+        finally:
+            lk.release()
         if sent:
             self.msgs_sent += 1
             self.items_sent += len(hs)
@@ -894,6 +1155,7 @@ class _Cache:
 
     def flush_xfree(self, max_age: float = 0.0):
         """Send every batch older than ``max_age`` seconds."""
+        self._check_revoked()
         now = time.monotonic()
         for home in [h for h, b in self.xbatches.items() if now - b[2] >= max_age]:
             self._xfree_send(home)
@@ -909,24 +1171,38 @@ class _Cache:
         self.publish()
 
     def _flush(self, k: int):
-        """F3: move the ``k`` oldest cached items to the depot, or to the keg when
-        the depot is full (or caching is off)."""
-        hs, ts = self.items[:k], self.tix[:k]
-        del self.items[:k]
-        del self.tix[:k]
-        if self.bsize:
-            lk = self._zlock()
-            try:
-                while hs and self.core.w[self.zw + _Z["SLEEPERS"]]:
-                    if not self._grant(hs[-1], ts[-1]):
-                        break
-                    hs.pop()
-                    ts.pop()
-                if not hs or self._depot_put(hs, ts):
-                    self.depot_puts += 1
-                    return
-            finally:
-                lk.release()
+        """F3: move the ``k`` oldest cached items to the sleepers, then the depot,
+        or to the keg when the depot is full (or caching is off).  The items
+        leave the stack under the zone lock, or (no caching) re-tagged FINI
+        before any lock is waited for: never cached here yet out of the stack
+        while the keg manager might take this CPU's cache (``take_cache_of``)."""
+        if not self.bsize:
+            self._check_revoked()
+            k = min(k, len(self.items))
+            hs, ts = self.items[:k], self.tix[:k]
+            del self.items[:k]
+            del self.tix[:k]
+            self._release_to_keg(hs, ts, run_fini=True)
+            return
+        lk = self._zlock()
+        try:
+            if self.core.w[self.rev_w] != self.rev:
+                self._resync_locked()
+                k = min(k, len(self.items))
+            hs, ts = self.items[:k], self.tix[:k]
+            del self.items[:k]
+            del self.tix[:k]
+            while hs and self.core.w[self.zw + _Z["SLEEPERS"]]:
+                if not self._grant(hs[-1], ts[-1]):
+                    break
+                hs.pop()
+                ts.pop()
+            if not hs or self._depot_put(hs, ts):
+                self.depot_puts += 1
+                return
+            self._mark(ts, self.w_fini)             # on their way to the slab
+        finally:
+            lk.release()
         self._release_to_keg(hs, ts, run_fini=True)
 
     # ================================================================== bulk
@@ -936,6 +1212,7 @@ class _Cache:
             raise ValueError(f"zone {self.zone.name!r}: alloc_bulk of {n} items")
         if self.tid != get_ident() and (other := self._check_thread()) is not None:
             return other.alloc_bulk(n, how, timeout)
+        self._check_revoked()
         zone = self.zone
         items = self.items
         plain = type(how) is int and (how == M_NOWAIT or how == M_WAITOK)
@@ -1072,6 +1349,7 @@ class _Cache:
 
     def drain_cache(self):
         """Give every cached item back (depot first, else keg)."""
+        self._check_revoked()
         if self.items:
             self._flush(len(self.items))
         self.publish()

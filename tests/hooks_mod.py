@@ -16,6 +16,7 @@ dtor_raises = False     # dtor raises HookBoom
 fini_raises = False     # fini raises HookBoom
 init_fail_at = 0        # the init_fail_at-th init call (1-based) returns False; 0: never
 init_raise_at = 0       # the init_raise_at-th init call raises HookBoom; 0: never
+init_fails = False      # every init returns False
 ctor_fail_at = 0        # the ctor_fail_at-th ctor call (1-based) returns False; 0: never
 ctor_fill = None        # a byte the ctor writes over the whole item, or None
 ctor_count = init_count = 0
@@ -35,11 +36,11 @@ class HookBoom(RuntimeError):
 
 def reset():
     global ctor_fails, ctor_raises, dtor_raises, fini_raises, init_fail_at, init_raise_at
-    global ctor_fail_at, ctor_fill, ctor_count, init_count
+    global ctor_fail_at, ctor_fill, ctor_count, init_count, init_fails
     global model_ctor_fails, model_init_every, model_init_calls, model_init_ok
     global model_init_failures, model_fini_calls
     calls.clear()
-    ctor_fails = ctor_raises = dtor_raises = fini_raises = False
+    ctor_fails = ctor_raises = dtor_raises = fini_raises = init_fails = False
     init_fail_at = init_raise_at = init_count = ctor_fail_at = ctor_count = 0
     ctor_fill = None
     model_ctor_fails = False
@@ -77,13 +78,37 @@ def init(zone, handle, how):
     calls.append(("init", zone.name, handle, how))
     if init_raise_at and init_count == init_raise_at:
         raise HookBoom(f"init of {handle}")
-    return not (init_fail_at and init_count == init_fail_at)
+    return not (init_fails or init_fail_at and init_count == init_fail_at)
 
 
 def fini(zone, handle):
     calls.append(("fini", zone.name, handle))
     if fini_raises:
         raise HookBoom(f"fini of {handle}")
+
+
+# ---------------------------------------------------------------- a zone whose init
+# takes an item of another zone (the packet pattern: a pair holds a part of zone
+# "parts", taken by its init with the caller's how, given back by its fini)
+def pair_init(zone, handle, how):
+    part = zone.arena.zone("parts").alloc(how)
+    calls.append(("pair_init", zone.name, handle, how, part))
+    if part is None:
+        return False
+    zone.view(handle)[:8] = part.to_bytes(8, "little")
+    return True
+
+
+def pair_fini(zone, handle):
+    part = int.from_bytes(zone.view(handle)[:8], "little")
+    calls.append(("pair_fini", zone.name, handle, part))
+    if part:
+        zone.view(handle)[:8] = bytes(8)
+        zone.arena.zone("parts").free(part)
+
+
+def pair_part(zone, handle) -> int:
+    return int.from_bytes(zone.view(handle)[:8], "little")
 
 
 # ---------------------------------------------------------------- model hooks

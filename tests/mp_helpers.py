@@ -291,3 +291,71 @@ def forked_child(q, tag, arena, zone, nitems, seed):
     arena.close()
     q.put(("ok", tag, dict(handles=hs, cpus=own, parent_cpu=arena.cpu_id,
                             parent_cache_touched=parent_cache_touched, problems=problems)))
+
+
+# --------------------------------------------------------------------- issue 11: limits
+def limit_consumer(q, tag, name, zone_name, total, seed):
+    """Receive ``total`` items one message at a time and free each at once,
+    checking the producer's serial in its first bytes."""
+    rng = random.Random(seed * 7 + 1)
+    with Arena.attach(name) as a:
+        z = a.zone(zone_name)
+        q.put(("ok", tag, ("cpu", a.cpu_id)))
+        got = bad = 0
+        expect = 0
+        while got < total:
+            hs = a.recv(timeout=WAIT)
+            if not hs:
+                raise TimeoutError(f"consumer: nothing received for {WAIT} s after {got} items")
+            for h in hs:
+                serial, handle = struct.unpack_from("<QQ", z.view(h))
+                if serial != expect or handle != h:
+                    bad += 1
+                expect += 1
+                z.free(h)
+                got += 1
+                if rng.random() < 0.02:
+                    time.sleep(rng.random() * 0.002)
+        q.put(("ok", tag, ("done", got, bad)))
+
+
+def limit_producer(q, tag, name, zone_name, dest, total, seed, timeout):
+    """Allocate ``total`` items M_WAITOK one at a time, mark each and send it to
+    CPU ``dest``."""
+    rng = random.Random(seed * 7 + 2)
+    with Arena.attach(name) as a:
+        z = a.zone(zone_name)
+        t0 = time.monotonic()
+        for i in range(total):
+            try:
+                h = z.alloc(M_WAITOK, timeout=timeout)
+            except TimeoutError:
+                s = z.stats()
+                raise TimeoutError(f"producer: item {i} of {total} not served within "
+                                   f"{timeout} s (zone: used {s.used}, cached "
+                                   f"{s.free_cache}, depot {s.free_depot})") from None
+            struct.pack_into("<QQ", z.view(h), 0, i, h)
+            a.send(dest, [h], timeout=WAIT)
+            if rng.random() < 0.02:
+                time.sleep(rng.random() * 0.002)
+        q.put(("ok", tag, ("done", total, z.stats().sleeps, time.monotonic() - t0)))
+
+
+def waitok_once(q, tag, name, zone_name, hand_to, n_first, timeout, go):
+    """Allocate ``n_first`` items (M_WAITOK) and hand them to CPU ``hand_to``,
+    then, once ``go`` is set, one more, M_WAITOK: report how it went."""
+    with Arena.attach(name) as a:
+        z = a.zone(zone_name)
+        for _ in range(n_first):
+            a.send(hand_to, [z.alloc(M_WAITOK, timeout=WAIT)], timeout=WAIT)
+        q.put(("ok", tag, ("sent", n_first)))
+        if not go.wait(WAIT):
+            raise TimeoutError("no go")
+        t0 = time.monotonic()
+        try:
+            h = z.alloc(M_WAITOK, timeout=timeout)
+        except TimeoutError:
+            q.put(("ok", tag, ("timeout", time.monotonic() - t0)))
+            return
+        q.put(("ok", tag, ("got", h, time.monotonic() - t0)))
+        z.free(h)

@@ -99,6 +99,13 @@ class Worker(threading.Thread):
             raise self.error
         return self.result
 
+    @classmethod
+    def run_now(cls, fn, timeout=JOIN):
+        """``fn()`` in a thread of its own, bounded by ``timeout``."""
+        w = cls(fn)
+        w.start()
+        return w.finish(timeout)
+
 
 # ============================================================================ layout
 def test_refcnt_cluster_keg_wastes_little_with_the_smallest_slab(arena):
@@ -864,11 +871,14 @@ def test_two_threads_sharing_a_zone_object_get_their_own_cpus(arena):
     # both threads stay alive until both are done: a thread that first uses the arena
     # after the other ended would take over the ended thread's CPU slot
     done = threading.Barrier(2, timeout=JOIN)
+    attached = threading.Barrier(2, timeout=JOIN)
 
     def churn(mark):
         start.wait()
-        mine = []
-        for i in range(3000):
+        mine = [z.alloc(M_NOWAIT)]
+        z.view(mine[0])[:] = bytes([mark]) * 128
+        attached.wait()         # both CPUs exist: neither thread ends before the other
+        for i in range(3000):   # starts (a new thread's first call closes ended threads' CPUs)
             if len(mine) < 40 and (i % 3 or not mine):
                 h = z.alloc(M_NOWAIT)
                 assert h is not None
@@ -973,6 +983,197 @@ def test_waitok_times_out_when_nobody_frees(arena, full_zone):
     assert s.sleepers == 0 and s.sleeps == 1 and s.failures == fails + 1
     assert s.items == 2
     assert_consistent(arena, z)
+
+
+@pytest.mark.parametrize("how", ["destroy", "close"])
+def test_close_from_another_thread_wakes_an_m_waitok_sleeper(how):
+    a = Arena.create_local(size=1 * MiB)
+    z = a.zcreate("waitok", 256, max_items=1)
+    assert z.alloc(M_NOWAIT) is not None
+    sleeper = Worker(lambda: z.alloc(M_WAITOK))             # no timeout
+    sleeper.start()
+    wait_until(lambda: z.stats().sleepers == 1, "the sleeper to queue")
+    Worker.run_now(getattr(a, how))                         # returns: no deadlock
+    with pytest.raises(ArenaClosedError, match="closed while this M_WAITOK"):
+        sleeper.finish()
+    assert a._closed
+
+
+def test_close_wakes_the_threads_waiting_in_recv_and_in_m_waitok():
+    a = Arena.create_local(size=1 * MiB)
+    z = a.zcreate("waitok", 256, max_items=1)
+    assert z.alloc(M_NOWAIT) is not None
+    receiver = Worker(lambda: a.recv(timeout=None))
+    receiver.start()
+    sleeper = Worker(lambda: z.alloc(M_WAITOK, timeout=60))
+    sleeper.start()
+    wait_until(lambda: z.stats().sleepers == 1 and len(a._thread_arenas) == 2,
+               "the sleeper to queue and the receiver to attach")
+    Worker.run_now(a.close)
+    for w in (receiver, sleeper):
+        with pytest.raises(ArenaClosedError):
+            w.finish()
+
+
+# A zone whose init can fail (a secondary zone like the packet zone): its init takes
+# a part from the limited zone "parts", with the caller's how.
+@pytest.fixture
+def pairs(arena, hooks):
+    """(pairs, parts, the two parts held): every part is out, held bare."""
+    parts = arena.zcreate("parts", 64, max_items=2, bucket_size=1)
+    base = arena.zcreate("base", 256)
+    pairs = arena.zsecond_create("pairs", base, init=hooks_mod.pair_init,
+                                 fini=hooks_mod.pair_fini)
+    held = [parts.alloc(M_NOWAIT), parts.alloc(M_NOWAIT)]
+    assert None not in held and parts.alloc(M_NOWAIT) is None
+    return pairs, parts, held
+
+
+def test_waitok_in_a_zone_whose_init_waits_honours_the_timeout(arena, pairs):
+    pairs, parts, _ = pairs
+    before = parts.stats().failures
+    t0 = time.monotonic()
+    waiter = Worker(lambda: pairs.alloc(M_WAITOK, timeout=0.5))
+    waiter.start()
+    with pytest.raises(TimeoutError):
+        waiter.finish()
+    took = time.monotonic() - t0
+    assert 0.5 <= took < 3, took
+    p, s = parts.stats(), pairs.stats()
+    # the wait was the part's: one sleep in "parts", none in "pairs"; one failure
+    # each for the request that timed out, none while it slept
+    assert (p.sleeps, p.failures - before, p.sleepers) == (1, 1, 0)
+    assert (s.sleeps, s.failures, s.items) == (0, 1, 0)
+    assert_consistent(arena, parts, pairs)
+
+
+def test_waitok_in_a_zone_whose_init_waits_is_served_by_a_free_of_the_other_zone(arena, pairs):
+    pairs, parts, held = pairs
+    before = parts.stats().failures
+    waiter = Worker(lambda: pairs.alloc(M_WAITOK, timeout=5))
+    waiter.start()
+    wait_until(lambda: parts.stats().sleepers == 1, "the part request to sleep in 'parts'")
+    parts.free(held[0])
+    h = waiter.finish()
+    assert hooks_mod.pair_part(pairs, h) == held[0]       # handed over to the sleeper
+    p, s = parts.stats(), pairs.stats()
+    assert (p.sleeps, p.failures - before) == (1, 0)
+    assert (s.sleeps, s.failures, s.used) == (0, 0, 1)
+    # nothing else of the bucket was held while the init slept
+    assert s.items == 1
+    assert_consistent(arena, parts, pairs)
+
+
+def test_waitok_with_an_init_that_keeps_failing_sleeps_once_and_times_out(arena, hooks):
+    z = hooked_zone(arena, "failing")
+    hooks.init_fails = True
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        Worker.run_now(lambda: z.alloc(M_WAITOK, timeout=0.3))
+    assert 0.3 <= time.monotonic() - t0 < 3
+    s = z.stats()
+    assert (s.sleeps, s.failures, s.sleepers, s.items) == (1, 1, 0, 0)
+    assert len(hooks.events("init")) >= 2                 # it did try again while asleep
+    assert_consistent(arena, z)
+
+
+# Items parked in another CPU's cache: the sleeper asks for them (MSG_ZDRAIN), the
+# keg manager takes those of a CPU that never answers (take_cache_of).
+def test_a_sleeper_asks_every_other_cpu_for_its_cached_items(arena):
+    z = arena.zcreate("parked", 256, max_items=4, bucket_size=4)
+    b = arena.attach_local()
+    try:
+        zb = b.zone("parked")
+        parked = [zb.alloc(M_NOWAIT) for _ in range(4)]
+        zb.free_bulk(parked)                          # all four in B's cache
+        assert z.stats().free_cache == 4 and z.alloc(M_NOWAIT) is None
+        sleeper = Worker(lambda: z.alloc(M_WAITOK, timeout=5))
+        sleeper.start()
+        wait_until(lambda: z.stats().sleepers == 1, "the sleeper to queue")
+        assert b._core.w[layout.cpu_word(b.cpu_id) + layout.CPU["DRAIN_ASKED"]]
+        b.poll()                                      # B calls in: it answers
+        assert sleeper.finish() in parked
+        assert b._mail.zdrains == 1 and not zb._cache.items
+        s = z.stats()
+        assert (s.sleeps, s.failures, s.used, s.free_cache) == (1, 1, 1, 0)   # the M_NOWAIT
+        assert_consistent(arena, z)
+    finally:
+        b.close()
+
+
+def test_an_idle_cpus_cache_taken_for_a_sleeper_is_never_handed_out_twice(arena):
+    z = arena.zcreate("parked", 256, max_items=4, bucket_size=4)
+    b = arena.attach_local()
+    try:
+        zb = b.zone("parked")
+        parked = [zb.alloc(M_NOWAIT) for _ in range(4)]
+        zb.free_bulk(parked)                          # B's stack names all four
+        assert z._cache.take_cache_of(b.cpu_id) == 4  # what the keg manager does
+        mine = [z.alloc(M_NOWAIT) for _ in range(4)]
+        assert sorted(mine) == sorted(parked)
+        assert zb.alloc(M_NOWAIT) is None             # not one of A's four
+        assert not zb._cache.items
+        arena.send(b.cpu_id, mine[:1])                # one comes back to B...
+        (h,) = b.recv(timeout=1)
+        zb.free(h)                                    # ...and is cached there again
+        assert zb.alloc(M_NOWAIT) == h
+        assert zb.alloc(M_NOWAIT) is None             # once
+        zb.free(h)
+        z.free_bulk(mine[1:])
+        zb._cache.publish()                           # (B's fast path publishes nothing)
+        assert_consistent(arena, z)
+        arena.check(level=2)
+    finally:
+        b.close()
+
+
+def test_remote_free_batches_taken_for_a_sleeper_are_never_sent_home(arena):
+    z = arena.zcreate("homed", 256, xfree="message", bucket_size=8)
+    b = arena.attach_local()
+    try:
+        zb = b.zone("homed")
+        mine = [z.alloc(M_NOWAIT) for _ in range(3)]
+        arena.send(b.cpu_id, mine)
+        got = b.recv(timeout=1)
+        for h in got:
+            zb.free(h)                                # batched in B, homed at A
+        assert sum(len(x[0]) for x in zb._cache.xbatches.values()) == 3
+        assert z._cache.take_cache_of(b.cpu_id) == 3  # what the keg manager does
+        b.poll()                                      # B sends its batches: none left
+        assert not zb._cache.xbatches and zb._cache.msgs_sent == 0
+        assert sorted(z._cache.items[-3:]) == sorted(mine)
+        zb._cache.publish()
+        assert_consistent(arena, z)
+        arena.check(level=2)
+    finally:
+        b.close()
+    arena.check()
+
+
+def test_an_item_granted_to_a_sleeper_not_yet_awake_is_not_taken_from_it(arena):
+    z = arena.zcreate("granted", 256, max_items=1)
+    b = arena.attach_local()
+    try:
+        zb, cw = b.zone("granted"), layout.cpu_word(b.cpu_id)
+        h = z.alloc(M_NOWAIT)
+        w = arena._core.w
+        with arena._core.lock(z._lock_index):         # B queued, as _sleep queues it
+            w[cw + layout.CPU["WAIT_ZONE"]] = z.id + 1
+            zb._cache._sleepq_push(b.cpu_id)
+        z.free(h)                                     # F2: handed to B's grant slot
+        assert w[cw + layout.CPU["GRANT_ZONE"]] == z.id + 1
+        assert z._cache.take_cache_of(b.cpu_id) == 0  # B's to pick up, not the manager's
+        with arena._core.lock(z._lock_index):         # B wakes and takes it
+            t = w[cw + layout.CPU["GRANT_T"]]
+            w[cw + layout.CPU["GRANT_ZONE"]] = w[cw + layout.CPU["WAIT_ZONE"]] = 0
+            zb._cache.items.append(h)
+            zb._cache.tix.append(t)
+        assert zb.alloc(M_NOWAIT) == h
+        zb.free(h)
+        zb._cache.publish()
+        assert_consistent(arena, z)
+    finally:
+        b.close()
 
 
 def test_two_cpus_bucket_fills_put_their_tags_in_different_cache_lines(arena):

@@ -5,6 +5,7 @@ clusters on contiguous pages; the packet zone giving its clusters back."""
 import errno
 import math
 import threading
+import time
 
 import pytest
 
@@ -317,6 +318,7 @@ def test_packet_zone_gives_clusters_back_when_the_cluster_zone_is_exhausted(make
 def test_a_sleeping_m_getcl_gets_a_packet_freed_by_another_cpu(make):
     a = make(**tun(nmbclusters=2))
     ps = [mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR, arena=a) for _ in range(2)]
+    fails = {z: a.zone_stats(z).failures for z in ("mbuf_cluster", "mbuf_packet")}
     got, errs = [], []
 
     def sleeper():
@@ -327,8 +329,8 @@ def test_a_sleeping_m_getcl_gets_a_packet_freed_by_another_cpu(make):
 
     th = threading.Thread(target=sleeper)
     th.start()
-    for _ in range(200):
-        if a.zone_stats("mbuf_packet").sleeps:
+    for _ in range(200):                    # the packet init waits for a cluster
+        if a.zone_stats("mbuf_cluster").sleepers:
             break
         threading.Event().wait(0.01)
     for p in ps:
@@ -338,8 +340,46 @@ def test_a_sleeping_m_getcl_gets_a_packet_freed_by_another_cpu(make):
     assert not th.is_alive() and not errs, errs
     (m,) = got
     assert m is not None and m.refcnt == 1 and m.m_flags & mb.M_EXT
-    assert a.zone_stats("mbuf_packet").sleeps >= 1
+    # one sleep, charged where FreeBSD charges it: the cluster zone; no failure
+    assert a.zone_stats("mbuf_cluster").sleeps == 1
+    assert a.zone_stats("mbuf_packet").sleeps == 0
+    assert {z: a.zone_stats(z).failures for z in fails} == fails
+    assert a.netstat_m().splitlines()[8] == ("0/1/0 requests for mbufs delayed "
+                                             "(mbufs/clusters/mbuf+clusters)")
     mb.m_freem(m)
+    for t in list(a._thread_arenas.values()):
+        t.close()
+
+
+def test_m_getcl_waitok_at_nmbclusters_honours_its_timeout(make):
+    a = make(**tun(nmbclusters=4))
+    ps = [mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR, arena=a) for _ in range(4)]
+    assert None not in ps
+    fails = {z: a.zone_stats(z).failures for z in ("mbuf_cluster", "mbuf_packet")}
+    out = []
+
+    def waiter():
+        t0 = time.monotonic()
+        try:
+            mb.m_getcl(WK, mb.MT_DATA, mb.M_PKTHDR, arena=a, timeout=1.0)
+        except TimeoutError as e:
+            out.append((e, time.monotonic() - t0))
+
+    th = threading.Thread(target=waiter, daemon=True)
+    th.start()
+    th.join(10)
+    assert not th.is_alive(), "m_getcl(M_WAITOK, timeout=1.0) still blocked after 10 s"
+    ((e, took),) = out
+    assert 1.0 <= took < 3, took
+    # one sleep (clusters column), and one failure per zone for the request that
+    # finally timed out -- none for the polls while it slept
+    lines = a.netstat_m().splitlines()
+    assert lines[8] == "0/1/0 requests for mbufs delayed (mbufs/clusters/mbuf+clusters)"
+    assert {z: a.zone_stats(z).failures - n for z, n in fails.items()} == {
+        "mbuf_cluster": 1, "mbuf_packet": 1}
+    assert a.zone_stats("mbuf_packet").items == 4         # nothing left behind
+    for p in ps:
+        mb.m_freem(p)
     for t in list(a._thread_arenas.values()):
         t.close()
 

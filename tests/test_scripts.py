@@ -228,3 +228,16 @@ def test_cleanup_leaves_an_arena_in_use_alone(busy_arena, capsys):
 def test_cleanup_of_unknown_arena_says_so(arena_name, capsys):
     assert cli.main(["cleanup", "--name", arena_name]) == 0
     assert "no OS objects" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ serve --strict
+def test_serve_strict_refuses_an_arena_larger_than_dev_shm(arena_name):
+    from shmalloc.ipc import shm_free_bytes
+    size = shm_free_bytes() + (1 << 30)            # refused before anything is made
+    if size >= 1 << 40:
+        pytest.skip("/dev/shm is larger than the largest arena")
+    r = run(sys.executable, "-m", "shmalloc.scripts.cli", "serve", "--name", arena_name,
+            "--size", str(size), "--strict", "-q")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "bytes asked, /dev/shm has" in r.stderr and "strict" in r.stderr, r.stderr
+    assert naming.list_objects(arena_name) == []

@@ -98,7 +98,7 @@ class Fleet:
 
     def __init__(self, name: str, n: int, workload: str = "churn", *, seed: int = 0,
                  size: int = 64 << 20, tunables: dict | None = None, killpoints: str = "",
-                 replace: bool = True, log=None):
+                 replace: bool = True, log=None, strict: bool = False):
         if n < 1:
             raise ValueError(f"need at least one worker, not {n}")
         if workload not in WORKLOAD_NAMES:
@@ -106,7 +106,7 @@ class Fleet:
                              f"not {workload!r}")
         self.name, self.n, self.workload, self.seed = name, n, workload, seed
         self.size, self.tunables = size, dict(tunables or {})
-        self.killpoints, self.replace = killpoints, replace
+        self.killpoints, self.replace, self.strict = killpoints, replace, strict
         self.log = log or (lambda text: None)
         self.ctx = mp.get_context("spawn")
         self.team = Team(self.ctx, n)
@@ -202,6 +202,8 @@ class Fleet:
         else:
             cmd += ["--size", str(self.size)]
             cmd += [f"--tunable={k}={v}" for k, v in self.tunables.items()]
+            if self.strict:
+                cmd.append("--strict")
         env = {k: v for k, v in os.environ.items()
                if k not in ("SHMALLOC_KILLPOINTS", "SHMALLOC_KILL_SEED")}
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -488,7 +490,7 @@ class Fleet:
 
 # ============================================================================ launch
 def launch(n=4, seconds=5.0, size=64 << 20, seed=None, name=None, out=sys.stdout, live=True,
-           workload="churn", kill_every=None, kill_manager=False):
+           workload="churn", kill_every=None, kill_manager=False, strict=False):
     """Run ``n`` worker CPUs doing ``workload`` for ``seconds`` on a new arena of ``size``
     bytes under a keg manager; report to ``out``.
 
@@ -497,6 +499,7 @@ def launch(n=4, seconds=5.0, size=64 << 20, seed=None, name=None, out=sys.stdout
     second on a TTY, else one line a second) and the manager's log. ``kill_every``:
     SIGKILL a random worker every that many seconds (a new one takes its place);
     ``kill_manager``: SIGKILL the manager halfway and adopt the arena with a new one.
+    ``strict``: the manager refuses an arena larger than /dev/shm has room for.
     Returns a summary dict: name, seed, cpus, workload, seconds, ops, ops_per_s, kills,
     recoveries, check_ok, leftovers, errors (one text per failed worker), ok.
     """
@@ -514,7 +517,7 @@ def launch(n=4, seconds=5.0, size=64 << 20, seed=None, name=None, out=sys.stdout
         if live:
             say(("\r\033[K" if tty else "") + text)
 
-    fleet = Fleet(name, n, workload, seed=seed, size=size, log=log)
+    fleet = Fleet(name, n, workload, seed=seed, size=size, log=log, strict=strict)
     summary = {"name": name, "seed": seed, "cpus": n, "workload": workload,
                "seconds": seconds, "check_ok": False, "ops": 0, "ops_per_s": 0.0}
     errors: list[str] = []

@@ -17,9 +17,15 @@ foreground.  It creates the arena and the mbuf zones, is a CPU itself, and every
    waiting for their sharers and clusters left to the references), then its
    cached items back, its other allocated items freed through the zone's dtor,
    what was in flight to it, its mailbox and its slot (``shmalloc.recovery``);
-4. every ``TRIM_SECONDS`` trims each zone's depot to its working-set estimate
+4. serves sleepers whose items sit in a cache nobody answers for: a CPU that has
+   left a drain request for a zone with sleepers in its mailbox, unread, for
+   ``GRACE`` seconds (it has not called into the arena's slow paths, recv or poll
+   since) and whose process is not stopped has its cached items of the zone (and
+   of the zones that hold them: packets hold clusters) taken from the tags and
+   handed to the sleepers (``zone.take_cache_of``);
+5. every ``TRIM_SECONDS`` trims each zone's depot to its working-set estimate
    (UMA's ``zone_trim``) and gives empty slabs back;
-5. when free pages fall under ``lowmem`` of the arena, runs the low-memory
+6. when free pages fall under ``lowmem`` of the arena, runs the low-memory
    reclaim: the registered protocol drains (``mb_reclaim``), a drain request by
    message to every CPU, then every depot and every free slab.
 
@@ -39,6 +45,8 @@ from __future__ import annotations
 
 import faulthandler
 import os
+
+import psutil
 import signal
 import sys
 import threading
@@ -50,7 +58,8 @@ from shmalloc import layout as L
 from shmalloc.errors import ShmallocError
 from shmalloc.ipc import naming
 from shmalloc.ipc.segment import Segment
-from shmalloc.mail import MSG_DRAIN
+from shmalloc.mail import MSG_DRAIN, mail_taken
+from shmalloc.zone import drain_companions
 
 from .mbuf_recovery import recover_mbufs
 
@@ -63,12 +72,13 @@ POLL = 0.2
 ORPHAN_SECONDS = 2.0
 TRIM_SECONDS = 20.0
 LOWMEM = 0.05
+GRACE = 1.0            # seconds a drain request may wait unread before the cache is taken
 
 
 class Manager:
     def __init__(self, name: str, size: int | None = None, tunables: dict | None = None,
                  adopt: bool = False, lowmem: float = LOWMEM, log=None,
-                 idle_exit: float | None = None):
+                 idle_exit: float | None = None, strict: bool = False):
         self.log = log or (lambda msg: None)
         self.idle_exit = idle_exit
         self._busy_at = time.monotonic()
@@ -81,6 +91,8 @@ class Manager:
         self._repairing: set[int] = set()          # only to claim a lock (never waits)
         self._last_trim = time.monotonic()
         self._last_lowmem = 0.0
+        self._asked: dict[tuple, tuple[float, int]] = {}    # unanswered drain requests
+        self.caches_taken = 0                              # items taken for sleepers
         if adopt:
             self._repair_before_adopting(name)
             self.arena = Arena.attach(name)
@@ -88,7 +100,7 @@ class Manager:
                      f"{self.arena._core.w[L.HDR['MANAGER_PID']]})")
         else:
             kw = {} if size is None else {"size": size}
-            self.arena = Arena.create(name, tunables=tunables, **kw)
+            self.arena = Arena.create(name, tunables=tunables, strict=strict, **kw)
             try:
                 self._make_mbuf_zones()
             except BaseException:
@@ -273,6 +285,7 @@ class Manager:
         with self._repair_guard:
             self._release_orphaned_locks()
         self.arena.poll()
+        self.serve_sleepers()
         now = time.monotonic()
         if now - self._last_trim >= TRIM_SECONDS:
             self._last_trim = now
@@ -281,6 +294,64 @@ class Manager:
             self._last_lowmem = now
             self.reclaim()
         self.arena._drain_caches()            # what recovery put in the manager's cache
+
+    def serve_sleepers(self, grace: float = GRACE) -> int:
+        """For each zone with sleepers: take the cached items of every live CPU
+        that has had its drain request for the zone (``DRAIN_ASKED``) in its
+        mailbox, unread, for ``grace`` seconds -- watched from one round to the
+        next by how far it has read its mailbox, which any recv, poll or slow path
+        moves -- unless its process is stopped (a stopped thread may be inside its
+        alloc fast path); the zones whose cached items hold the zone's items
+        (packets hold clusters) first, drained whole.  What is taken goes to the
+        sleepers (``_flush`` grants first), the rest to the depot.  Returns how
+        many items were taken."""
+        a = self.arena
+        core, w = a._core, a._core.w
+        now = time.monotonic()
+        watching: dict[tuple, tuple[float, int]] = {}
+        taken = 0
+        for z in core.live_zone_ids():
+            if not w[L.zone_word(z) + L.ZONE["SLEEPERS"]]:
+                continue
+            bit = L.zone_bit(z)
+            for cpu in core.live_cpus():
+                cw = L.cpu_word(cpu)
+                if cpu == a.cpu_id or not w[cw + L.CPU["DRAIN_ASKED"]] & bit:
+                    continue
+                key = (cpu, w[cw + L.CPU["GEN"]], z)
+                read = mail_taken(core, cpu)
+                seen = self._asked.get(key)
+                if seen is None or seen[1] != read:
+                    watching[key] = (now, read)
+                    continue
+                watching[key] = seen
+                if now - seen[0] < grace or _stopped(w[cw + L.CPU["PID"]]):
+                    continue
+                taken += self._take_caches(z, cpu)
+                watching[key] = (now, read)          # the next take, a grace later
+        self._asked = watching
+        return taken
+
+    def _take_caches(self, zone_id: int, cpu: int) -> int:
+        """Take CPU ``cpu``'s cached items of zone ``zone_id`` and of its companion
+        zones for the zone's sleepers; log it.  Returns how many."""
+        a = self.arena
+        zone = a._zone_by_id(zone_id)
+        n = 0
+        for name in drain_companions(zone.name):
+            zid = a._core.zone_id(name)
+            if zid >= 0:
+                comp = a._zone_by_id(zid)
+                n += comp._cache.take_cache_of(cpu)
+                comp.drain()                       # fini: what they hold goes back
+        n += zone._cache.take_cache_of(cpu)
+        zone._cache.drain_cache()                  # to the sleepers first
+        if n:
+            self.caches_taken += n
+            self.log(f"manager: took {n} cached item(s) of CPU {cpu} (pid {self._pid(cpu)}) "
+                     f"for the sleepers of zone {zone.name!r}: a drain request went "
+                     f"unanswered")
+        return n
 
     def dead_cpus(self) -> list[int]:
         core, w = self.arena._core, self.arena._core.w
@@ -380,10 +451,21 @@ class Manager:
         return self.arena.reclaim()
 
 
+def _stopped(pid: int) -> bool:
+    """True if process ``pid`` is stopped or traced (or cannot be looked at):
+    its threads may have stopped anywhere, inside an alloc fast path included."""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED,
+                                                 psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return True
+
+
 def serve_main(name: str, size: int | None, tunables: dict, adopt: bool, quiet: bool,
-               idle_exit: float | None = None) -> int:
+               idle_exit: float | None = None, strict: bool = False) -> int:
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     faulthandler.register(signal.SIGUSR1, all_threads=True)    # kill -USR1: where is it?
-    mgr = Manager(name, size=size, tunables=tunables, adopt=adopt, log=log, idle_exit=idle_exit)
+    mgr = Manager(name, size=size, tunables=tunables, adopt=adopt, log=log, idle_exit=idle_exit,
+                  strict=strict)
     mgr.run()
     return 0

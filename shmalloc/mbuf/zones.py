@@ -30,7 +30,7 @@ import warnings
 
 from .. import layout as L
 from ..errors import ZoneError
-from ..zone import BUCKET_MAX, M_NOWAIT, M_WAITOK
+from ..zone import BUCKET_MAX, M_NOWAIT, M_WAITOK, register_drain_companion
 from .constants import (EXT_CLUSTER, EXT_JUMBO9, EXT_JUMBO16, EXT_JUMBOP, EXT_PACKET,
                         MBUF_CLUSTER_MEM_NAME, MBUF_EXTREFCNT_MEM_NAME, MBUF_JUMBO9_MEM_NAME,
                         MBUF_JUMBO16_MEM_NAME, MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME,
@@ -258,3 +258,8 @@ def ctx(arena) -> Ctx:
         c = Ctx(arena)
         arena._mb = c
     return c
+
+
+# a cached packet holds a cluster: a request asleep on the cluster zone also needs the
+# packet zone drained (its fini gives the cluster back), here and by the CPUs it asks
+register_drain_companion(MBUF_CLUSTER_MEM_NAME, MBUF_PACKET_MEM_NAME)
