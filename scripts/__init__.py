@@ -5,20 +5,4 @@ command module offers ``add_arguments(parser)`` and ``run(args) -> exit status``
 assembles them, and ``python -m shmalloc.scripts.<command>`` goes through ``cli`` too.
 """
 
-import argparse
-
-
-def positive_int(text):
-    """argparse type: an int >= 1."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return n
-
-
-def positive_seconds(text):
-    """argparse type: a positive number of seconds."""
-    s = float(text)
-    if not s > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return s
+from shmalloc.workers import positive_int, positive_seconds  # noqa: F401  (the argparse types)

@@ -24,6 +24,7 @@ import time
 
 from shmalloc import Arena, CorruptionError, ShmallocError, admin
 from shmalloc.ipc import naming
+from shmalloc.workers import manager
 from shmalloc.mbuf import SYSCTLS, SysctlError
 
 from . import bench, chaos, launch, positive_int, stress
@@ -79,22 +80,9 @@ def _parser():
     p.add_argument("-c", "--count", type=positive_int, metavar="COUNT",
                    help="with -w: stop after COUNT reports")
 
-    p = command("serve", _serve, "run the keg manager of an arena in the foreground "
-                "(until SIGTERM/SIGINT, then remove the arena)")
-    p.add_argument("--name", required=True, metavar="ARENA")
-    p.add_argument("--size", type=positive_int, metavar="BYTES",
-                   help="arena size (default 64 MiB)")
-    p.add_argument("--tunable", action="append", default=[], metavar="NAME=VALUE",
-                   help="boot-time tunable, e.g. kern.ipc.nmbclusters=0 (repeatable)")
-    p.add_argument("--adopt", action="store_true",
-                   help="take over an existing arena whose manager died")
-    p.add_argument("--idle-exit", type=_positive_float, metavar="SECONDS",
-                   help="remove the arena and exit once no other process has been attached "
-                   "for SECONDS")
-    p.add_argument("--strict", action="store_true",
-                   help="refuse to create an arena larger than /dev/shm has room for "
-                   "(default: warn)")
-    p.add_argument("-q", "--quiet", action="store_true", help="do not log recoveries")
+    p = command("serve", manager.serve_from_args, "run the keg manager of an arena in the "
+                "foreground (until SIGTERM/SIGINT, then remove the arena)")
+    manager.add_serve_arguments(p)
 
     p = command("sysctl", _sysctl, "read or raise the mbuf sysctls of a running arena, "
                 "as sysctl(8) does")
@@ -147,37 +135,7 @@ def _check(args):
     return 0
 
 
-# ------------------------------------------------------------------------ serve, sysctl
-def _tunables(items):
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"shmalloc serve: --tunable needs NAME=VALUE, not {item!r}")
-        try:
-            out[key.strip()] = int(value)
-        except ValueError:
-            raise SystemExit(f"shmalloc serve: {key}: {value!r} is not an integer") from None
-    return out
-
-
-def _serve(args):
-    """Run the keg manager until SIGTERM/SIGINT."""
-    from shmalloc.workers.manager import serve_main
-    return serve_main(args.name, args.size, _tunables(args.tunable), args.adopt, args.quiet,
-                      idle_exit=args.idle_exit, strict=args.strict)
-
-
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return v
-
-
+# ------------------------------------------------------------------------ sysctl
 def _sysctl(args):
     """sysctl(8) for an arena: NAME prints ``NAME: value``, NAME=VALUE sets it and prints
     ``NAME: old -> new`` (limits only rise), ``-n`` leaves the names out, ``-a`` lists

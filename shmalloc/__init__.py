@@ -9,6 +9,10 @@ An allocation is satisfied in this order, fast to slow (UMA's search order):
 4. the arena's pages (``vm``: runs of pages; vm lock)
 
 Layers: ``scripts`` -> ``workers`` -> ``shmalloc`` (this package) -> ``ipc``.
+Inside this package the core (``layout``, ``vm``, ``keg``, ``zone``, ``arena``,
+``recovery``, ``supervisor`` ...) names nothing above it; the layers on it, the mbuf
+layer (``shmalloc.mbuf``) and Buffers (``shmalloc.buffer``), register what they add
+(``layers``) and are imported here, so every process that imports shmalloc has them.
 The byte layout of an arena lives in ``layout`` alone.
 """
 
@@ -16,13 +20,17 @@ from .arena import Arena
 from .errors import (ArenaClosedError, ArenaExistsError, ArenaFullError, ArenaNotFoundError,
                      ArenaPermissionError, BadHandleError, BadNameError, CorruptionError,
                      DoubleFreeError, ForeignHandleError, HookError, IpcLimitError, LayoutError,
-                     LockTimeoutError, ShmallocError, StaleArenaError, TooManyCpusError,
-                     UseAfterFreeError, ZoneError)
+                     LockTimeoutError, ShmallocError, StaleArenaError, SysctlError,
+                     TooManyCpusError, UseAfterFreeError, ZoneError)
 from .hooks import register as register_hook
 from .mail import CpuGoneError, MailboxFullError
 from .stats import LockStats, ZoneStats
+from .supervisor import Supervisor
 from .zone import M_NOWAIT, M_WAITOK, M_ZERO, Zone
-from .default import connect, default_arena
+# the layers on the core: imported here, they register with it
+from . import mbuf  # noqa: E402,F401
+from .buffer import Buffer, BufferClosedError, shared_array_class  # noqa: E402
+from .default import connect, default_arena  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,18 +40,13 @@ __all__ = [
     "ArenaNotFoundError", "ArenaPermissionError", "BadHandleError", "BadNameError",
     "CorruptionError", "DoubleFreeError", "ForeignHandleError", "HookError", "IpcLimitError",
     "LayoutError", "LockTimeoutError", "TooManyCpusError", "UseAfterFreeError", "ZoneError",
-    "MailboxFullError", "CpuGoneError", "ArenaFullError", "StaleArenaError",
-    "Buffer", "BufferClosedError", "SharedArray", "connect", "default_arena",
+    "MailboxFullError", "CpuGoneError", "ArenaFullError", "StaleArenaError", "SysctlError",
+    "Buffer", "BufferClosedError", "SharedArray", "connect", "default_arena", "Supervisor",
 ]
 
 
 def __getattr__(name):
-    """Buffers load the mbuf layer: imported on first use, so that ``import shmalloc``
-    stays the core alone (SharedArray also needs numpy, which is optional)."""
-    if name in ("Buffer", "BufferClosedError"):
-        from . import buffer
-        return getattr(buffer, name)
+    """``SharedArray`` needs numpy, which is optional: made on first use."""
     if name == "SharedArray":
-        from .buffer import shared_array_class
         return shared_array_class()
     raise AttributeError(f"module 'shmalloc' has no attribute {name!r}")

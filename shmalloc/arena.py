@@ -31,9 +31,12 @@ from .ipc import naming
 from .ipc.lock import LocalLock, SemLock
 from .ipc.segment import Segment, shm_free_bytes
 from .ipc.semaphore import LocalWakeSemaphore, WakeSemaphore
-from . import slots
+from . import layers, slots
+from . import stats as _stats
+from .admin import existing_arena_error, remove_stale
+from .check import check as _check
 from .debug import LockOrderError, WitnessLock
-from .hooks import DTOR_RECOVER
+from .hooks import DTOR_RECOVER, name_of
 from .keg import Keg
 from .mail import CpuGoneError, MailboxFullError, PostOffice, max_handles, MSG_HANDOFF
 from .vm import Vm
@@ -267,6 +270,13 @@ class _Core:
 _live_arenas: "weakref.WeakSet[Arena]" = weakref.WeakSet()
 
 
+def live_attachments(name: str) -> set[int]:
+    """The CPU slots of arena ``name`` that this process holds open (its
+    attachments and their threads' CPUs; not a forked parent's)."""
+    return {a.cpu_id for a in list(_live_arenas)
+            if a.name == name and not a._closed and not a._forked()}
+
+
 def _after_fork_in_child():
     for a in list(_live_arenas):
         a._on_fork()
@@ -324,8 +334,8 @@ class Arena:
                tunables: dict | None = None, strict: bool = False,
                replace: bool = False) -> "Arena":
         """Create arena ``name`` of ``size`` bytes (rounded up to pages).
-        ``tunables``: boot-time sysctls of the mbuf layer, e.g.
-        ``{"kern.ipc.nmbclusters": 0}`` (``shmalloc.mbuf.tunables``).
+        ``tunables``: boot-time sysctls the layers take, e.g. the mbuf layer's
+        ``{"kern.ipc.nmbclusters": 0}`` (``layers.register_tunables``).
 
         ``/dev/shm`` backs the arena's pages as they are handed out; a size
         beyond the room it has warns (ArenaSizeWarning), or with ``strict``
@@ -335,13 +345,12 @@ class Arena:
         then what they left is removed and the arena made anew."""
         name = naming.validate_name(name)
         size = cls._check_size(size)
-        tunables = _mbuf_tunables(tunables)
+        tunables = layers.validate_tunables(tunables)
         cls._check_room(name, size, strict)
         seg_name = naming.object_name(name, "arena")
         try:
             seg = Segment.create(seg_name, size)
         except ArenaExistsError:
-            from .admin import existing_arena_error, remove_stale
             err = existing_arena_error(name)
             if not (replace and isinstance(err, StaleArenaError)):
                 raise err from None
@@ -380,7 +389,7 @@ class Arena:
                      tunables: dict | None = None) -> "Arena":
         """An arena on a bytearray with in-process locks (tests, one process)."""
         size = cls._check_size(size)
-        tunables = _mbuf_tunables(tunables)
+        tunables = layers.validate_tunables(tunables)
         backend = _LocalBackend(size)
         core = _Core(backend, size)
         cls._format(core, debug, tunables)
@@ -483,9 +492,7 @@ class Arena:
         core.vm.format()
         core.debug = w[_H["DEBUG"]]
         core.create_lock(L.VM_LOCK)
-        if tunables:
-            from .mbuf.tunables import store
-            store(w, tunables)
+        layers.store_tunables(w, tunables)
         w[_H["MAGIC"]] = L.MAGIC                  # last: the arena is formatted
 
     # ------------------------------------------------------------ CPU slots
@@ -639,7 +646,6 @@ class Arena:
             raise ZoneError(f"zone {name!r}: align {align} is not a power of two <= page size")
         align = max(align, 8)
         self._check_zone_options(name, bucket_size, xfree)
-        from .hooks import name_of
         hooks = [name_of(h) for h in (ctor, dtor, init, fini)]
         core, w = self._core, self._core.w
         with core.lock(L.VM_LOCK):
@@ -667,7 +673,6 @@ class Arena:
         self._check_open()
         master = self.zone(master) if isinstance(master, str) else master
         self._check_zone_options(name, bucket_size, xfree)
-        from .hooks import name_of
         hooks = [name_of(h) for h in (ctor, dtor, init, fini)]
         core = self._core
         with core.lock(L.VM_LOCK):
@@ -780,40 +785,34 @@ class Arena:
                 a._publish_all()
 
     def zone_stats(self, name: str):
-        from .stats import zone_stats
         self._publish_all()
         zid = self._core.zone_id(name) if isinstance(name, str) else name
         if zid not in self._core.live_zone_ids():
             raise ZoneError(f"arena {self.name!r} has no zone {name!r}")
-        return zone_stats(self._core, zid)
+        return _stats.zone_stats(self._core, zid)
 
     def stats(self):
-        from .stats import arena_stats
         self._publish_all()
-        return arena_stats(self._core)
+        return _stats.arena_stats(self._core)
 
     def cpu_stats(self):
         """Per-CPU counters summed over zones (live CPUs), as published."""
-        from .stats import cpu_stats
         self._publish_all()
-        return cpu_stats(self._core)
+        return _stats.cpu_stats(self._core)
 
     def lock_stats(self):
-        from .stats import lock_stats
-        return lock_stats(self._core)
+        return _stats.lock_stats(self._core)
 
     def vmstat_z(self) -> str:
-        from .stats import vmstat_z
         self._publish_all()
-        return vmstat_z(self._core)
+        return _stats.vmstat_z(self._core)
 
     def check(self, level: int = 1) -> None:
         """Prove conservation and every structural invariant from the tags;
         raise CorruptionError naming each inconsistency."""
-        from .check import check
         self._check_open()
         self._publish_all()
-        check(self, level)
+        _check(self, level)
 
     def reclaim(self) -> int:
         """Low-memory reclaim for this process: drain this CPU's caches and every
@@ -1148,48 +1147,25 @@ class Arena:
             if zid >= 0:
                 self._zone_by_id(zid).drain()
 
-    # ------------------------------------------------------------ mbuf layer (shmalloc.mbuf)
+    # ------------------------------------------------------------ what layers add
     def sysctl(self, name: str, value: int | None = None) -> int:
-        """Read an mbuf sysctl (``kern.ipc.nmbclusters`` ...), or raise it to
-        ``value`` (a lower value: SysctlError with errno EINVAL)."""
-        from .mbuf.tunables import sysctl
-        return sysctl(self, name, value)
+        """Read sysctl ``name`` (``kern.ipc.nmbclusters`` ...), or set it to ``value``;
+        the names are those the layers registered (``layers.register_sysctl``).
+        SysctlError with errno ENOENT for an unknown name."""
+        return layers.sysctl(self, name, value)
 
-    def netstat_m(self) -> str:
-        """``netstat -m`` of this arena (FreeBSD's format)."""
-        from .mbuf.stats import netstat_m
-        return netstat_m(self)
-
-    def mbstat(self):
-        """``kern.ipc.mbstat`` of this arena (shmalloc.mbuf.MbStat)."""
-        from .mbuf.stats import mbstat
-        return mbstat(self)
-
-    # ------------------------------------------------------------ Buffers (shmalloc.buffer)
-    def alloc(self, nbytes: int):
-        """A ``shmalloc.Buffer`` of ``nbytes`` bytes from the smallest zone that
-        fits (mbuf clusters up to 16 KiB, then size classes made on first use)."""
-        from .buffer import alloc
-        return alloc(self, nbytes)
-
-    def from_bytes(self, data):
-        """A Buffer holding a copy of ``data`` (any bytes-like object)."""
-        from .buffer import from_bytes
-        return from_bytes(self, data)
-
-    def ndarray(self, shape, dtype=float, order: str = "C"):
-        """A numpy array backed by a Buffer (``shmalloc.SharedArray``): zero copy,
-        pickled as a reference; the Buffer closes when the last view of it goes."""
-        from .buffer import ndarray
-        return ndarray(self, shape, dtype, order)
-
-
-def _mbuf_tunables(tunables) -> dict:
-    """Validate ``Arena.create(tunables=...)`` before any OS object is made."""
-    if tunables is None:
-        return {}
-    from .mbuf.tunables import validate
-    return validate(tunables)
+    @classmethod
+    def extend(cls, fn, name: str | None = None):
+        """Add ``fn`` as method ``name`` (its own name by default): how a layer
+        above the core gives the arena its facade (``arena.netstat_m()`` from the
+        mbuf layer, ``arena.alloc(n)`` from Buffers).  A name the core defines is
+        refused.  Returns ``fn``."""
+        name = name or fn.__name__
+        have = cls.__dict__.get(name)
+        if have is not None and getattr(have, "__module__", None) != fn.__module__:
+            raise AttributeError(f"Arena.{name} is already defined by {have!r}")
+        setattr(cls, name, fn)
+        return fn
 
 
 def _cleanup_failed_create(name, seg):

@@ -48,6 +48,7 @@ import threading
 import weakref
 
 from . import default
+from .arena import Arena
 from . import layout as L
 from ._export import Exporter
 from .errors import ArenaClosedError, ArenaFullError, ArenaNotFoundError, ShmallocError, ZoneError
@@ -651,3 +652,9 @@ def ndarray(arena, shape, dtype=float, order: str = "C"):
     buf = alloc(arena, count * dt.itemsize)
     flat = np.asarray(_ArrayOwner(buf))
     return flat.view(dt).reshape(shape, order=order).view(shared_array_class())
+
+
+# the arena's facade: arena.alloc(n), arena.from_bytes(data), arena.ndarray(shape)
+Arena.extend(alloc)
+Arena.extend(from_bytes)
+Arena.extend(ndarray)

@@ -21,7 +21,7 @@ Two jobs, both per process:
    process attaches to it; if not, a keg manager is started for it, detached (its own
    session, double-forked: no zombie, not killed with this process's process group)::
 
-       python -m shmalloc.scripts.cli serve --name NAME --size SIZE --idle-exit SECONDS -q
+       python -m shmalloc.workers.manager --name NAME --size SIZE --idle-exit SECONDS -q
 
    and the arena lives while any process is attached and ``SECONDS`` after the last
    one left (``$SHMALLOC_IDLE_EXIT``, default 10 s); then the manager removes it.  A
@@ -279,7 +279,7 @@ _TRAMPOLINE = ("import os, sys\n"
 def _start_manager(name: str, size: int, idle_exit: float, adopt: bool):
     """Start ``shmalloc serve`` for ``name`` in a session of its own, double-forked
     so that it is nobody's child here.  Returns the file its stderr goes to."""
-    cmd = [sys.executable, "-m", "shmalloc.scripts.cli", "serve", "--name", name,
+    cmd = [sys.executable, "-m", "shmalloc.workers.manager", "--name", name,
            "--idle-exit", repr(idle_exit), "-q"]
     cmd += ["--adopt"] if adopt else ["--size", str(size)]
     log = tempfile.TemporaryFile(prefix="shmalloc-serve-")

@@ -10,8 +10,10 @@ __all__ = [
     "IpcLimitError", "LockTimeoutError", "ShmallocError", "BadHandleError", "ForeignHandleError",
     "DoubleFreeError", "ArenaClosedError", "LayoutError", "CorruptionError", "UseAfterFreeError",
     "ZoneError", "HookError", "TooManyCpusError", "ArenaFullError", "StaleArenaError",
-    "NoSpaceError", "ArenaSizeWarning",
+    "NoSpaceError", "ArenaSizeWarning", "SysctlError",
 ]
+
+import errno as _errno  # noqa: E402
 
 from .ipc.errors import (  # noqa: E402  (re-exported)
     ArenaExistsError,
@@ -82,3 +84,18 @@ class HookError(ShmallocError):
 
 class TooManyCpusError(ShmallocError):
     """Every CPU slot of the arena is taken."""
+
+
+class SysctlError(ShmallocError):
+    """A sysctl refused, with the errno sysctl(3) would set: ``ENOENT`` for an
+    unknown name, ``EINVAL`` for a value that lowers a limit, ``EPERM`` for a
+    read-only one."""
+
+    def __init__(self, errno: int, message: str):
+        super().__init__(message)
+        self.errno = errno
+
+    @property
+    def strerror(self) -> str:
+        return {_errno.ENOENT: "unknown oid", _errno.EINVAL: "Invalid argument",
+                _errno.EPERM: "Operation not permitted"}.get(self.errno, str(self))

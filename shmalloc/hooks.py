@@ -1,6 +1,7 @@
 """Named hooks: ctor, dtor, init and fini are stored in shared memory by *name*
-(``"package.module:function"`` or a name registered with :func:`register`, such
-as the built-in mbuf hooks) and resolved in every process that uses the zone.
+(``"package.module:function"``, as the mbuf layer's are, or a name registered with
+:func:`register` in every process that uses the zone) and resolved in each
+process, which imports the module the name gives.
 
 Signatures (``zone`` is the process's :class:`~shmalloc.zone.Zone`)::
 
@@ -29,7 +30,8 @@ _registry: dict[str, Callable] = {}
 
 
 def register(name: str, fn: Callable) -> Callable:
-    """Make ``fn`` resolvable as ``name`` in this process (built-in hooks)."""
+    """Make ``fn`` resolvable as ``name`` in this process (each process that uses
+    the zone must register it too: a module-qualified name needs no registration)."""
     _registry[name] = fn
     return fn
 
@@ -62,10 +64,6 @@ def resolve(name: str) -> Callable | None:
     fn = _registry.get(name)
     if fn is not None:
         return fn
-    if ":" not in name and _import_builtin_providers():
-        fn = _registry.get(name)
-        if fn is not None:
-            return fn
     mod, sep, attr = name.partition(":")
     if not sep or not mod or not attr:
         raise HookError(f"hook name {name!r} is neither registered nor 'package.module:function'")
@@ -78,21 +76,3 @@ def resolve(name: str) -> Callable | None:
     if not callable(obj):
         raise HookError(f"hook {name!r} is not callable")
     return obj
-
-
-# Built-in hook names (no ":") are registered by the upper layers of this package when
-# they are imported.  A process that meets such a name before importing them (say, one
-# that only calls arena.reclaim() on an arena with mbuf zones) imports them here.
-_BUILTIN_PROVIDERS = ("shmalloc.mbuf",)
-_providers_imported = False
-
-
-def _import_builtin_providers() -> bool:
-    """Import the modules that register built-in hooks; True the first time."""
-    global _providers_imported
-    if _providers_imported:
-        return False
-    _providers_imported = True
-    for mod in _BUILTIN_PROVIDERS:
-        importlib.import_module(mod)
-    return True

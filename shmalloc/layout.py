@@ -50,7 +50,7 @@ from __future__ import annotations
 from .ipc import lock as _ipc_lock
 
 MAGIC = 0x434F4C4C414D4853          # b"SHMALLOC" read as a little-endian word
-LAYOUT_VERSION = 2                   # 2: CPU words DRAIN_ASKED, REVOKES
+LAYOUT_VERSION = 3                  # 3: hook names are module-qualified
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

@@ -28,7 +28,6 @@ so hooks may run twice for an item across a crash: dtor and fini must tolerate i
 
 from __future__ import annotations
 
-import importlib
 import os
 from array import array
 
@@ -62,16 +61,28 @@ def mailbox_lock(core, cpu: int):
 # zone lock than the zone (the mbuf layer's refcount journal) finish their step.
 repair_hooks: list = []
 
+# Run for a dead CPU before ``recover_cpu``, as fn(arena, cpu, dead) -> counts, by
+# ``Supervisor.recover``: a layer that owns items through others (the mbuf layer:
+# clusters through mbufs) gives back what the dead CPU held its way first.
+passes: list = []
+
+
+def register_repair(fn) -> None:
+    """Add ``fn(core, lock_index)`` to the zone-lock repair steps."""
+    if fn not in repair_hooks:
+        repair_hooks.append(fn)
+
+
+def register_pass(fn) -> None:
+    """Add ``fn(arena, cpu, dead)`` to the dead-CPU recovery passes."""
+    if fn not in passes:
+        passes.append(fn)
+
 
 def rebuild_zone(core, zone_id: int, owner_id: int) -> list:
     """Depot, ITEMS and sleep queue of a zone from the tags, after the
     ``repair_hooks``.  Lock: the zone's (repaired: held on the dead owner's
     behalf); takes its keg's.  Returns what the hooks did."""
-    if not repair_hooks:
-        try:
-            importlib.import_module(__package__ + ".mbuf")   # registers its journal's repair
-        except ImportError:
-            pass
     done = [r for r in (fn(core, L.zone_lock_index(zone_id)) for fn in repair_hooks) if r]
     w = core.w
     zw = L.zone_word(zone_id)

@@ -592,9 +592,10 @@ def test_a_copy_whose_free_was_cut_short_is_not_dropped_twice(arena_name):
 def test_core_recovery_alone_gives_a_dead_cpus_clusters_up(arena_name, monkeypatch):
     """The clusters a dead CPU allocated for the packets it imported are left to the
     mbufs that point at them, held by no CPU (``check`` fails while they name a CPU
-    that is not live) -- by shmalloc.recovery itself, workers.mbuf_recovery off."""
+    that is not live) -- by shmalloc.recovery itself, the mbuf layer's pass off."""
+    from shmalloc import recovery
     from shmalloc.workers import manager as manager_module
-    monkeypatch.setattr(manager_module, "recover_mbufs", lambda *args: {})
+    monkeypatch.setattr(recovery, "passes", [])
     mgr = manager_module.Manager(arena_name, size=16 << 20)
     q = SPAWN.Queue()
     p = SPAWN.Process(target=_child, args=("packets_then_sleep", q, arena_name), daemon=True)

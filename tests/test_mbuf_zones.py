@@ -57,8 +57,9 @@ def test_mbuf_init_makes_the_seed_zones(make):
     for n in ("mbuf_cluster", "mbuf_jumbo_page", "mbuf_jumbo_9k", "mbuf_jumbo_16k"):
         assert zones[n].keg.refcnt, n                            # refcount trailers
     assert not zones["mbuf"].keg.refcnt
-    assert zones["mbuf_packet"].hook_names == dict(ctor="mb_ctor_pack", dtor="mb_dtor_pack",
-                                                   init="mb_zinit_pack", fini="mb_zfini_pack")
+    q = "shmalloc.mbuf.ctors:"                                  # module-qualified hook names
+    assert zones["mbuf_packet"].hook_names == dict(ctor=q + "mb_ctor_pack", dtor=q + "mb_dtor_pack",
+                                                   init=q + "mb_zinit_pack", fini=q + "mb_zfini_pack")
     again = mb.mbuf_init(a)                                     # idempotent
     assert {n: z.id for n, z in again.items()} == {n: z.id for n, z in zones.items()}
     z = a.vmstat_z()

@@ -44,6 +44,7 @@ from .constants import __all__ as _constants_all
 from .ctors import set_mbuf_label_hook
 from .errors import MbufError, SysctlError
 from .header import Ext, Mbuf, MTag, PktHdr
+from .recovery import recover_mbufs  # noqa: F401  (registers its recovery pass)
 from .reclaim import mb_reclaim, pr_drain_deregister, pr_drain_register, vm_lowmem
 from .stats import MbStat, mbstat, netstat_m, stat_m_text
 from .tags import (m_tag_alloc, m_tag_copy, m_tag_copy_chain, m_tag_delete,

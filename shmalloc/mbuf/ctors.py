@@ -12,9 +12,9 @@ hook that stands in for ``mac_mbuf_init``.
                      zone drained when the cluster zone is exhausted
     mbuf_ext_refcnt  init: a count of 0
 
-The hooks are registered here under their built-in names (``hooks.register``), which
-the zone records store (``zones.ZONE_SPECS``); ``shmalloc.hooks`` imports this package
-to resolve them in a process that has not.  Their ``arg``: the mbuf and packet ctors
+The zone records store the hooks by module-qualified name
+(``"shmalloc.mbuf.ctors:mb_ctor_mbuf"``, ``zones``), which every process resolves by
+importing this module.  Their ``arg``: the mbuf and packet ctors
 take ``type << 32 | flags`` (the seed's ``struct mb_args``), the cluster ctor the
 handle of the mbuf to attach the cluster to (or None); the dtors take None,
 ``MB_NOTAGS`` (leave the tags), ``PACK_VERIFIED`` (m_free checked the packet
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from array import array
 
-from .. import hooks
 from ..hooks import DTOR_RECOVER
 from .constants import (EXT_PACKET, M_EXT, M_NOFREE, M_PKTHDR, MB_NOTAGS, MCLBYTES, MSIZE,
                         MT_DATA, MT_NOINIT)
@@ -330,8 +329,3 @@ def mb_zinit_extref(zone, h, how):
     """keg -> mbuf_ext_refcnt: a refcount starts at 0 (UMA_ZONE_ZINIT)."""
     _zctx(zone).u32[h >> 2] = 0
 
-
-for _fn in (mb_ctor_mbuf, mb_dtor_mbuf, mb_zinit_mbuf, mb_ctor_clust, mb_dtor_clust,
-            mb_zinit_pack, mb_zfini_pack, mb_ctor_pack, mb_dtor_pack, mb_zinit_extref):
-    hooks.register(_fn.__name__, _fn)
-del _fn

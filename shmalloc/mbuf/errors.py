@@ -1,10 +1,9 @@
-"""The exceptions of the mbuf layer; both are ShmallocError subclasses."""
+"""The exceptions of the mbuf layer (ShmallocError subclasses); SysctlError is the
+core's sysctl error, re-exported."""
 
 from __future__ import annotations
 
-import errno as _errno
-
-from ..errors import ShmallocError
+from ..errors import ShmallocError, SysctlError  # noqa: F401 (SysctlError: the core's, kept here)
 
 
 class MbufError(ShmallocError, ValueError):
@@ -12,17 +11,3 @@ class MbufError(ShmallocError, ValueError):
     the chain, an mbuf in the wrong state for the call, a refcount out of range.
     Nothing was changed when it is raised."""
 
-
-class SysctlError(ShmallocError):
-    """A sysctl refused, with the errno sysctl(3) would set: ``ENOENT`` for an
-    unknown name, ``EINVAL`` for a value that lowers a limit, ``EPERM`` for a
-    read-only one."""
-
-    def __init__(self, errno: int, message: str):
-        super().__init__(message)
-        self.errno = errno
-
-    @property
-    def strerror(self) -> str:
-        return {_errno.ENOENT: "unknown oid", _errno.EINVAL: "Invalid argument",
-                _errno.EPERM: "Operation not permitted"}.get(self.errno, str(self))

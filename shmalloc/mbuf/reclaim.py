@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 from .. import layout as L
+from .. import layers
 from .tunables import EVENTHANDLER_PRI_FIRST, eventhandler_invoke, eventhandler_register
 from .zones import ctx
 
@@ -80,3 +81,6 @@ def lowmem_check(c) -> bool:
 
 
 eventhandler_register("vm_lowmem", mb_reclaim, None, EVENTHANDLER_PRI_FIRST)
+
+
+layers.register_lowmem(vm_lowmem)        # the keg manager's low-memory reclaim

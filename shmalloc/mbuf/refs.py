@@ -264,5 +264,4 @@ def finish_refcount_step(core, lock_index: int) -> str | None:
     return f"mbuf {h}: nothing done"
 
 
-if finish_refcount_step not in _recovery.repair_hooks:
-    _recovery.repair_hooks.append(finish_refcount_step)
+_recovery.register_repair(finish_refcount_step)

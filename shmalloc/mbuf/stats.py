@@ -138,3 +138,8 @@ def stat_m_text(name: str) -> str:
         return netstat_m(arena)
     finally:
         arena.close()
+
+
+# the arena's facade: arena.netstat_m(), arena.mbstat()
+Arena.extend(netstat_m)
+Arena.extend(mbstat)

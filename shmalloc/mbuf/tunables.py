@@ -24,6 +24,7 @@ import errno
 import itertools
 
 from .. import layout as L
+from .. import layers
 from .constants import (MBUF_CLUSTER_MEM_NAME, MBUF_JUMBO9_MEM_NAME, MBUF_JUMBO16_MEM_NAME,
                         MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME)
 from .errors import SysctlError
@@ -182,3 +183,9 @@ def eventhandler_invoke(name: str, arena) -> int:
     for _, _, fn, arg in hs:
         fn(arg, arena)
     return len(hs)
+
+
+# the sysctl names and boot-time tunables of this layer, served through the core's
+# Arena.sysctl and Arena.create(tunables=...)
+layers.register_sysctl(SYSCTLS, sysctl)
+layers.register_tunables(validate, store)

@@ -29,6 +29,7 @@ import os
 import warnings
 
 from .. import layout as L
+from .. import layers
 from ..errors import ZoneError
 from ..zone import BUCKET_MAX, M_NOWAIT, M_WAITOK, register_drain_companion
 from .constants import (EXT_CLUSTER, EXT_JUMBO9, EXT_JUMBO16, EXT_JUMBOP, EXT_PACKET,
@@ -57,10 +58,14 @@ PACK_VERIFIED = 1 << 61      # a packet dtor's arg from m_free: it checked the p
 _MBS_STATE = L.MBS_WORD + L.MBS["STATE"]
 
 # the seed's zones: name -> (size, zcreate keywords, MBS limit field, hook names)
-_HOOKS_MBUF = ("mb_ctor_mbuf", "mb_dtor_mbuf", "mb_zinit_mbuf", "")
-_HOOKS_CLUST = ("mb_ctor_clust", "mb_dtor_clust", "", "")
-_HOOKS_PACK = ("mb_ctor_pack", "mb_dtor_pack", "mb_zinit_pack", "mb_zfini_pack")
-_HOOKS_EXTREF = ("", "", "mb_zinit_extref", "")
+# hooks by module-qualified name (``shmalloc.hooks``): a process that meets these zones
+# imports their module, whatever it imported itself
+_Q = "shmalloc.mbuf.ctors:"
+_HOOKS_MBUF = (_Q + "mb_ctor_mbuf", _Q + "mb_dtor_mbuf", _Q + "mb_zinit_mbuf", "")
+_HOOKS_CLUST = (_Q + "mb_ctor_clust", _Q + "mb_dtor_clust", "", "")
+_HOOKS_PACK = (_Q + "mb_ctor_pack", _Q + "mb_dtor_pack", _Q + "mb_zinit_pack",
+               _Q + "mb_zfini_pack")
+_HOOKS_EXTREF = ("", "", _Q + "mb_zinit_extref", "")
 ZONE_SPECS = (
     (MBUF_MEM_NAME, MSIZE, dict(align=MSIZE, bucket_size=BUCKET_MAX), "NMBUFS", _HOOKS_MBUF),
     (MBUF_CLUSTER_MEM_NAME, MCLBYTES, dict(refcnt=True), "NMBCLUSTERS", _HOOKS_CLUST),
@@ -263,3 +268,6 @@ def ctx(arena) -> Ctx:
 # a cached packet holds a cluster: a request asleep on the cluster zone also needs the
 # packet zone drained (its fini gives the cluster back), here and by the CPUs it asks
 register_drain_companion(MBUF_CLUSTER_MEM_NAME, MBUF_PACKET_MEM_NAME)
+
+
+layers.register_setup(mbuf_init)          # a keg manager's new arena has the mbuf zones

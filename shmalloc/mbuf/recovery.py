@@ -1,5 +1,5 @@
-"""The mbuf layer's share of recovering a dead CPU: a pass the keg manager runs
-before ``shmalloc.recovery.recover_cpu`` (a stopgap until recovery does it).
+"""The mbuf layer's share of recovering a dead CPU: a pass registered with the core's
+recovery (``shmalloc.recovery.register_pass``), run before ``recover_cpu``.
 
 What ``recover_cpu`` leaves wrong for mbufs, and what this pass does about it:
 
@@ -54,8 +54,13 @@ zone that is not an mbuf zone.
 
 from __future__ import annotations
 
-from shmalloc import layout as L
-from shmalloc import recovery, slots
+from .. import layout as L
+from .. import recovery, slots
+from .alloc import m_free
+from .constants import EXT_CLUSTER, EXT_PACKET, M_EXT, MSIZE, MT_NOTMBUF
+from .header import Mbuf
+from .zones import (EXT_BUF, EXT_OWNER, EXT_REFCNT, EXT_TYPE, FLAGS, M_PKTDAT,
+                    PACK_VERIFIED, TYPE, ctx)
 
 MBUF_ZONES = ("mbuf", "mbuf_packet")
 CLUSTER_ZONES = ("mbuf_cluster", "mbuf_jumbo_page", "mbuf_jumbo_9k", "mbuf_jumbo_16k")
@@ -75,9 +80,6 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
     names = set(arena.zones())
     if not {*MBUF_ZONES, "mbuf_cluster"} <= names:
         return counts
-    from shmalloc import mbuf as mb
-    from shmalloc.mbuf.zones import (EXT_BUF, EXT_OWNER, EXT_REFCNT, EXT_TYPE, FLAGS,
-                                     M_PKTDAT, PACK_VERIFIED, TYPE, ctx)
 
     core = arena._core
     w, u32, mv = core.w, core.tags, core.mv
@@ -87,7 +89,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
         lk.acquire(owner_id=arena.cpu_id)          # a refcount step a dead CPU left
         lk.release()                               # is finished when its lock is repaired
     owners = _referenced_packets(arena, arena.zone("mbuf"), {cpu, *dead}, EXT_OWNER,
-                                 EXT_TYPE, FLAGS, mb.EXT_PACKET, mb.M_EXT)
+                                 EXT_TYPE, FLAGS, EXT_PACKET, M_EXT)
     mine = L.tag(L.TAG_ALLOC, 0, arena.cpu_id, arena.cpu_id)
     to_free = []
 
@@ -96,8 +98,8 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
         names it as owner and a cluster the dead CPU holds allocated."""
         i = h >> 3
         cl = w[i + EXT_BUF]
-        if not cl or w[i + EXT_OWNER] != h or w[i + EXT_TYPE] not in (mb.EXT_CLUSTER,
-                                                                      mb.EXT_PACKET):
+        if not cl or w[i + EXT_OWNER] != h or w[i + EXT_TYPE] not in (EXT_CLUSTER,
+                                                                      EXT_PACKET):
             return False
         zclust = arena.zone("mbuf_cluster")
         base = zclust.keg.slab_of(cl)
@@ -126,7 +128,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
         """Packet ``p``, set aside, has no copy left (its count is its own) and no
         copy held by a CPU that is not dead points at it (a live last copy frees
         it): it is recovery's to free."""
-        return (w[(p >> 3) + TYPE] == mb.MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1
+        return (w[(p >> 3) + TYPE] == MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1
                 and p not in owners)
 
     def stale(h) -> bool:
@@ -137,7 +139,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
         recovery now) or not.  Such a copy is freed without dropping a reference
         again."""
         i = h >> 3
-        if not w[i + FLAGS] & mb.M_EXT or w[i + EXT_TYPE] != mb.EXT_PACKET:
+        if not w[i + FLAGS] & M_EXT or w[i + EXT_TYPE] != EXT_PACKET:
             return False
         p, t = packet_of(h)
         if t is None:
@@ -155,7 +157,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
                 counts["unfinished"] += 1
                 return (tv & ~L.TAG_STATE_MASK) | L.TAG_FINI
             return None
-        if zone.name == "mbuf_packet" and w[i + TYPE] == mb.MT_NOTMBUF:
+        if zone.name == "mbuf_packet" and w[i + TYPE] == MT_NOTMBUF:
             if abandoned(h):                 # its copies are gone: freed here
                 to_free_packets[h] = mine | zone.zidx << 4
                 return mine | zone.zidx << 4
@@ -163,8 +165,8 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
             return _nobody(zone, tv)
         if zone.name == "mbuf" and stale(h):
             counts["stale"] += 1
-            mv[h + M_PKTDAT:h + mb.MSIZE] = bytes(mb.MSIZE - M_PKTDAT)
-            w[i + FLAGS] &= ~mb.M_EXT
+            mv[h + M_PKTDAT:h + MSIZE] = bytes(MSIZE - M_PKTDAT)
+            w[i + FLAGS] &= ~M_EXT
         to_free.append(h)
         return mine | zone.zidx << 4
 
@@ -179,7 +181,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
         if name in names:
             z = arena.zone(name)
             unnamed += [(z, h) for h in _claim_unnamed(arena, z, cpu, zpack, EXT_BUF, FLAGS,
-                                                       mb.M_EXT)]
+                                                       M_EXT)]
     for name in CLUSTER_ZONES:
         if name in names:
             _retag(arena, arena.zone(name), cpu, (L.TAG_ALLOC,), cluster)
@@ -192,14 +194,14 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
             errors.append(f"cluster {h}: {e!r}")
     for p in to_free_packets:              # set aside, copies gone: packet and cluster
         try:
-            if w[(p >> 3) + TYPE] == mb.MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1:
+            if w[(p >> 3) + TYPE] == MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1:
                 c.zpack.free(p, PACK_VERIFIED)
                 counts["abandoned"] += 1
         except Exception as e:  # noqa: BLE001 - the others are freed all the same
             errors.append(f"packet {p}: {e!r}")
     for h in to_free:                      # no lock held: m_free takes what it needs
         try:
-            mb.m_free(mb.Mbuf._wrap(c, h))
+            m_free(Mbuf._wrap(c, h))
             counts["freed"] += 1
         except Exception as e:  # noqa: BLE001 - the others are freed all the same
             errors.append(f"mbuf {h}: {e!r}")
@@ -330,3 +332,6 @@ def _retag(arena, zone, cpu, states, new_tag) -> None:
                 core.tags[ti] = new
         finally:
             lk.release()
+
+
+recovery.register_pass(recover_mbufs)     # before the core's recover_cpu
