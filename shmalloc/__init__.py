@@ -33,14 +33,15 @@ __all__ = [
     "CorruptionError", "DoubleFreeError", "ForeignHandleError", "HookError", "IpcLimitError",
     "LayoutError", "LockTimeoutError", "TooManyCpusError", "UseAfterFreeError", "ZoneError",
     "MailboxFullError", "CpuGoneError",
-    "Buffer", "BufferClosedError", "ArenaFullError", "SharedArray", "connect", "default_arena",
+    "Buffer", "BufferClosedError", "ArenaFullError", "HandoffRefusedError", "SharedArray",
+    "connect", "default_arena",
 ]
 
 
 def __getattr__(name):
     """Buffers load the mbuf layer: imported on first use, so that ``import shmalloc``
     stays the core alone (SharedArray also needs numpy, which is optional)."""
-    if name in ("Buffer", "BufferClosedError", "ArenaFullError"):
+    if name in ("Buffer", "BufferClosedError", "ArenaFullError", "HandoffRefusedError"):
         from . import buffer
         return getattr(buffer, name)
     if name == "SharedArray":
