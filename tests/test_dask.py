@@ -400,3 +400,25 @@ def test_replayed_foreign_and_forged_frames_are_refused(here):
     del x
     assert not in_use(here)
     here.check()
+
+
+def test_the_worker_plugin_sets_up_a_running_cluster(arena_name, monkeypatch):
+    """``client.register_plugin(ShmallocPlugin())`` on a cluster started without the
+    preload: transfers go by reference from then on."""
+    monkeypatch.setenv("SHMALLOC_ARENA", arena_name)
+    monkeypatch.setenv("SHMALLOC_IDLE_EXIT", str(IDLE_EXIT))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, silence_logs=40) as cluster, \
+            distributed.Client(cluster) as c:
+        A, B_ = sorted(c.scheduler_info()["workers"])
+        x = c.submit(T.make, 4 * MiB, 1, workers=[A], pure=False)
+        c.submit(T.crc, x, workers=[B_], pure=False).result(WAIT)
+        assert c.run(T.outgoing, workers=[A])[A][-1][1] > 4 * MiB   # bytes, as Dask does
+        c.register_plugin(sd.ShmallocPlugin())
+        y = c.submit(T.make, 4 * MiB, 2, workers=[A], pure=False)
+        assert c.submit(T.describe, y, workers=[B_], pure=False).result(WAIT)["type"] == \
+            "SharedArray"
+        assert c.run(T.outgoing, workers=[A])[A][-1][1] < 4096       # a reference
+        del x, y
+    wait_for(f"arena {arena_name} to remove itself", lambda: not naming.list_objects(arena_name),
+             WAIT + IDLE_EXIT)
