@@ -40,7 +40,7 @@ def main(scheduler_file=None, n=8 << 20):
         cluster, client = None, Client(scheduler_file=scheduler_file)
     else:
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                               preload=["shmalloc.integrations.dask"], dashboard_address=None)
+                               preload=["shmalloc.integrations.dask"], dashboard_address=":0")
         client = Client(cluster)
     try:
         with client:

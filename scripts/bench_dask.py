@@ -103,7 +103,7 @@ def run(quick: bool, repeat: int, base: str) -> dict:
     t_start = time.monotonic()
     try:
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                      dashboard_address=None, silence_logs=logging.ERROR,
+                                      dashboard_address=":0", silence_logs=logging.ERROR,
                                       preload=["shmalloc.integrations.dask"]) as cluster, \
                 distributed.Client(cluster) as client:
             client.wait_for_workers(2, timeout=WAIT)

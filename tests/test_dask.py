@@ -21,6 +21,8 @@ import gc
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import types
 import uuid
@@ -96,7 +98,7 @@ def cl():
     cluster = client = None
     try:
         cluster = distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
             preload=["shmalloc.integrations.dask"], silence_logs=40)
         client = distributed.Client(cluster)
         client.wait_for_workers(2, timeout=WAIT)
@@ -263,6 +265,7 @@ def test_a_receiver_killed_mid_transfer_loses_nothing(cl, seed, tmp_path):
     x = c.submit(T.make_shared, SIZE, seed, workers=[A], pure=False)
     distributed.wait(x, timeout=WAIT)
     held_by_a = in_use(cl.arena)                       # x: storage, a reference, a count
+    c.run(sd.configure, claim_timeout=3600, workers=[A])   # only B's death can end it
     c.run(T.pause_before_take, str(tmp_path), workers=[B_])
     y = c.submit(T.crc, x, workers=[B_], pure=False)
     wait_for("B to receive the frame", lambda: (tmp_path / "reached").exists())
@@ -272,6 +275,7 @@ def test_a_receiver_killed_mid_transfer_loses_nothing(cl, seed, tmp_path):
     wait_for("A to withdraw the reference", lambda: in_use(cl.arena) == held_by_a)
     wait_for("the manager to recover B", lambda: recovered(cl.arena, pid_b))
     assert c.run(T.counts, workers=[A])[A]["withdrawn"] >= 1
+    c.run(sd.configure, claim_timeout=sd.CLAIM_TIMEOUT, workers=[A])
     cl.arena.check()
     assert c.submit(T.crc, x, workers=[A], pure=False).result(WAIT) == \
         zlib.crc32(np.random.default_rng(seed).random(SIZE // 8).tobytes())
@@ -408,7 +412,7 @@ def test_the_worker_plugin_sets_up_a_running_cluster(arena_name, monkeypatch):
     monkeypatch.setenv("SHMALLOC_ARENA", arena_name)
     monkeypatch.setenv("SHMALLOC_IDLE_EXIT", str(IDLE_EXIT))
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=40) as cluster, \
+                                  dashboard_address=":0", silence_logs=40) as cluster, \
             distributed.Client(cluster) as c:
         A, B_ = sorted(c.scheduler_info()["workers"])
         x = c.submit(T.make, 4 * MiB, 1, workers=[A], pure=False)
@@ -422,3 +426,28 @@ def test_the_worker_plugin_sets_up_a_running_cluster(arena_name, monkeypatch):
         del x, y
     wait_for(f"arena {arena_name} to remove itself", lambda: not naming.list_objects(arena_name),
              WAIT + IDLE_EXIT)
+
+
+def test_a_process_that_exits_withdraws_what_nobody_took(here):
+    """Handed off, never taken, and the sender exits normally: its exit withdraws the
+    reference (before its arenas close), so nothing stays held by nobody."""
+    code = f"""
+import numpy as np, shmalloc
+from shmalloc import buffer as B
+from shmalloc.integrations import dask as sd
+from distributed.protocol import serialize
+arena = shmalloc.Arena.attach({here.name!r})
+shmalloc.default.register(arena)
+sd.register()
+sd._state.arena, sd._state.token = arena, B.arena_token(arena)
+x = arena.ndarray(100_000)
+adv = dict(sd.advertisement(), pid={os.getpid()})       # a live receiver that never loads
+header, frames = serialize(x, context={{"recipient": {{sd.KEY: adv}}}})
+assert sd.KEY in header["sub-header"] and len(sd._state.ledger) == 1
+print("handed off")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=WAIT)
+    assert r.returncode == 0 and r.stdout.strip() == "handed off", r.stdout + r.stderr
+    assert not in_use(here)
+    here.check()

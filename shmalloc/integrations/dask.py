@@ -59,7 +59,6 @@ of ``shmalloc.connect()``).
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import threading
@@ -76,6 +75,7 @@ from distributed.protocol.serialize import dask_deserialize, dask_serialize
 
 import shmalloc
 from shmalloc import buffer as _buf
+from shmalloc import default
 from shmalloc.admin import process_alive
 from shmalloc.layout import PAGE_SIZE
 
@@ -174,7 +174,7 @@ def register() -> None:
     dask_serialize.register(shmalloc.Buffer)(_dumps_buffer)
     dask_deserialize.register(shmalloc.Buffer)(_loads_buffer)
     sizeof.register(shmalloc.Buffer)(_sizeof_buffer)
-    atexit.register(_withdraw_all)
+    default._before_exit.insert(0, _withdraw_all)   # at exit, before Buffers and arenas close
     s.registered = True
 
 
@@ -517,10 +517,14 @@ def sweep(everything: bool = False) -> int:
 
 
 def _withdraw_all() -> None:
+    """Withdraw every reference still pending (teardown, and this process's exit:
+    ``shmalloc.default`` runs it before it closes Buffers and arenas)."""
+    if _state.arena is None or _state.arena._closed:
+        return
     try:
         sweep(everything=True)
-    except Exception:                 # at exit: the arena may be closed already
-        logger.debug("shmalloc: withdrawing pending references failed", exc_info=True)
+    except Exception:
+        logger.warning("shmalloc: withdrawing pending references failed", exc_info=True)
 
 
 def metrics(server=None) -> dict:
