@@ -79,9 +79,9 @@ from shmalloc import default
 from shmalloc.admin import process_alive
 from shmalloc.layout import PAGE_SIZE
 
-__all__ = ["register", "configure", "attach", "setup", "teardown", "setup_client",
-           "ShmallocPlugin", "dask_setup", "dask_teardown", "sweep", "metrics", "boot_id",
-           "ForeignHostError"]
+__all__ = ["register", "configure", "attach", "advertise", "advertisement", "setup",
+           "teardown", "setup_client", "ShmallocPlugin", "dask_setup", "dask_teardown",
+           "sweep", "metrics", "boot_id", "ForeignHostError"]
 
 logger = logging.getLogger(__name__)
 
@@ -241,12 +241,16 @@ def advertise(server, collect: bool = True) -> None:
 def setup(server, arena: str | None = None, size: int | None = None) -> None:
     """Set up a Worker: ``register``, ``attach``, ``advertise``, the arena's
     figures in the worker's metrics (``worker.metrics["shmalloc"]``, sent with
-    its heartbeats) and a periodic sweep of the references it handed off.  On a
-    Scheduler or a Nanny it does nothing (a scheduler forwards frames without
-    loading them: it must never be sent references)."""
-    from distributed import Nanny, Scheduler
+    its heartbeats) and a periodic sweep of the references it handed off.  A
+    Client gets ``setup_client``.  On a Scheduler or a Nanny it does nothing (a
+    scheduler forwards frames without loading them: it must never be sent
+    references)."""
+    from distributed import Client, Nanny, Scheduler
     from tornado.ioloop import PeriodicCallback
     register()
+    if isinstance(server, Client):
+        setup_client(server, arena, size)
+        return
     if isinstance(server, Scheduler):
         logger.warning("shmalloc.integrations.dask is for workers (and clients), not the "
                        "scheduler: nothing done")
