@@ -182,6 +182,8 @@ def test_arena_arrays_and_their_views_go_with_no_copy(cl, seed):
     after = c.run(T.counts, workers=[A])[A]
     assert after["sent_by_reference"] - before["sent_by_reference"] == 2
     assert after["bytes_copied_in"] == before["bytes_copied_in"]  # no copy at all
+    nbytes = c.run_on_scheduler(lambda dask_scheduler, k=x.key: dask_scheduler.tasks[k].nbytes)
+    assert nbytes == SIZE                              # dask.sizeof of a SharedArray
     del x, v
     settle(cl)
 
