@@ -188,6 +188,28 @@ def test_arena_arrays_and_their_views_go_with_no_copy(cl, seed):
     settle(cl)
 
 
+def test_many_transfers_both_ways_at_once(cl, seed):
+    """Seeded: 24 arrays and Buffers of 64 KiB to 3 MiB, half made on each worker,
+    plain or in the arena, each read on the other worker; all at once."""
+    rng = random.Random(seed)
+    A, B_ = workers(cl)
+    c = cl.client
+    before = sum(v["sent_by_reference"] for v in c.run(T.counts).values())
+    made, reads = [], []
+    for i in range(24):
+        src, dst = (A, B_) if i % 2 else (B_, A)
+        kind = rng.choice((T.make, T.make_shared, T.make_buffer))
+        n = rng.randrange(64 << 10, 3 * MiB) // 8 * 8
+        x = c.submit(kind, n, seed + i, workers=[src], pure=False)
+        made.append(c.submit(T.crc, x, workers=[src], pure=False))
+        reads.append(c.submit(T.crc, x, workers=[dst], pure=False))
+    assert c.gather(reads) == c.gather(made)
+    after = sum(v["sent_by_reference"] for v in c.run(T.counts).values())
+    assert after - before == 24                        # every one of them by reference
+    del made, reads, x
+    settle(cl)
+
+
 def test_buffers_go_by_reference_and_count_their_size(cl, seed):
     A, B_ = workers(cl)
     c = cl.client
