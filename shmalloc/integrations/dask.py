@@ -52,7 +52,7 @@ Other arrays are copied once into a new Buffer, which the receiver alone holds
 or broadcast (a zero stride) go as bytes.  Spilling serializes with no recipient,
 hence as bytes: a spilled array's reference is released.
 
-Configuration (dask config, read at ``register``): ``shmalloc.min-bytes`` (65536),
+Configuration (dask config, read at set-up): ``shmalloc.min-bytes`` (65536),
 ``shmalloc.claim-timeout`` ("60s"), ``shmalloc.arena`` (arena name, default that
 of ``shmalloc.connect()``).
 """
