@@ -58,8 +58,15 @@ def test_a_handoff_is_taken_once_in_another_process(arena, nbytes):
     h = b.handoff()
     assert isinstance(h, B.Handoff) and h.cpu == arena.cpu_id and h.nbytes == nbytes
     assert b.refcnt == 2 and B.pending(h)
-    with SPAWN.Pool(1) as pool:
+    pool = SPAWN.Pool(1)               # closed and joined: leaving `with` would terminate
+    try:                               # the child, maybe holding a lock (no manager here)
         assert pool.apply_async(hw.take_and_read, (tuple(h),)).get(WAIT) == b[:16]
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.close()
+        pool.join()
     assert not B.pending(h) and b.refcnt == 1          # taken there, closed there
     assert not B.withdraw(h)
     with pytest.raises(HandoffRefusedError, match="taken already") as e:
