@@ -23,6 +23,11 @@ Sections (``--only SECTION[,SECTION]`` runs a subset):
     scaling   (k) two worker processes running the pair against one     (bench_scale)
     debug     (l) the pair, m_getcl+m_freem and a 64-burst at SHMALLOC_DEBUG 0..3, and
                   each level's slowdown against level 0                  (bench_debug)
+    dask      (m) worker-to-worker transfers of 1, 64 and 512 MiB arrays in a Dask
+                  LocalCluster of two worker processes: Dask's own frames against
+                  shmalloc's references (integrations.dask), a plain numpy array
+                  (one copy into the arena) and an arena array (no copy); skipped,
+                  with a note, where Dask distributed is not installed  (bench_dask)
 
 Times are the best of ``--repeat`` runs, for shmalloc and peers alike.
 ``python -m shmalloc.scripts.bench ARGS`` is ``shmalloc bench ARGS``.
@@ -40,7 +45,8 @@ import timeit
 
 from shmalloc import Arena
 
-from . import bench_debug, bench_handoff, bench_mbuf, bench_memory, bench_scale, positive_int
+from . import (bench_dask, bench_debug, bench_handoff, bench_mbuf, bench_memory, bench_scale,
+               positive_int)
 
 ITEM = 2048
 BURST = 64
@@ -67,7 +73,8 @@ TARGET_GROWTH = 1.2                 # pair cost within 20 % of the smallest conf
 TARGET_MEM_OVERHEAD = 0.03          # per 2 KiB cluster, all metadata included
 TARGET_RSS_MB = 40.0
 TARGET_SCALING = 1.7                # two workers' pairs/s over one's
-SECTIONS = ("pair", "mbuf", "handoff", "growth", "memory", "scaling", "debug")
+TARGET_DASK = 5.0                   # Dask's transfer time over shmalloc's, 64 MiB and above
+SECTIONS = ("pair", "mbuf", "handoff", "growth", "memory", "scaling", "debug", "dask")
 
 
 def add_arguments(parser):
@@ -321,8 +328,36 @@ def _section_debug(rows, ctx):
                      slowdown=r["slowdown"][m])
 
 
+def _section_dask(rows, ctx):
+    why_not = bench_dask.available()
+    if why_not:
+        ctx["notes"].append(why_not)
+        return
+    res = bench_dask.run(ctx["quick"], ctx["repeat"], ctx["base"])
+    ctx["raw"]["dask"] = res
+    at = {(r["setup"], r["size"]): r for r in res["records"]}
+    for size in sorted({r["size"] for r in res["records"]}):
+        dflt = at["dask", size]
+        targeted = size >= 64 << 20
+        for setup in ("shmalloc", "shmalloc-arena"):
+            r = at[setup, size]
+            key = f"dask_{_size_key(size)}_{'copy' if setup == 'shmalloc' else 'arena'}"
+            how = "numpy, 1 copy" if setup == "shmalloc" else "arena array, no copy"
+            ratio = dflt["fetch_read"] / r["fetch_read"]
+            rows.add(key, f"(m) Dask {_size_label(size)} A -> B, fetch+read, {how}",
+                     1e3 * r["fetch_read"], "ms", "Dask's frames", 1e3 * dflt["fetch_read"],
+                     f">= {TARGET_DASK:g}x" if targeted else None,
+                     ratio >= TARGET_DASK if targeted else None,
+                     e2e_ms=1e3 * r["e2e"], peer_e2e_ms=1e3 * dflt["e2e"],
+                     wire_bytes=r["wire"], peer_wire_bytes=dflt["wire"])
+
+
+def _size_key(size):
+    return f"{size >> 20}m" if size >= 1 << 20 else f"{size >> 10}k"
+
+
 _SECTION_RUNS = {"pair": _section_pair, "mbuf": _section_mbuf, "handoff": _section_handoff,
-                 "growth": _section_growth, "memory": _section_memory,
+                 "growth": _section_growth, "memory": _section_memory, "dask": _section_dask,
                  "scaling": _section_scaling, "debug": _section_debug}
 
 
@@ -517,12 +552,38 @@ def print_handoff(recs, out=None):
     out.flush()
 
 
+def print_dask(res, out=None):
+    """The Dask matrix: per size and setup, end-to-end and transfer times, bytes on
+    the comm, and Dask's default over each."""
+    out = out or sys.stdout
+    if not res:
+        return
+    out.write(f"\nDask, worker A -> worker B, LocalCluster of 2 processes (best of "
+              f"{res['rounds']} rounds; ratio = Dask's frames / setup)\n")
+    out.write(f"{'size':>7}  {'setup':<15} {'transfer':>9} {'touch':>7} {'fetch+read':>10} "
+              f"{'e2e':>7} {'wire bytes':>12}  {'ratio fetch+read':>16} {'ratio e2e':>9}\n")
+    recs = res["records"]
+    for size in sorted({r["size"] for r in recs}):
+        at = {r["setup"]: r for r in recs if r["size"] == size}
+        d = at["dask"]
+        for setup, r in at.items():
+            rfr = "" if r is d else f"{d['fetch_read'] / r['fetch_read']:.2f}x"
+            re2e = "" if r is d else f"{d['e2e'] / r['e2e']:.2f}x"
+            out.write(f"{_size_label(size):>7}  {setup:<15} {1e3 * r['transfer']:>9.1f} "
+                      f"{1e3 * r['touch']:>7.1f} {1e3 * r['fetch_read']:>10.1f} "
+                      f"{1e3 * r['e2e']:>7.1f} {r['wire']:>12,}  {rfr:>16} {re2e:>9}\n")
+    out.write("(milliseconds; transfer: Dask's transfer_incoming_log on B; touch: B's task "
+              "reading a byte per page; e2e: submit to result)\n")
+    out.flush()
+
+
 def print_report(report, out=None):
     """The table, the hand-off matrix, then the run's environment and notes."""
     out = out or sys.stdout
     print_table(report["results"], out)
     print_handoff(report.get("handoff"), out)
     bench_debug.print_table(report.get("debug"), out)
+    print_dask(report.get("dask"), out)
     env = report["env"]
     out.write(f"\n{report['params']['command']}: CPython {env['python']}, "
               f"{env['cpu_count']} CPUs ({env['cpu']}), git {env['git']}, "

@@ -29,7 +29,7 @@ from .supervisor import Supervisor
 from .zone import M_NOWAIT, M_WAITOK, M_ZERO, Zone
 # the layers on the core: imported here, they register with it
 from . import mbuf  # noqa: E402,F401
-from .buffer import Buffer, BufferClosedError, shared_array_class  # noqa: E402
+from .buffer import Buffer, BufferClosedError, HandoffRefusedError, shared_array_class  # noqa: E402
 from .default import connect, default_arena  # noqa: E402
 
 __version__ = "0.1.0"
@@ -41,7 +41,8 @@ __all__ = [
     "CorruptionError", "DoubleFreeError", "ForeignHandleError", "HookError", "IpcLimitError",
     "LayoutError", "LockTimeoutError", "TooManyCpusError", "UseAfterFreeError", "ZoneError",
     "MailboxFullError", "CpuGoneError", "ArenaFullError", "StaleArenaError", "SysctlError",
-    "Buffer", "BufferClosedError", "SharedArray", "connect", "default_arena", "Supervisor",
+    "Buffer", "BufferClosedError", "HandoffRefusedError", "SharedArray", "connect",
+    "default_arena", "Supervisor",
 ]
 
 

@@ -1074,11 +1074,18 @@ class Arena:
         self._core.tags[t] = L.tag(L.TAG_ALLOC, zone.zidx, L.NO_CPU,
                                    L.tag_home(self._core.tags[t]))
 
-    def claim(self, h) -> None:
+    def claim(self, h, *, holder: int | None = None, check=None) -> None:
         """Make item ``h``, allocated and held by no CPU, this CPU's (the other
-        half of ``disown``).  ShmallocError if it is not such an item."""
+        half of ``disown``).  ShmallocError if it is not such an item.
+
+        ``holder``: an item still held by that CPU is taken as well (a hand-off whose
+        sender keeps it until it is taken, so that the sender's recovery frees it if
+        the sender dies first).  ``check``: called under the zone lock, after the tag
+        was found as required; the item is taken only if it returns True (the caller
+        checks and clears a one-shot mark there, so that two claims, or a claim and a
+        withdrawal, of the same item never both succeed).  Lock: takes zone."""
         if (here := self._here()) is not self:
-            return here.claim(h)
+            return here.claim(h, holder=holder, check=check)
         h = as_handle(h, "?")
         core = self._core
         kid = core.pt[h >> L.PAGE_SHIFT] >> L.KEG_ID_SHIFT if 0 <= h < core.geometry.size else 0
@@ -1087,17 +1094,25 @@ class Arena:
         if base < 0:
             raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item")
         t = (base >> 2) + keg.offmap[h - base]
-        zid = next(z for z in core.zones_of_keg(kid)
-                   if core.w[L.zone_word(z) + _Z["ZIDX"]] == L.tag_zidx(core.tags[t]))
+        zid = next((z for z in core.zones_of_keg(kid)
+                    if core.w[L.zone_word(z) + _Z["ZIDX"]] == L.tag_zidx(core.tags[t])), None)
+        if zid is None:
+            raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item of "
+                                f"a zone")
         zone = self._zone_by_id(zid)
         lk = core.lock(zone._lock_index)           # against a racing free (take-over)
         lk.acquire(owner_id=self.cpu_id)
         try:
             tv = core.tags[t]
-            if L.tag_state(tv) != L.TAG_ALLOC or L.tag_holder(tv) != L.NO_CPU:
+            held = L.tag_holder(tv)
+            if L.tag_state(tv) != L.TAG_ALLOC or (held != L.NO_CPU and held != holder):
+                whom = "none" if holder is None else f"none or CPU {holder}"
                 raise ShmallocError(f"zone {zone.name!r}: claim of handle {h}: it is "
                                     f"{L.TAG_STATE_NAMES[L.tag_state(tv)]}, held by "
-                                    f"{L.tag_holder(tv)}, not an allocated item held by none")
+                                    f"{held}, not an allocated item held by {whom}")
+            if check is not None and not check():
+                raise ShmallocError(f"zone {zone.name!r}: claim of handle {h}: refused by "
+                                    f"the caller's check")
             core.tags[t] = L.tag(L.TAG_ALLOC, zone.zidx, self.cpu_id, L.tag_home(tv))
         finally:
             lk.release()

@@ -31,6 +31,13 @@ Lifetime, reference by reference:
   ``m_pkthdr.header``).  Unpickling attaches to the arena by name
   (``default.attachment``), ``claim``\\ s the mbuf and clears the nonce: a pickle is
   one reference and loads once.
+- A hand-off (``handoff``/``take``/``withdraw``, for engines that move frames
+  between processes themselves, such as Dask's comms) is the same new reference
+  and nonce, but the sender's CPU keeps holding it until the receiver takes
+  it: a sender that dies first has it freed by recovery (the receiver's ``take``
+  then refuses), and a receiver that never takes it leaves it to the sender to
+  ``withdraw``.  ``take`` and ``withdraw`` check and clear the nonce under the
+  mbuf's zone lock (``Arena.claim(check=...)``): exactly one of them succeeds.
 - A process that dies holding references: the keg manager frees its mbufs
   (recovery), which drops their references.  Storage items and ``m_extadd``
   refcounts are disowned at allocation -- owned through the mbufs, not by a CPU --
@@ -46,6 +53,7 @@ import math
 import os
 import threading
 import weakref
+from typing import NamedTuple
 
 from . import default
 from .arena import Arena
@@ -58,7 +66,9 @@ from .mbuf.header import Mbuf
 from .mbuf.zones import ctx as _mbctx
 from .zone import M_NOWAIT
 
-__all__ = ["Buffer", "BufferClosedError", "ArenaFullError", "alloc", "from_bytes", "ndarray",
+__all__ = ["Buffer", "BufferClosedError", "ArenaFullError", "HandoffRefusedError", "Handoff",
+           "alloc", "from_bytes", "ndarray", "take", "withdraw", "pending", "arena_token",
+           "array_buffer", "array_from_buffer",
            "class_size", "class_name", "free_storage"]
 
 CLASS_MIN = 32 << 10                  # the smallest size class (above the 16 KiB clusters)
@@ -71,6 +81,27 @@ _CLUSTER_ZONES = {MCLBYTES: "mbuf_cluster", MJUMPAGESIZE: "mbuf_jumbo_page",
 
 class BufferClosedError(ArenaClosedError, ValueError):
     """The Buffer was closed (or detached) in this process."""
+
+
+class HandoffRefusedError(ShmallocError, OSError):
+    """A handed-off reference cannot be taken: it was taken already (a frame loaded
+    twice), withdrawn by its sender, freed with its sender when that process died,
+    made in another arena (or another incarnation of this one), or never made (a
+    forged frame).  An ``OSError``, as a connection lost mid-transfer is: an engine
+    that fetches data from a peer treats it as that peer failing to deliver, and
+    fetches again (elsewhere, or after recomputing)."""
+
+
+class Handoff(NamedTuple):
+    """A reference handed to another process (``Buffer.handoff``): plain data (an
+    engine sends it as msgpack), taken once with ``take``."""
+    arena: str          # the arena's name
+    token: int          # which incarnation of that name (``arena_token``)
+    handle: int         # the reference: an mbuf handle
+    nbytes: int
+    data: int           # the first byte: the storage's offset in the arena
+    nonce: int          # one-shot mark, kept in the mbuf's m_pkthdr.header until taken
+    cpu: int            # the sender's CPU, which holds the reference until it is taken
 
 
 # ============================================================================ size classes
@@ -403,28 +434,74 @@ class Buffer(Exporter):
         except Exception:
             pass
 
-    # ---------------------------------------------------------------- pickling
-    def __reduce__(self):
+    # ---------------------------------------------------------------- pickling, hand-off
+    def _new_reference(self, what: str):
+        """A new reference to the storage (``m_copym``: refcount + 1), held by the
+        calling thread's CPU and marked with a fresh nonce: (that CPU's arena, the
+        new mbuf, the nonce)."""
         h = self._h
         if not h:
             raise BufferClosedError(
-                "a closed Buffer cannot be pickled (multiprocessing.Queue.put pickles "
+                f"a closed Buffer cannot be {what} (multiprocessing.Queue.put pickles "
                 "later, in a feeder thread: do not close a Buffer right after put(); drop "
                 "it instead -- `del buf` -- and it closes once the queue has sent it)")
         arena = self._arena
         if arena._core.backend.local:
-            raise TypeError("a Buffer of a local arena (Arena.create_local) cannot be "
-                            "pickled: no other process can attach that arena")
+            raise TypeError(f"a Buffer of a local arena (Arena.create_local) cannot be "
+                            f"{what}: no other process can attach that arena")
         a = arena._here()
         m = Mbuf._wrap(_mbctx(a), h)
         n = mb.m_copym(m, 0, mb.M_COPYALL, M_NOWAIT)
         if n is None:
             raise ArenaFullError(f"arena {arena.name!r}: no mbuf for the new reference a "
-                                 f"pickled Buffer carries (kern.ipc.nmbufs reached?)")
+                                 f"{what} Buffer carries (kern.ipc.nmbufs reached?)")
         nonce = _nonce()
         n.m_pkthdr.header = nonce
+        return a, n, nonce
+
+    def __reduce__(self):
+        a, n, nonce = self._new_reference("pickled")
         a.disown(n.handle)
-        return _rebuild, (arena.name, n.handle, self._nbytes, n.m_data, nonce)
+        return _rebuild, (self._arena.name, n.handle, self._nbytes, n.m_data, nonce)
+
+    def handoff(self) -> Handoff:
+        """A new reference for another process, which takes it once with ``take``.
+        Until then the calling thread's CPU holds it: if this process dies first,
+        the keg manager frees it with the rest of this process's references (and
+        ``take`` refuses); if the receiver never takes it, ``withdraw`` gives it
+        back.  Whoever takes it owns it, like the receiver of a pickle."""
+        a, n, nonce = self._new_reference("handed off")
+        return Handoff(self._arena.name, arena_token(self._arena), n.handle, self._nbytes,
+                       n.m_data, nonce, a.cpu_id)
+
+
+def _claim_reference(arena, handle: int, nbytes: int, data: int, nonce: int,
+                     holder: int | None) -> bool:
+    """Make reference ``handle`` (marked with ``nonce``, describing ``nbytes`` at
+    ``data``) the calling thread's, clearing the mark; False if it is not (any
+    more) such a reference.  ``holder``: the CPU that may still hold it (a
+    hand-off), None for a reference held by none (a pickle).  The mark is checked
+    and cleared under the mbuf's zone lock, inside ``Arena.claim``."""
+    if nonce <= 0:                         # 0 marks every reference nobody handed off
+        return False
+    a = arena._here()
+    try:
+        m = Mbuf.from_handle(a, handle)
+    except ShmallocError:
+        return False
+
+    def marked() -> bool:                  # Lock: the mbuf's zone lock, held
+        if (m.m_flags & M_EXT and m.m_flags & M_PKTHDR and m.m_pkthdr.header == nonce
+                and m.m_data == data and m.m_len == nbytes):
+            m.m_pkthdr.header = 0
+            return True
+        return False
+
+    try:
+        a.claim(handle, holder=holder, check=marked)
+    except ShmallocError:
+        return False
+    return True
 
 
 def _rebuild(name: str, handle: int, nbytes: int, data: int, nonce: int) -> Buffer:
@@ -434,27 +511,90 @@ def _rebuild(name: str, handle: int, nbytes: int, data: int, nonce: int) -> Buff
     except ArenaNotFoundError:
         raise ArenaNotFoundError(f"cannot load a pickled Buffer of arena {name!r}: the arena "
                                  f"does not exist (any more)") from None
-    a = arena._here()
     _reap()
-    stale = ShmallocError(f"pickled Buffer (arena {name!r}, reference {handle}) was loaded "
-                          f"already: a pickle carries one reference and loads once")
-    try:
-        m = Mbuf.from_handle(a, handle)
-        ours = (m.m_flags & M_PKTHDR and m.m_pkthdr.header == nonce and m.m_data == data
-                and m.m_len == nbytes)
-    except ShmallocError:
-        ours = False
-    if not ours:
-        raise stale
-    try:
-        a.claim(handle)
-    except ShmallocError:
-        raise stale from None
-    if m.m_pkthdr.header != nonce:         # claimed someone else's in a race: give it back
-        a.disown(handle)
-        raise stale
-    m.m_pkthdr.header = 0
+    if not _claim_reference(arena, handle, nbytes, data, nonce, None):
+        raise ShmallocError(f"pickled Buffer (arena {name!r}, reference {handle}) was loaded "
+                            f"already: a pickle carries one reference and loads once")
     return Buffer._make(arena, handle, nbytes, data)
+
+
+# ============================================================================ hand-off
+def arena_token(arena) -> int:
+    """A number that tells this arena from any other of the same name, made before
+    or after it on this machine (its creation time in ns)."""
+    return arena._core.w[L.HDR["CREATED_NS"]]
+
+
+def _as_handoff(h) -> Handoff:
+    """``h`` as a Handoff, or HandoffRefusedError if it is not one (a forged frame)."""
+    try:
+        out = Handoff(*h)
+    except TypeError:
+        out = None
+    if out is None or type(out.arena) is not str or not all(type(v) is int for v in out[1:]):
+        raise HandoffRefusedError(f"not a hand-off: {h!r:.200}")
+    return out
+
+
+def _handoff_arena(h: Handoff):
+    """This process's attachment to the arena of hand-off ``h``, or
+    HandoffRefusedError when that arena is not here (any more)."""
+    try:
+        arena = default.attachment(h.arena)
+    except (ArenaNotFoundError, ArenaClosedError):
+        raise HandoffRefusedError(f"reference {h.handle} of arena {h.arena!r}: no such arena "
+                                  f"here (another host, or it was removed)") from None
+    if arena_token(arena) != h.token:
+        raise HandoffRefusedError(f"reference {h.handle} of arena {h.arena!r}: made in another "
+                                  f"incarnation of that arena (it was removed and made anew)")
+    return arena
+
+
+def take(h) -> Buffer:
+    """The Buffer of hand-off ``h`` (a ``Handoff`` or the same fields as a sequence),
+    owned from now on by the calling process; HandoffRefusedError if it was taken
+    already, withdrawn, freed with its dead sender, or never made."""
+    h = _as_handoff(h)
+    arena = _handoff_arena(h)
+    _reap()
+    if not _claim_reference(arena, h.handle, h.nbytes, h.data, h.nonce, h.cpu):
+        raise HandoffRefusedError(
+            f"reference {h.handle} of arena {h.arena!r} cannot be taken: taken already (a "
+            f"hand-off loads once), withdrawn by its sender, freed with its sender when that "
+            f"process died, or never made")
+    return Buffer._make(arena, h.handle, h.nbytes, h.data)
+
+
+def withdraw(h) -> bool:
+    """Give back hand-off ``h`` if nobody took it yet (its sender calls this when the
+    receiver died or gave up): True if it was still pending, and is freed now;
+    False if it was taken (or is gone)."""
+    h = _as_handoff(h)
+    try:
+        arena = _handoff_arena(h)
+    except HandoffRefusedError:
+        return False
+    if not _claim_reference(arena, h.handle, h.nbytes, h.data, h.nonce, h.cpu):
+        return False
+    _free_ref(arena, h.handle)
+    return True
+
+
+def pending(h) -> bool:
+    """True while hand-off ``h`` is neither taken nor withdrawn (a read without a
+    lock: it may turn False at any moment, never back to True)."""
+    try:
+        h = _as_handoff(h)
+    except HandoffRefusedError:
+        return False
+    arena = default._arenas.get(h.arena)
+    if h.nonce <= 0 or arena is None or arena._closed or arena_token(arena) != h.token:
+        return False
+    try:
+        m = Mbuf.from_handle(arena._here(), h.handle)
+        return m.m_pkthdr.header == h.nonce and m.m_data == h.data and m.m_len == h.nbytes
+    except ShmallocError:
+        return False
 
 
 # ============================================================================ allocation
@@ -631,6 +771,23 @@ def _rebuild_array(buf: Buffer, offset: int, shape, strides, dtype):
     flat = np.asarray(_ArrayOwner(buf))
     arr = np.ndarray(shape, dtype, buffer=flat, offset=offset, strides=strides)
     return arr.view(shared_array_class())
+
+
+def array_buffer(arr):
+    """(Buffer, byte offset of the first element in it) of a numpy array that views a
+    Buffer (``arena.ndarray`` and any view of one), else None."""
+    owner = _owner_of(arr)
+    if owner is None or owner.buffer.closed:
+        return None
+    return owner.buffer, (arr.__array_interface__["data"][0]
+                          - owner.__array_interface__["data"][0])
+
+
+def array_from_buffer(buf: Buffer, offset: int, shape, strides, dtype):
+    """A ``SharedArray`` over ``buf`` (what unpickling one makes): numpy checks
+    that ``shape``, ``strides`` and ``offset`` stay within the Buffer.  The array
+    holds the Buffer; it closes when the last array viewing it goes."""
+    return _rebuild_array(buf, offset, tuple(shape), tuple(strides), dtype)
 
 
 def ndarray(arena, shape, dtype=float, order: str = "C"):

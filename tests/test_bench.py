@@ -19,6 +19,7 @@ from shmalloc.scripts import bench, bench_handoff, cli
 
 TIMEOUT = 120
 HAS_FASTER_FIFO = importlib.util.find_spec("faster_fifo") is not None
+HAS_DASK = importlib.util.find_spec("distributed") is not None
 
 
 def _objects_of(prefix):
@@ -36,7 +37,8 @@ def test_quick_run_has_every_section(arena_name, tmp_path):
     assert "hand-off, producer -> consumer" in proc.stdout
     report = json.loads(path.read_text())
     results = report["results"]
-    assert {r["section"] for r in results.values()} == set(bench.SECTIONS)
+    assert {r["section"] for r in results.values()} == set(bench.SECTIONS) - (
+        set() if HAS_DASK else {"dask"})            # dask: rows only where Dask is installed
     for key, row in results.items():
         assert row["value"] > 0, key
         assert row["ok"] in (True, False, None), key
@@ -60,6 +62,17 @@ def test_quick_run_has_every_section(arena_name, tmp_path):
         assert report["scaling"][setup]["one"] > 0
         assert len(report["scaling"][setup]["two_each"]) == 2
     assert [r["level"] for r in report["debug"]] == [0, 1, 2, 3]
+    if HAS_DASK:
+        for key in ("dask_1m_copy", "dask_1m_arena", "dask_4m_copy", "dask_4m_arena"):
+            assert key in results, key
+        recs = report["dask"]["records"]
+        assert {(r["setup"], r["size"]) for r in recs} == {
+            (s, n) for s in ("dask", "shmalloc", "shmalloc-arena") for n in (1 << 20, 4 << 20)}
+        for r in recs:                     # references: a few hundred bytes on the comm
+            assert (r["wire"] >= r["size"]) == (r["setup"] == "dask"), r
+        assert "Dask, worker A -> worker B" in proc.stdout
+    else:
+        assert any("Dask distributed is not installed" in n for n in report["notes"])
     assert all(r["slowdown"]["pair"] > 0 for r in report["debug"])
     assert "debug levels (SHMALLOC_DEBUG" in proc.stdout
     assert report["params"]["quick"] is True

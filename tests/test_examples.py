@@ -60,3 +60,72 @@ def test_the_readme_shows_every_example():
         source = (ROOT / "examples" / f"{example}.py").read_text()
         body = source.split('"""', 2)[2].strip()        # the code after the docstring
         assert body in readme, f"README does not show examples/{example}.py as it is"
+
+
+# ============================================================================ Dask
+DASK_DOC = ROOT / "docs" / "scaling-out.md"
+DASK_COMMANDS = [      # docs/scaling-out.md shows them as they are (test below)
+    "dask scheduler --scheduler-file cluster.json --port 0",
+    "dask worker --scheduler-file cluster.json --nworkers 2 --nthreads 1 "
+    "--preload shmalloc.integrations.dask",
+    "python examples/dask_cluster.py --scheduler-file cluster.json",
+]
+
+
+def _dask_env(arena_name):
+    return dict(os.environ, SHMALLOC_ARENA=arena_name, SHMALLOC_IDLE_EXIT=str(IDLE_EXIT))
+
+
+def _check_dask_output(r):
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("bytes crossed the comm" in x for x in lines), r.stdout
+
+
+def test_dask_example_runs_and_leaves_nothing(arena_name):
+    pytest.importorskip("distributed", reason="Dask distributed is not installed")
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "dask_cluster.py")],
+                       env=_dask_env(arena_name), capture_output=True, text=True, timeout=180)
+    _check_dask_output(r)
+    wait_gone(arena_name)
+
+
+def test_dask_example_on_a_cluster_started_with_the_documented_commands(arena_name, tmp_path):
+    pytest.importorskip("distributed", reason="Dask distributed is not installed")
+    bindir = pathlib.Path(sys.executable).parent
+    argv = [c.split() for c in DASK_COMMANDS]
+    argv[0][0] = argv[1][0] = str(bindir / "dask")
+    argv[2][0], argv[2][1] = sys.executable, str(ROOT / argv[2][1])
+    env = _dask_env(arena_name)
+    procs = []
+    try:
+        for cmd in argv[:2]:
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "cluster.json").exists():
+                assert procs[0].poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        from distributed import Client          # wait for both workers
+        with Client(scheduler_file=str(tmp_path / "cluster.json"), timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        r = subprocess.run(argv[2], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=180)
+        _check_dask_output(r)
+    finally:
+        for p in reversed(procs):              # workers first, then the scheduler
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=60)
+    wait_gone(arena_name)
+
+
+def test_the_scaling_out_page_shows_the_example_and_the_commands():
+    doc = DASK_DOC.read_text()
+    source = (ROOT / "examples" / "dask_cluster.py").read_text()
+    assert source.split('"""', 2)[2].strip() in doc
+    for cmd in DASK_COMMANDS:
+        assert cmd in doc, cmd
