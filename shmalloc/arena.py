@@ -276,6 +276,10 @@ class Arena(CpuSlots, ZoneTable, Messages):
         self._publish_all()
         return _stats.cpu_stats(self._core)
 
+    def cpu_slots(self):
+        """The CPU slots in use (``stats.CpuSlot``: cpu, state, pid, start, gen)."""
+        return _stats.cpu_slots(self._core)
+
     def lock_stats(self):
         return _stats.lock_stats(self._core)
 
