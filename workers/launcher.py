@@ -44,7 +44,7 @@ from shmalloc.errors import IpcError
 from shmalloc import Supervisor, admin
 from shmalloc.ipc import naming
 
-from .cpu import COUNT, HOLD, PHASES, RUN, STOP, Team, WorkerSpec, cpu_main
+from .cpu import COUNT, COUNTERS, HOLD, PHASES, RUN, STOP, Team, WorkerSpec, cpu_main
 
 ZONE_SIZES = (256, 2048, 9216)
 START_TIMEOUT = 30.0    # seconds for the manager to create the arena, or a phase to be reached
@@ -470,7 +470,6 @@ class Fleet:
 
     # ------------------------------------------------------------------ reading
     def counters(self) -> dict[str, int]:
-        from .cpu import COUNTERS
         return {name: self.team.total(name) for name in COUNTERS}
 
     def recoveries(self) -> int:
