@@ -3,7 +3,7 @@ CI -- about ten workers killed at random moments and at kill points over the two
 mbuf workloads, the keg manager killed and adopted once -- asserting the outcome
 from the harness's result, not only its exit status: no item lost, check passing,
 locks held briefly, every death recovered, no OS object left.  The long run (100
-kills, 3 manager kills) is documented in the README; ``SHMALLOC_LONG=1`` runs it
+kills, 3 manager kills) is documented in docs/operations.md; ``SHMALLOC_LONG=1`` runs it
 here.  Rerun a seed with ``SHMALLOC_TEST_SEED=<seed>``.
 """
 
