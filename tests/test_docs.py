@@ -142,36 +142,8 @@ def test_quick_start_test_command_is_the_one_ci_runs():
     assert pytest_step[0][0] == ".venv/bin/python"
 
 
-BASE_DEPENDENCIES = {"posix_ipc", "msgpack", "psutil"}     # pyproject.toml [project]
-OURS = {"shmalloc", "ipc", "workers", "scripts"}
-
-
-def _module_level_imports(path):
-    """Top-level names imported when module ``path`` is imported (imports inside
-    functions, ``try`` blocks and ``if`` blocks are optional and left out)."""
-    import ast
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Import):
-            yield from (a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and not node.level:
-            yield node.module.split(".")[0]
-
-
-@pytest.mark.xfail(strict=True, reason="scripts/bench_dask.py imports numpy at module "
-                   "level, and `shmalloc` imports it through scripts/cli.py -> bench.py: "
-                   "`pip install -e .` then `shmalloc launch -n 4` fails with "
-                   "ModuleNotFoundError on a fresh machine.  Remove this mark with the fix.")
-def test_the_main_job_needs_only_the_base_dependencies():
-    """The Quick start's first command installs no extra: nothing that the ``shmalloc``
-    command imports may need one at import time."""
-    import sys
-    files = [*(ROOT / "scripts").glob("*.py"), *(ROOT / "workers").glob("*.py"),
-             *(ROOT / "ipc").glob("*.py"), *(ROOT / "shmalloc").rglob("*.py")]
-    bad = sorted(f"{path.relative_to(ROOT)}: {name}" for path in files
-                 if "integrations" not in path.parts
-                 for name in _module_level_imports(path)
-                 if name not in sys.stdlib_module_names | BASE_DEPENDENCIES | OURS)
-    assert not bad, "module-level imports of optional packages: " + ", ".join(bad)
+# (that the main job needs only the base dependencies is test_layers.py's
+# test_the_core_install_needs_no_extra, which imports every module with the extras refused)
 
 
 def test_launch_in_the_quick_start_parses():
