@@ -78,7 +78,7 @@ def _check_keg(core, kid, zone_ids, live, own_cpus, level, problems):
             continue
         seen.add(base)
         nslabs += 1
-        t = keg.slab_tags(base)
+        t = keg.tags_of(base)
         c = Counter(t)
         tags_by_value.update(c)
         nfree = c.get(L.TAG_FREE, 0)
@@ -169,8 +169,8 @@ def _check_zone(core, z, zidx, keg, by_zone, cached_by_cpu, live, own_cpus, leve
         problems.append(f"{p}: the depot lists an item twice")
     wd = L.tag(L.TAG_DEPOT, zidx)
     for h, t in zip(hs, ts):
-        base = keg.slab_of(h)
-        if base < 0 or t != (base >> 2) + keg.offmap[h - base] or core.tags[t] != wd:
+        ti = keg.tag_index_of(h)
+        if ti < 0 or t != ti or core.tags[t] != wd:
             problems.append(f"{p}: depot entry {h} (tag index {t}) is not a depot item of "
                             f"this zone")
             break

@@ -93,14 +93,11 @@ def rebuild_zone(core, zone_id: int, owner_id: int) -> list:
     klk = core.lock(keg.lock_index)
     klk.acquire(owner_id=owner_id)
     try:
-        for _, base in keg.slabs():
-            t0 = (base + keg.tagoff) >> 2
-            for i, tv in enumerate(core.tags[t0:t0 + keg.ipers]):
-                if tv and (tv >> 4) & 0xF == zidx:
-                    items += 1
-                    if tv == depot_word:
-                        hs.append(base + i * keg.rsize)
-                        ts.append(t0 + i)
+        for h, ti, tv in keg.items(zidx=zidx):
+            items += 1
+            if tv == depot_word:
+                hs.append(h)
+                ts.append(ti)
     finally:
         klk.release()
     cap = w[zw + _Z["DEPOT_CAP"]]
@@ -232,12 +229,10 @@ def _recover_zone_items(arena, zone_id: int, cpu: int, counts: dict) -> None:
     lk = core.lock(zone._lock_index)          # take-overs (F4) re-tag under it too
     lk.acquire(owner_id=me)
     try:
-        found = [(ti, tv) for ti, tv in keg.held_by(cpu, keg.slab_bases_locked(me))
-                 if (tv >> 4) & 0xF == zidx]
+        found = list(keg.items(keg.slab_bases_locked(me), zidx=zidx, holder=cpu))
         cached, fini, imported, freeing = ([], []), ([], []), ([], []), []
-        for ti, tv in found:
+        for h, ti, tv in found:
             st = L.tag_state(tv)
-            h = _handle_of(keg, ti)
             counts[L.TAG_STATE_NAMES[st]] = counts.get(L.TAG_STATE_NAMES[st], 0) + 1
             if st in (L.TAG_CACHED, L.TAG_XFREE):
                 tags[ti] = cache.w_cached
@@ -272,8 +267,3 @@ def _recover_zone_items(arena, zone_id: int, cpu: int, counts: dict) -> None:
             # the dtor kept it (an mbuf whose cluster is still shared waits for
             # its last reference); it is held by the supervisor now
             counts["kept"] = counts.get("kept", 0) + 1
-
-
-def _handle_of(keg, ti: int) -> int:
-    """Handle of the item whose tag is at u32 index ``ti``."""
-    return keg.handle_of(ti)
