@@ -116,12 +116,6 @@ def run(args):
     return 0
 
 
-def main(argv=None):
-    """``shmalloc bench`` with ``argv`` (default: the command line)."""
-    from .cli import main as cli_main
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
 # ------------------------------------------------------------------------ timing
 def _us(stmt, setup="pass", ns=None, number=1, repeat=3, per=1):
     """Best-of-``repeat`` µs per run of ``stmt`` (``number`` runs per timing) / ``per``.
@@ -594,5 +588,6 @@ def print_report(report, out=None):
     out.flush()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":       # python -m shmalloc.scripts.bench: as `shmalloc bench`
+    from .cli import main
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -33,7 +33,8 @@ import logging
 import os
 import time
 
-import numpy as np
+import shmalloc
+from shmalloc.ipc import naming
 
 MiB = 1 << 20
 SIZES = (1 * MiB, 64 * MiB, 512 * MiB)
@@ -46,6 +47,7 @@ WAIT = 300.0
 # ------------------------------------------------------------------ worker-side tasks
 def _make(nbytes: int, setup: str, i: int):
     """An array of ``nbytes`` (float64, filled): plain, or in the arena."""
+    import numpy as np              # optional (the dask extra): only where the section runs
     n = nbytes // 8
     if setup == "shmalloc-arena":
         from shmalloc.integrations import dask as sd
@@ -58,6 +60,7 @@ def _make(nbytes: int, setup: str, i: int):
 
 def _touch(a):
     """Read one byte per page (every page mapped here): (their sum, seconds taken)."""
+    import numpy as np
     t0 = time.perf_counter()
     total = int(a.view(np.uint8)[::PAGE].sum())
     return total, time.perf_counter() - t0
@@ -96,7 +99,6 @@ def run(quick: bool, repeat: int, base: str) -> dict:
     env = {"SHMALLOC_ARENA": name, "SHMALLOC_SIZE": str(arena_size), "SHMALLOC_IDLE_EXIT": "2"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import shmalloc
     arena = shmalloc.connect(name)                       # starts the arena's keg manager
     runs: dict = {(s, n): {k: [] for k in ("e2e", "transfer", "touch", "fetch_read", "wire")}
                   for s in SETUPS for n in sizes}
@@ -162,7 +164,6 @@ def _wait_released(client, timeout=WAIT) -> None:
 
 def _wait_gone(name: str, timeout: float = 60.0) -> None:
     """Until the benchmark's arena removed itself (its idle time is 2 s)."""
-    from shmalloc.ipc import naming
     deadline = time.monotonic() + timeout
     while naming.list_objects(name):
         if time.monotonic() > deadline:

@@ -37,7 +37,7 @@ import multiprocessing as mp
 import os
 import time
 
-from shmalloc import M_NOWAIT, Arena
+from shmalloc import M_NOWAIT, Arena, MailboxFullError
 
 SIZES = (2048, 65536, 1 << 20)
 COUNTS = {2048: (100_000, 3_000), 65536: (20_000, 600), 1 << 20: (1_500, 60)}   # full, quick
@@ -249,7 +249,6 @@ def _run_shmalloc(payload, n, n_warm, arena_name, profile=None, xfree=None):
 
 
 def _shmalloc_producer(arena, zone, payload, dest):
-    from shmalloc.mail import MailboxFullError
     alloc, alloc_bulk, view = zone.alloc, zone.alloc_bulk, zone.view
     send, poll = arena.send, arena.poll
     batch_max = batch_for(len(payload))

@@ -22,6 +22,7 @@ import sys
 
 from shmalloc import Arena
 from shmalloc import layout as L
+from shmalloc.mbuf import mbuf_init
 
 POPULATION = 100_000
 ITEM = 2048
@@ -33,7 +34,6 @@ PAGE = 4096
 
 def overhead(name: str, population: int = POPULATION) -> dict:
     """Slab and whole-arena overhead of ``population`` 2 KiB clusters."""
-    from shmalloc.mbuf.zones import mbuf_init
     size = (int(population * ITEM * 1.04) + (8 << 20) + 0xFFFFF) & ~0xFFFFF   # a tight fit
     arena = Arena.create(f"{name}.mem", size, tunables={"kern.ipc.nmbclusters": 0})
     try:

@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 
+from shmalloc.debug import _parse
 from shmalloc.workers import chaos as harness
 from . import positive_int, positive_seconds
 
@@ -39,7 +40,6 @@ def _killpoints(text):
         return None
     if text == "none":
         return ""
-    from shmalloc.debug import _parse
     try:
         _parse(text)
     except ValueError as e:
@@ -124,11 +124,6 @@ def run(args):
     return 0 if res["ok"] else 1
 
 
-def main(argv=None):
-    """``shmalloc chaos`` with ``argv`` (default: the command line)."""
-    from .cli import main as cli_main
-    return cli_main(["chaos", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":       # python -m shmalloc.scripts.chaos: as `shmalloc chaos`
+    from .cli import main
+    sys.exit(main(["chaos", *sys.argv[1:]]))

@@ -60,11 +60,6 @@ def run(args):
     return 0 if summary["ok"] else 1
 
 
-def main(argv=None):
-    """``shmalloc launch`` with ``argv`` (default: the command line)."""
-    from .cli import main as cli_main
-    return cli_main(["launch", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":       # python -m shmalloc.scripts.launch: as `shmalloc launch`
+    from .cli import main
+    sys.exit(main(["launch", *sys.argv[1:]]))

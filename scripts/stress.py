@@ -138,10 +138,6 @@ def plot(records, path):
     fig.savefig(path, dpi=90)
 
 
-def main(argv=None):
-    from .cli import main as cli_main
-    return cli_main(["stress", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":       # python -m shmalloc.scripts.stress: as `shmalloc stress`
+    from .cli import main
+    sys.exit(main(["stress", *sys.argv[1:]]))

@@ -57,6 +57,7 @@ from typing import NamedTuple
 
 from . import default
 from .arena import Arena
+from .layers import views
 from . import layout as L
 from ._export import Exporter
 from .errors import ArenaClosedError, ArenaFullError, ArenaNotFoundError, ShmallocError, ZoneError
@@ -132,7 +133,7 @@ class _Ctx:
     __slots__ = ("mv", "zones", "largest", "base")
 
     def __init__(self, arena):
-        core = arena._core
+        core = views(arena)
         self.mv = core.mv
         self.zones: dict = {}
         room = (core.geometry.data_pages - 1) * L.PAGE_SIZE    # one slab: items + a header page
@@ -446,7 +447,7 @@ class Buffer(Exporter):
                 "later, in a feeder thread: do not close a Buffer right after put(); drop "
                 "it instead -- `del buf` -- and it closes once the queue has sent it)")
         arena = self._arena
-        if arena._core.backend.local:
+        if views(arena).backend.local:
             raise TypeError(f"a Buffer of a local arena (Arena.create_local) cannot be "
                             f"{what}: no other process can attach that arena")
         a = arena._here()
@@ -522,7 +523,7 @@ def _rebuild(name: str, handle: int, nbytes: int, data: int, nonce: int) -> Buff
 def arena_token(arena) -> int:
     """A number that tells this arena from any other of the same name, made before
     or after it on this machine (its creation time in ns)."""
-    return arena._core.w[L.HDR["CREATED_NS"]]
+    return views(arena).w[L.HDR["CREATED_NS"]]
 
 
 def _as_handoff(h) -> Handoff:
@@ -670,7 +671,7 @@ def _full_message(a, n: int, size: int) -> str:
         s = a.zone_stats(name)
         if s.limit:
             msg += f": {s.used} of its limit {s.limit} in use"
-        total = a._core.geometry.data_pages
+        total = views(a).geometry.data_pages
         msg += f"; {a.free_pages} of {total} pages free)"
     except Exception:
         msg += ")"

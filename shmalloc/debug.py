@@ -22,6 +22,9 @@ import os
 import random
 import signal
 
+from . import layout as L
+from .errors import ShmallocError, UseAfterFreeError
+
 POINTS = ("zone.fill.locked", "keg.take", "vm.reserve", "depot.put", "release.fini",
           "mail.post", "mail.collect")
 
@@ -67,7 +70,6 @@ def junk(n: int) -> bytes:
 def trash_hooks(zone, ctor, dtor, init, fini):
     """(ctor, dtor, init, fini) with junk fill and check wrapped around the
     zone's own.  Only for zones without their own init/fini."""
-    from .errors import UseAfterFreeError
     core, size = zone._core, zone.size
     fill = junk(size)
 
@@ -97,7 +99,6 @@ def trash_hooks(zone, ctor, dtor, init, fini):
 
 
 def _lock_order_error():
-    from .errors import ShmallocError
 
     class LockOrderError(ShmallocError):
         """Debug level 2: a lock taken out of order, or a lock contract broken."""
@@ -109,7 +110,6 @@ LockOrderError = _lock_order_error()
 
 # lock ranks: a lock may only be taken while every held lock ranks lower
 def lock_rank(idx: int) -> int:
-    from . import layout as L
     if idx == L.VM_LOCK:
         return 3
     if idx <= L.MAX_KEGS:

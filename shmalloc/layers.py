@@ -15,6 +15,11 @@ that every process using ``shmalloc`` has them::
     zone-lock repair steps       recovery.register_repair(fn)       recovery.rebuild_zone
     zone hooks                   stored by module-qualified name    Zone (``hooks.resolve``)
 
+A layer works on the arena's shared memory through ``views(arena)`` (the words,
+tags, locks and kegs of this process's mapping), for the sections of the layout that
+are its own (the mbuf header, refcount trailers); ``workers`` and ``scripts`` never
+do (a test checks it): they go through the public API.
+
 Hook names stored in the segment are module-qualified (``"package.module:function"``),
 so a process that meets an arena imports what its data names, whatever it imported
 itself.
@@ -25,6 +30,12 @@ from __future__ import annotations
 import errno
 
 from .errors import SysctlError
+
+def views(arena):
+    """The views of ``arena``'s mapping in this process (``backend.Core``): for the
+    layers on the core, which keep sections of the layout of their own."""
+    return arena._core
+
 
 _sysctls: dict[str, object] = {}          # name -> handler(arena, name, value) -> int
 _tunables = None                          # (validate(dict) -> dict, store(words, dict))

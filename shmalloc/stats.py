@@ -74,6 +74,8 @@ class ArenaStats:
     zones: tuple
     recoveries: int = 0      # dead CPUs recovered (by the keg manager)
     lock_repairs: int = 0    # locks rebuilt and released after their holder died
+    manager_pid: int = 0     # the keg manager (supervisor) recorded in the header, 0: none
+    manager_cpu: int = -1
 
 
 def zone_stats(core, zone_id: int) -> ZoneStats:
@@ -137,7 +139,33 @@ def arena_stats(core) -> ArenaStats:
     return ArenaStats(size=core.geometry.size, free_pages=w[L.HDR["FREE_PAGES"]],
                       total_pages=core.geometry.data_pages, cpus=len(core.live_cpus()),
                       zones=tuple(zone_stats(core, z) for z in core.live_zone_ids()),
-                      recoveries=w[L.HDR["RECOVERIES"]], lock_repairs=w[L.HDR["LOCK_REPAIRS"]])
+                      recoveries=w[L.HDR["RECOVERIES"]], lock_repairs=w[L.HDR["LOCK_REPAIRS"]],
+                      manager_pid=w[L.HDR["MANAGER_PID"]],
+                      manager_cpu=w[L.HDR["MANAGER_CPU"]] if w[L.HDR["MANAGER_PID"]] else -1)
+
+
+@dataclass(frozen=True)
+class CpuSlot:
+    """A CPU slot in use: its process (pid and start time, microseconds) and state
+    ("live", or "dead": closing, or found dead and not yet recovered)."""
+    cpu: int
+    state: str
+    pid: int
+    start: int
+    gen: int
+
+
+def cpu_slots(core) -> list[CpuSlot]:
+    """Every CPU slot that is not free, read without a lock (a snapshot)."""
+    w = core.w
+    out = []
+    for cpu in range(L.MAX_CPUS):
+        cw = L.cpu_word(cpu)
+        st = w[cw + _C["STATE"]]
+        if st != L.CPU_FREE:
+            out.append(CpuSlot(cpu, "live" if st == L.CPU_LIVE else "dead", w[cw + _C["PID"]],
+                               w[cw + _C["START"]], w[cw + _C["GEN"]]))
+    return out
 
 
 def lock_name(core, idx: int) -> str:

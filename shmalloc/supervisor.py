@@ -107,6 +107,15 @@ class Supervisor:
         sup.repairs += n
         return sup
 
+    @staticmethod
+    def repair_dead_locks(arena: Arena) -> int:
+        """Rebuild and release the locks whose holder died, from ``arena``'s
+        attachment: what a supervisor does, for when none runs (a new one takes its
+        CPU slot under the vm lock, and cannot while a dead process holds it).  Only
+        while no supervisor runs.  Returns how many were repaired."""
+        dead = recovery.dead_lock_owners(arena._core)
+        return recovery.repair_locks(arena, dead) if dead else 0
+
     # ------------------------------------------------------------ the dead
     def dead_cpus(self) -> list[int]:
         """CPU slots in use whose process is gone, and slots of this process that

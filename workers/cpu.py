@@ -36,7 +36,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from shmalloc import Arena
+from shmalloc import Arena, debug
 
 from .workloads import WORKLOADS, churn
 
@@ -149,8 +149,6 @@ def cpu_main(spec: WorkerSpec, team: Team, results) -> None:
 
 def _run(work, team: Team, spec: WorkerSpec, results) -> None:
     """Step the workload through the phases until STOP."""
-    from shmalloc import debug
-
     index = spec.index
     parent = os.getppid()
     next_publish = next_parent_check = 0.0

@@ -41,11 +41,10 @@ import time
 
 from shmalloc import Arena, ArenaNotFoundError, CorruptionError, LayoutError, ShmallocError
 from shmalloc.errors import IpcError
-from shmalloc import admin, recovery
-from shmalloc import layout as L
+from shmalloc import Supervisor, admin
 from shmalloc.ipc import naming
 
-from .cpu import COUNT, HOLD, PHASES, RUN, STOP, Team, WorkerSpec, cpu_main
+from .cpu import COUNT, COUNTERS, HOLD, PHASES, RUN, STOP, Team, WorkerSpec, cpu_main
 
 ZONE_SIZES = (256, 2048, 9216)
 START_TIMEOUT = 30.0    # seconds for the manager to create the arena, or a phase to be reached
@@ -61,30 +60,22 @@ class FleetError(ShmallocError):
 
 
 def recoveries(arena) -> int:
-    """Dead CPUs recovered over the arena's life (the header's RECOVERIES word)."""
-    return arena._core.w[L.HDR["RECOVERIES"]]
+    """Dead CPUs recovered over the arena's life."""
+    return arena.stats().recoveries
 
 
 def lock_repairs(arena) -> int:
-    return arena._core.w[L.HDR["LOCK_REPAIRS"]]
+    return arena.stats().lock_repairs
 
 
 def unrecovered_cpus(arena) -> list[int]:
     """CPU slots taken by a process that is gone (the manager has not recovered
     them yet)."""
-    w = arena._core.w
-    out = []
-    for cpu in range(L.MAX_CPUS):
-        cw = L.cpu_word(cpu)
-        if w[cw + L.CPU["STATE"]] == L.CPU_FREE:
-            continue
-        if not admin.process_alive(w[cw + L.CPU["PID"]], w[cw + L.CPU["START"]]):
-            out.append(cpu)
-    return out
+    return [s.cpu for s in arena.cpu_slots() if not admin.process_alive(s.pid, s.start)]
 
 
 def manager_pid(arena) -> int:
-    return arena._core.w[L.HDR["MANAGER_PID"]]
+    return arena.stats().manager_pid
 
 
 class Fleet:
@@ -242,11 +233,9 @@ class Fleet:
         it).  Only while no manager runs."""
         if self.manager is not None and self.manager.poll() is None:
             return 0
-        core = self.observer._core
-        dead = recovery.dead_lock_owners(core)
-        n = recovery.repair_locks(self.observer, dead) if dead else 0
+        n = Supervisor.repair_dead_locks(self.observer)
         if n:
-            self.log(f"fleet: repaired {n} lock(s) of dead pid {'/'.join(map(str, dead))}")
+            self.log(f"fleet: repaired {n} lock(s) of dead processes")
         return n
 
     def kill_manager(self) -> int:
@@ -481,7 +470,6 @@ class Fleet:
 
     # ------------------------------------------------------------------ reading
     def counters(self) -> dict[str, int]:
-        from .cpu import COUNTERS
         return {name: self.team.total(name) for name in COUNTERS}
 
     def recoveries(self) -> int:

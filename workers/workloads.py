@@ -40,6 +40,7 @@ from collections import deque
 
 from shmalloc import (BadHandleError, CorruptionError, DoubleFreeError, ForeignHandleError,
                       ShmallocError)
+from shmalloc import mbuf as mb
 from shmalloc.mail import CpuGoneError, MailboxFullError
 
 BURST = 64                  # items per burst: more than a CPU caches (2 buckets) for items
@@ -279,7 +280,6 @@ class _MbufWork:
     """What the mbuf workloads share: making, checking, sending and freeing packets."""
 
     def __init__(self, arena, team, index, seed):
-        from shmalloc import mbuf as mb
         self.mb = mb
         self.arena = arena
         self.team = team

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import layout as L
+from ..layers import views
 from ..arena import Arena
 from .constants import (MCLBYTES, MHLEN, MINCLSIZE, MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE,
                         MLEN, MSIZE, MT_NTYPES)
@@ -55,7 +56,7 @@ class _Z:
 
 
 def _zone(arena, name: str, limit: int = 0) -> _Z:
-    if arena._core.zone_id(name) < 0:
+    if views(arena).zone_id(name) < 0:
         return _Z(limit=limit)
     s = arena.zone_stats(name)
     return _Z(s.used, s.free, s.limit, s.failures, s.sleeps)
@@ -63,7 +64,7 @@ def _zone(arena, name: str, limit: int = 0) -> _Z:
 
 def _inputs(arena) -> dict:
     arena._check_open()
-    tun = current(arena._core)
+    tun = current(views(arena))
     return dict(
         mbuf=_zone(arena, "mbuf", tun["kern.ipc.nmbufs"]),
         packet=_zone(arena, "mbuf_packet"),
@@ -76,7 +77,7 @@ def _inputs(arena) -> dict:
 
 
 def _mbs(arena, field: str) -> int:
-    return arena._core.w[L.MBS_WORD + _MBS[field]]
+    return views(arena).w[L.MBS_WORD + _MBS[field]]
 
 
 def mbstat(arena) -> MbStat:

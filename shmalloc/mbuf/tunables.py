@@ -25,6 +25,7 @@ import itertools
 
 from .. import layout as L
 from .. import layers
+from ..layers import views
 from .constants import (MBUF_CLUSTER_MEM_NAME, MBUF_JUMBO9_MEM_NAME, MBUF_JUMBO16_MEM_NAME,
                         MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME)
 from .errors import SysctlError
@@ -109,7 +110,7 @@ def sysctl(arena, name: str, value=None) -> int:
     the zone at once (sleepers that now fit are woken) and fires the sysctl's event.
     """
     field, mode, zone_name, event = _spec(name)
-    core = arena._core
+    core = views(arena)
     arena._check_open()
     ensure_tuned(core)
     word = L.MBS_WORD + _MBS[field]

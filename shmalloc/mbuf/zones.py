@@ -30,6 +30,7 @@ import warnings
 
 from .. import layout as L
 from .. import layers
+from ..layers import views
 from ..errors import ZoneError
 from ..zone import BUCKET_MAX, M_NOWAIT, M_WAITOK, register_drain_companion
 from .constants import (EXT_CLUSTER, EXT_JUMBO9, EXT_JUMBO16, EXT_JUMBOP, EXT_PACKET,
@@ -85,7 +86,7 @@ EXT_TYPE_OF_SIZE = {MCLBYTES: EXT_CLUSTER, MJUMPAGESIZE: EXT_JUMBOP, MJUM9BYTES:
 def _get_or_create(arena, name, size, hook_names, refcnt, secondary, make):
     """The zone ``name``: made by ``make()`` unless some process made it first, then
     checked to be the mbuf layer's zone (not a user's zone of the same name)."""
-    core = arena._core
+    core = views(arena)
     if core.zone_id(name) < 0:
         try:
             return _checked(make(), name, size, hook_names, refcnt, secondary)
@@ -110,7 +111,7 @@ def mbuf_init(arena) -> dict:
     mbuf zones that do not exist yet, and return them by name.  Safe to race:
     each zone is made once, by whichever process gets there first, with the
     limit in force at that moment."""
-    core = arena._core
+    core = views(arena)
     ensure_tuned(core)
     w = core.w
 
@@ -155,7 +156,7 @@ class Ctx:
     segment, the refcount locks.  ``ctx(arena)`` makes it on first use."""
 
     def __init__(self, arena):
-        core = arena._core
+        core = views(arena)
         self.arena = arena
         self.core = core
         self.w = core.w
