@@ -13,6 +13,7 @@ quiesced arena and a snapshot on a live one.
 from __future__ import annotations
 
 from .. import layout as L
+from ..layers import views
 from .zones import EXT_BUF, EXT_OWNER, EXT_REFCNT, FLAGS, TYPE
 
 _USED = (L.TAG_ALLOC, L.TAG_INFLIGHT)
@@ -32,7 +33,7 @@ def describe_unheld(arena, known, roles, limit: int = 8) -> str:
     """Allocated (or in flight) items of the packet and mbuf zones whose handles
     are not in ``known``: holder (and its role), tag state, and the mbuf's type,
     flags, refcount and cluster owner; at most ``limit`` lines.  Lock: none."""
-    core = arena._core
+    core = views(arena)
     w, u32 = core.w, core.tags
     out = []
     for zname in ("mbuf_packet", "mbuf"):
@@ -61,7 +62,7 @@ def describe_clusters(arena, roles, limit: int = 8) -> str:
     that points at it, with its state; at most ``limit`` lines.  Lock: none."""
     if not {"mbuf_packet", "mbuf_cluster"} <= set(arena.zones()):
         return ""
-    w = arena._core.w
+    w = views(arena).w
 
     def items(zone):
         keg = zone.keg

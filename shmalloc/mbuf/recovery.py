@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from .. import layout as L
 from .. import recovery, slots
+from ..layers import views
 from .alloc import m_free
 from .constants import EXT_CLUSTER, EXT_PACKET, M_EXT, MSIZE, MT_NOTMBUF
 from .header import Mbuf
@@ -81,7 +82,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
     if not {*MBUF_ZONES, "mbuf_cluster"} <= names:
         return counts
 
-    core = arena._core
+    core = views(arena)
     w, u32, mv = core.w, core.tags, core.mv
     slots.close_mailbox(core, cpu, arena.cpu_id)   # nothing more is handed to it
     c = ctx(arena)
@@ -215,7 +216,7 @@ def _referenced_packets(arena, zmbuf, dead, EXT_OWNER, EXT_TYPE, FLAGS, EXT_PACK
     """Packets that an allocated copy (an mbuf of the mbuf zone) held by a CPU not
     in ``dead`` points at (a dead CPU's copies may be half made or half freed:
     they are judged one by one)."""
-    w = arena._core.w
+    w = views(arena).w
     keg = zmbuf.keg
     out = set()
     for h, _, tv in keg.items(keg.slab_bases_locked(arena.cpu_id), zidx=zmbuf.zidx,
@@ -251,7 +252,7 @@ def _claim_unnamed(arena, zone, cpu, zpack, EXT_BUF, FLAGS, M_EXT) -> list[int]:
     lock rules out the named ones (most: the clusters of the packets the CPU
     imported), so that the lock is taken only when there is something to free.
     Lock: takes the zone's."""
-    core = arena._core
+    core = views(arena)
     tags, w = core.tags, core.w
     keg, zidx = zone.keg, zone.zidx
 
@@ -304,7 +305,7 @@ def _retag(arena, zone, cpu, states, new_tag) -> None:
     ``new_tag(zone, handle, tag)`` (None: leave it).  The walk takes no lock (the
     tags of a dead CPU's items change only by take-overs, which the re-check
     sees); each re-tag holds the zone lock for that item alone."""
-    core = arena._core
+    core = views(arena)
     keg = zone.keg
     found = list(keg.items(keg.slab_bases_locked(arena.cpu_id), zidx=zone.zidx, holder=cpu,
                            states=states))
