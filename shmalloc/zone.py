@@ -55,14 +55,20 @@ stack takes its batch from the depot directly (A1, never cached in between), and
 (F3, as UMA's full free bucket).
 
 Limits count items outside the slabs (caches, depot, allocated), as UMA's
-``uz_items`` does; ``ITEMS <= LIMIT`` whenever the zone lock is free.
+``uz_items`` does.  Invariants, whenever the zone lock is free (``check``):
+
+    ITEMS == items of the zone whose tag is not FREE (cached, depot, allocated,
+             in flight, going home, importing, finishing)
+    ITEMS <= LIMIT, when LIMIT > 0
 
 Lock: the zone lock guards the zone record (depot, items, sleepers, bucket
 size); the keg lock guards slabs.  Order zone -> keg -> vm.
 
-Imports: zone -> cache -> (bulk, depot, sleepq, xfree) -> flags, keg's tags via ``Keg``,
-layout; nothing below names ``zone``.  The names other modules import from here
-(flags, ``XFREE_BATCH``, the drain companions) are re-exported.
+Imports, module level only: zone -> cache -> bulk, depot, sleepq, xfree -> flags,
+layout (and xfree -> mail); zone also imports flags, sleepq and xfree for the names
+it re-exports (the flags, ``XFREE_BATCH``, the drain companions), which other
+modules import from here.  Nothing below names ``zone`` or ``cache``: they reach
+the cache as the object they are given.
 """
 
 from __future__ import annotations
