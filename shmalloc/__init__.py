@@ -3,14 +3,15 @@ where every attached process is a CPU.
 
 An allocation is satisfied in this order, fast to slow (UMA's search order):
 
-1. this CPU's bucket cache (``zone``: process-private, no lock, no IPC)
-2. the zone's depot of full buckets (``zone``: shared memory, zone lock)
+1. this CPU's bucket cache (``cache``: process-private, no lock, no IPC)
+2. the zone's depot of full buckets (``depot``: shared memory, zone lock)
 3. the keg's slabs (``keg``: partial, then free, then a new slab; keg lock)
 4. the arena's pages (``vm``: runs of pages; vm lock)
 
 Layers: ``scripts`` -> ``workers`` -> ``shmalloc`` (this package) -> ``ipc``.
-Inside this package the core (``layout``, ``vm``, ``keg``, ``zone``, ``arena``,
-``recovery``, ``supervisor`` ...) names nothing above it; the layers on it, the mbuf
+Inside this package the core (``layout``, ``vm``, ``keg``, ``zone`` with its
+``cache``, ``depot``, ``sleepq``, ``xfree`` and ``bulk``, ``arena``, ``recovery``,
+``supervisor`` ...) names nothing above it; the layers on it, the mbuf
 layer (``shmalloc.mbuf``) and Buffers (``shmalloc.buffer``), register what they add
 (``layers``) and are imported here, so every process that imports shmalloc has them.
 The byte layout of an arena lives in ``layout`` alone.

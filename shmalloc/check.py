@@ -25,7 +25,9 @@ from __future__ import annotations
 from collections import Counter
 
 from . import layout as L
+from .depot import Depot
 from .errors import CorruptionError
+from .sleepq import SleepQueue
 
 _Z, _K, _C = L.ZONE, L.KEG, L.CPU
 
@@ -78,7 +80,7 @@ def _check_keg(core, kid, zone_ids, live, own_cpus, level, problems):
             continue
         seen.add(base)
         nslabs += 1
-        t = keg.slab_tags(base)
+        t = keg.tags_of(base)
         c = Counter(t)
         tags_by_value.update(c)
         nfree = c.get(L.TAG_FREE, 0)
@@ -163,26 +165,22 @@ def _check_zone(core, z, zidx, keg, by_zone, cached_by_cpu, live, own_cpus, leve
     if by_zone.get((zidx, L.TAG_DEPOT), 0) != n:
         problems.append(f"{p}: depot holds {n} items, {by_zone.get((zidx, L.TAG_DEPOT), 0)} "
                         f"are tagged depot")
-    d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
-    hs, ts = list(w[d0:d0 + n]), list(w[d0 + cap:d0 + cap + n])
+    hs, ts = Depot(core, z).contents()
     if len(set(hs)) != n:
         problems.append(f"{p}: the depot lists an item twice")
     wd = L.tag(L.TAG_DEPOT, zidx)
     for h, t in zip(hs, ts):
-        base = keg.slab_of(h)
-        if base < 0 or t != (base >> 2) + keg.offmap[h - base] or core.tags[t] != wd:
+        ti = keg.tag_index_of(h)
+        if ti < 0 or t != ti or core.tags[t] != wd:
             problems.append(f"{p}: depot entry {h} (tag index {t}) is not a depot item of "
                             f"this zone")
             break
-    q = zw + L.ZONE_SLEEPQ_WORD
-    head, tail = w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]
-    if not 0 <= tail - head <= L.MAX_CPUS:
-        problems.append(f"{p}: sleep queue head {head} tail {tail}")
-    else:
-        waiting = [w[q + i % L.MAX_CPUS] for i in range(head, tail)]
-        waiting = [c for c in waiting if c >= 0]
-        if len(waiting) != w[zw + _Z["SLEEPERS"]]:
-            problems.append(f"{p}: SLEEPERS {w[zw + _Z['SLEEPERS']]}, queue holds {waiting}")
+    waiting = SleepQueue(core, z).waiting()
+    if waiting is None:
+        problems.append(f"{p}: sleep queue head {w[zw + _Z['SQ_HEAD']]} tail "
+                        f"{w[zw + _Z['SQ_TAIL']]}")
+    elif len(waiting) != w[zw + _Z["SLEEPERS"]]:
+        problems.append(f"{p}: SLEEPERS {w[zw + _Z['SLEEPERS']]}, queue holds {waiting}")
     for cpu in live:
         if level < 2 and cpu not in own_cpus:
             continue

@@ -18,12 +18,19 @@ Slab lists and their transitions (rule numbers are referred to in the code):
 Allocation takes from the head of the partial list, then the free list, then a
 new slab (UMA's ``keg_fetch_slab``), lowest free index first within a slab.
 
+Items and their tags: this module alone turns a handle into its tag's index and
+back (``tag_index_of``, ``handle_of``), and every walk over item tags goes through
+``items`` (filtered by zone index, holder, state), ``held_by``, ``tags_of`` or
+``tag_counts``; only the fast paths inline the arithmetic (``offmap``).
+
 Lock: every method that touches slabs needs this keg's lock held on entry and on
 return (``Lock: keg``); ``new_slab`` and ``drain`` take the vm lock inside it
 (lock order zone -> keg -> vm).
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from . import layout as L
 from .debug import KILLPOINTS, killpoint
@@ -34,6 +41,8 @@ _S = L.SLAB
 _ZERO_TAG = b"\0\0\0\0"
 TAG_LINE = 64                   # bytes in a CPU cache line
 _ZERO_LINE = bytes(TAG_LINE)
+_TAG_ZIDX = L.tag(0, 0xF, 0, 0)      # the zone-index bits of a tag
+_TAG_HOLDER = L.tag(0, 0, 0xFF, 0)  # its holder bits
 
 
 class Keg:
@@ -149,6 +158,7 @@ class Keg:
         return ts
 
     def tag_index(self, base: int, i: int) -> int:
+        """Tag index of item ``i`` of the slab at ``base``.  Lock: none."""
         return ((base + self.tagoff) >> 2) + i
 
     def ref_index(self, h: int) -> int:
@@ -408,29 +418,77 @@ class Keg:
                 page += 1
         return bases
 
+    # ---------------------------------------------------------------- items and their tags
+    # Item i of the slab at ``base`` is at ``base + i * rsize``; its tag is u32
+    # ``((base + tagoff) >> 2) + i`` of the segment (``offmap`` maps the item's
+    # offset in its slab to that index less ``base >> 2``).  This arithmetic lives
+    # here; only the fast paths inline it (the zone cache's closures, the mbuf
+    # layer's allocation).  Walks read the tags through ``items``/``tags_of``.
+
+    def tag_index_of(self, h: int) -> int:
+        """Tag index of item ``h``, or -1 when ``h`` is not an item of this keg.
+        Lock: none (addresses only: a slab's pages map to it while items are out)."""
+        b = self.slab_of(h)
+        return -1 if b < 0 else (b >> 2) + self.offmap[h - b]
+
     def handle_of(self, ti: int) -> int:
-        """Handle of the item whose tag is at u32 index ``ti``."""
+        """Handle of the item whose tag is at u32 index ``ti``.  Lock: none."""
         core = self.core
         base = core.pt[(ti << 2) >> L.PAGE_SHIFT] ^ self.kid_bits
         return base + ((ti << 2) - (base + self.tagoff)) // 4 * self.rsize
+
+    def tags_of(self, base: int) -> memoryview:
+        """The tags of the slab at ``base``, item 0 first (a live view: it reads
+        what the tags say when it is read).  Lock: keg, for the slab to stay one
+        of this keg's (or a base read from the page table, ``slab_bases``)."""
+        t0 = (base + self.tagoff) >> 2
+        return self.core.tags[t0:t0 + self.ipers]
+
+    def items(self, bases=None, *, zidx: int | None = None, holder: int | None = None,
+              states=None):
+        """Yield ``(handle, tag index, tag)`` of every item out of its slab (tag
+        not FREE) in the slabs at ``bases`` (default: every slab on the lists),
+        slab by slab, lowest item first; only those of zone index ``zidx``, held
+        by CPU ``holder``, in one of the tag ``states``, when given.  Each tag is
+        read as the walk passes it: the caller re-checks under the lock that
+        guards its change.  Lock: keg, unless ``bases`` is given (read under it,
+        ``slab_bases_locked``, or from the page table, ``slab_bases``)."""
+        if bases is None:
+            bases = [base for _, base in self.slabs()]
+        mask = want = 0
+        if zidx is not None:
+            mask |= _TAG_ZIDX
+            want |= L.tag(0, zidx, 0, 0)
+        if holder is not None:
+            mask |= _TAG_HOLDER
+            want |= L.tag(0, 0, holder, 0)
+        states = None if states is None else frozenset(states)
+        tags, rsize, ipers = self.core.tags, self.rsize, self.ipers
+        for base in bases:
+            t0 = (base + self.tagoff) >> 2
+            for i, tv in enumerate(tags[t0:t0 + ipers]):
+                if tv and tv & mask == want and (states is None
+                                                 or tv & L.TAG_STATE_MASK in states):
+                    yield base + i * rsize, t0 + i, tv
 
     def held_by(self, cpu: int, bases=None):
         """Yield (tag index, tag) of every item whose tag names ``cpu`` as holder.
         Tags of a live CPU's items change under its feet: use for a CPU that is
         closing (itself) or dead.  Lock: keg, unless ``bases`` (the slabs' bases,
         e.g. ``slab_bases_locked``) is given."""
-        tags = self.core.tags
+        for _, ti, tv in self.items(bases, holder=cpu):
+            yield ti, tv
+
+    def tag_counts(self, bases=None) -> Counter:
+        """How many items carry each tag value (FREE included), over the slabs at
+        ``bases`` (default: every slab on the lists).  Lock: keg, unless ``bases``
+        is given."""
         if bases is None:
             bases = [base for _, base in self.slabs()]
+        counts: Counter = Counter()
         for base in bases:
-            t0 = (base + self.tagoff) >> 2
-            for i, tv in enumerate(tags[t0:t0 + self.ipers]):
-                if tv and (tv >> 8) & 0xFF == cpu:
-                    yield t0 + i, tv
-
-    def slab_tags(self, base: int) -> memoryview:
-        t0 = (base + self.tagoff) >> 2
-        return self.core.tags[t0:t0 + self.ipers]
+            counts.update(self.tags_of(base))
+        return counts
 
     def slab_free(self, base: int) -> int:
         return self.core.w[self._sw(base) + _S["FREE"]]
@@ -452,7 +510,7 @@ class Keg:
             w[kw + head] = L.NIL
         free_items = 0
         for base in bases:
-            tags = self.slab_tags(base)
+            tags = self.tags_of(base)
             free = sum(1 for t in tags if t == L.TAG_FREE)
             sw = self._sw(base)
             w[sw + _S["FREE"]] = free

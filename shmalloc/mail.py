@@ -292,11 +292,10 @@ class PostOffice:
             if n == len(handles):
                 return
         for h in handles[n:]:                   # one by one, counting the bad ones
-            base = keg.slab_of(h) if type(h) is int else -1
-            if base < 0:
+            t = keg.tag_index_of(h) if type(h) is int else -1
+            if t < 0:
                 self.bad += 1
                 continue
-            t = (base >> 2) + keg.offmap[h - base]
             tv = tags[t]
             if tv & 0xFFFF != want:
                 self.bad += 1

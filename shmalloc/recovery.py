@@ -9,7 +9,8 @@ Repairs, inner locks first (a dead CPU may hold zone -> keg -> vm at once):
 
     vm lock      free map, FREE_PAGES and hint rebuilt from the page table
     keg lock     slab lists, free counts, keg counters rebuilt from the tags
-    zone lock    depot contents, ITEMS and the sleep queue rebuilt from the tags
+    zone lock    depot contents (``Depot.rebuild``), ITEMS and the sleep queue
+                 (``SleepQueue.rebuild``) rebuilt from the tags
     mailbox lock nothing: a sender re-tags only after its record is committed
 
 Items (``recover_cpu``), by the state their tag gives:
@@ -29,12 +30,13 @@ so hooks may run twice for an item across a crash: dtor and fini must tolerate i
 from __future__ import annotations
 
 import os
-from array import array
 
 from . import admin, slots
 from . import layout as L
+from .depot import Depot
 from .errors import ShmallocError
 from .hooks import DTOR_RECOVER
+from .sleepq import SleepQueue
 
 _C, _Z, _K = L.CPU, L.ZONE, L.KEG
 
@@ -93,47 +95,17 @@ def rebuild_zone(core, zone_id: int, owner_id: int) -> list:
     klk = core.lock(keg.lock_index)
     klk.acquire(owner_id=owner_id)
     try:
-        for _, base in keg.slabs():
-            t0 = (base + keg.tagoff) >> 2
-            for i, tv in enumerate(core.tags[t0:t0 + keg.ipers]):
-                if tv and (tv >> 4) & 0xF == zidx:
-                    items += 1
-                    if tv == depot_word:
-                        hs.append(base + i * keg.rsize)
-                        ts.append(t0 + i)
+        for h, ti, tv in keg.items(zidx=zidx):
+            items += 1
+            if tv == depot_word:
+                hs.append(h)
+                ts.append(ti)
     finally:
         klk.release()
-    cap = w[zw + _Z["DEPOT_CAP"]]
-    d0 = w[zw + _Z["DEPOT_OFF"]] >> 3
-    hs, ts = hs[:cap], ts[:cap]            # cannot exceed: the depot never held more
-    w[d0:d0 + len(hs)] = array("q", hs)
-    w[d0 + cap:d0 + cap + len(ts)] = array("q", ts)
-    w[zw + _Z["DEPOT_N"]] = len(hs)
-    w[zw + _Z["IMAX"]] = w[zw + _Z["IMIN"]] = len(hs)
+    Depot(core, zone_id).rebuild(hs, ts)
     w[zw + _Z["ITEMS"]] = items
-    _rebuild_sleepq(core, zone_id)
+    SleepQueue(core, zone_id).rebuild()
     return done
-
-
-def _rebuild_sleepq(core, zone_id: int) -> None:
-    """Keep live CPUs that still wait on this zone, in order.  Lock: zone."""
-    w = core.w
-    zw = L.zone_word(zone_id)
-    q = zw + L.ZONE_SLEEPQ_WORD
-    head, tail = w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]
-    if not 0 <= tail - head <= L.MAX_CPUS:
-        head = tail = 0
-    live = set(core.live_cpus())
-    keep = []
-    for i in range(head, tail):
-        c = w[q + i % L.MAX_CPUS]
-        if c in live and c not in keep and w[L.cpu_word(c) + _C["WAIT_ZONE"]] == zone_id + 1:
-            keep.append(c)
-    for i, c in enumerate(keep):
-        w[q + i] = c
-    w[zw + _Z["SQ_HEAD"]] = 0
-    w[zw + _Z["SQ_TAIL"]] = len(keep)
-    w[zw + _Z["SLEEPERS"]] = len(keep)
 
 
 def all_lock_indexes(core) -> list[int]:
@@ -204,7 +176,7 @@ def recover_cpu(arena, cpu: int) -> dict:
         lk.acquire(owner_id=arena.cpu_id)
         try:
             w[cw + _C["WAIT_ZONE"]] = 0
-            _rebuild_sleepq(core, z)
+            SleepQueue(core, z).rebuild()
         finally:
             lk.release()
     w[cw + _C["GRANT_ZONE"]] = 0
@@ -232,12 +204,10 @@ def _recover_zone_items(arena, zone_id: int, cpu: int, counts: dict) -> None:
     lk = core.lock(zone._lock_index)          # take-overs (F4) re-tag under it too
     lk.acquire(owner_id=me)
     try:
-        found = [(ti, tv) for ti, tv in keg.held_by(cpu, keg.slab_bases_locked(me))
-                 if (tv >> 4) & 0xF == zidx]
+        found = list(keg.items(keg.slab_bases_locked(me), zidx=zidx, holder=cpu))
         cached, fini, imported, freeing = ([], []), ([], []), ([], []), []
-        for ti, tv in found:
+        for h, ti, tv in found:
             st = L.tag_state(tv)
-            h = _handle_of(keg, ti)
             counts[L.TAG_STATE_NAMES[st]] = counts.get(L.TAG_STATE_NAMES[st], 0) + 1
             if st in (L.TAG_CACHED, L.TAG_XFREE):
                 tags[ti] = cache.w_cached
@@ -272,8 +242,3 @@ def _recover_zone_items(arena, zone_id: int, cpu: int, counts: dict) -> None:
             # the dtor kept it (an mbuf whose cluster is still shared waits for
             # its last reference); it is held by the supervisor now
             counts["kept"] = counts.get("kept", 0) + 1
-
-
-def _handle_of(keg, ti: int) -> int:
-    """Handle of the item whose tag is at u32 index ``ti``."""
-    return keg.handle_of(ti)

@@ -9,7 +9,6 @@ CPU by at most one bucket of operations.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 from . import layout as L
@@ -118,12 +117,10 @@ def _held_from_tags(core, keg_id: int, zidx: int) -> tuple[int, int]:
     """(allocated, cached) items of a zone, counted from the tags: exact even
     when a CPU died before publishing its last counts.  Lock: takes the keg's."""
     keg = core.keg(keg_id)
-    counts: Counter = Counter()
     lk = core.lock(keg.lock_index)
     lk.acquire()
     try:
-        for _, base in keg.slabs():
-            counts.update(keg.slab_tags(base))
+        counts = keg.tag_counts()
     finally:
         lk.release()
     used = cached = 0

@@ -156,16 +156,17 @@ def test_used_problems_count_what_nobody_holds():
 def test_describe_clusters_names_a_cluster_no_packet_holds():
     from shmalloc import M_NOWAIT, Arena
     from shmalloc import mbuf as mb
+    from shmalloc.mbuf.diagnose import describe_clusters
     with Arena.create_local(16 << 20) as arena:
         m = mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=arena)
         zc = arena.zone("mbuf_cluster")
         c = zc.alloc(M_NOWAIT)
         problems, lost = harness.used_problems(arena, {"mbuf_packet": 1})
         assert lost == 1 and problems[0].startswith("zone mbuf_cluster:")
-        text = harness._describe_clusters(arena, {arena.cpu_id: "this test"})
+        text = describe_clusters(arena, {arena.cpu_id: "this test"})
         assert text == (f"mbuf_cluster {c}: alloc held by CPU {arena.cpu_id} (this test); "
                         f"no packet-zone item points at it")
         zc.free(c)
         mb.m_freem(m)
-        assert harness._describe_clusters(arena, {}) == ""
+        assert describe_clusters(arena, {}) == ""
         arena.check()

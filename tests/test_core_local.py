@@ -1159,7 +1159,7 @@ def test_an_item_granted_to_a_sleeper_not_yet_awake_is_not_taken_from_it(arena):
         w = arena._core.w
         with arena._core.lock(z._lock_index):         # B queued, as _sleep queues it
             w[cw + layout.CPU["WAIT_ZONE"]] = z.id + 1
-            zb._cache._sleepq_push(b.cpu_id)
+            zb._cache.sleepq.push(b.cpu_id)
         z.free(h)                                     # F2: handed to B's grant slot
         assert w[cw + layout.CPU["GRANT_ZONE"]] == z.id + 1
         assert z._cache.take_cache_of(b.cpu_id) == 0  # B's to pick up, not the manager's

@@ -52,6 +52,7 @@ import time
 from shmalloc import Arena, CorruptionError, admin, recovery
 from shmalloc import layout as L
 from shmalloc.ipc import naming
+from shmalloc.mbuf import diagnose
 
 from .launcher import Fleet, FleetError, lock_repairs, recoveries
 
@@ -592,90 +593,13 @@ def _prove(fleet, watch, workload, rec, where, stall_limit, lock_limit):
 def describe_unaccounted(arena, held, roles) -> str:
     """For a failure message: the allocated mbuf-zone items that the holdings
     ``held`` (per worker: "handles", "owners") do not account for, then the
-    clusters no packet points at; ``roles`` names the CPUs (slot -> who)."""
-    return "\n".join(filter(None, (_describe_unheld(arena, held, roles),
-                                    _describe_clusters(arena, roles))))
-
-
-def _describe_unheld(arena, held, roles, limit=8) -> str:
-    """Allocated mbuf-zone items that no living worker accounts for: holder (and
-    its role), tag state, and the mbuf's type, flags, refcount and cluster owner,
-    for a failure message."""
-    from shmalloc.mbuf.zones import EXT_OWNER, EXT_REFCNT, FLAGS, TYPE
+    clusters no packet points at (``shmalloc.mbuf.diagnose``); ``roles`` names the
+    CPUs (slot -> who)."""
     known = set()
     for h in held.values():
         known.update(h.get("handles", ()))
         known.update(h.get("owners", ()))
-    core = arena._core
-    w, tags = core.w, core.tags
-    out = []
-    for zname in ("mbuf_packet", "mbuf"):
-        if zname not in arena.zones():
-            continue
-        z = arena.zone(zname)
-        keg = z.keg
-        for _, base in keg.slabs():
-            t0 = (base + keg.tagoff) >> 2
-            for k, tv in enumerate(tags[t0:t0 + keg.ipers]):
-                if L.tag_zidx(tv) != z.zidx or L.tag_state(tv) not in (L.TAG_ALLOC,
-                                                                       L.TAG_INFLIGHT):
-                    continue
-                h = base + k * keg.rsize
-                if h in known:
-                    continue
-                cpu = L.tag_holder(tv)
-                i = h >> 3
-                typ = w[i + TYPE]
-                aside = " (MT_NOTMBUF: set aside for its copies)" if typ == 0 else ""
-                out.append(f"{zname} {h}: {L.TAG_STATE_NAMES[L.tag_state(tv)]} held by CPU "
-                           f"{cpu} ({roles.get(cpu, 'no live process')}), type {typ}{aside}, "
-                           f"flags {w[i + FLAGS]:#x}, refcount {tags[w[i + EXT_REFCNT] >> 2]}, "
-                           f"owner {w[i + EXT_OWNER]}")
-                if len(out) >= limit:
-                    return "\n".join(out)
-    return "\n".join(out)
-
-
-def _describe_clusters(arena, roles, limit=8) -> str:
-    """Allocated clusters that no packet (allocated, in flight, cached, in the depot
-    or on its way home) points at: the cluster's holder and every packet-zone item
-    that points at it, with its state -- for a failure message."""
-    from shmalloc.mbuf.zones import EXT_BUF, EXT_OWNER, FLAGS, TYPE
-    if not {"mbuf_packet", "mbuf_cluster"} <= set(arena.zones()):
-        return ""
-    core = arena._core
-    w, tags = core.w, core.tags
-
-    def items(zone):
-        keg = zone.keg
-        for _, base in keg.slabs():
-            t0 = (base + keg.tagoff) >> 2
-            for k, tv in enumerate(tags[t0:t0 + keg.ipers]):
-                if L.tag_zidx(tv) == zone.zidx and L.tag_state(tv) != L.TAG_FREE:
-                    yield base + k * keg.rsize, tv
-
-    counted = (L.TAG_ALLOC, L.TAG_INFLIGHT, L.TAG_CACHED, L.TAG_DEPOT, L.TAG_XFREE)
-    by_cluster: dict[int, list] = {}
-    for h, tv in items(arena.zone("mbuf_packet")):
-        by_cluster.setdefault(w[(h >> 3) + EXT_BUF], []).append((h, tv))
-    out = []
-    for cl, tv in items(arena.zone("mbuf_cluster")):
-        if L.tag_state(tv) != L.TAG_ALLOC:
-            continue
-        packets = by_cluster.get(cl, [])
-        if any(L.tag_state(ptv) in counted for _, ptv in packets):
-            continue
-        cpu = L.tag_holder(tv)
-        seen = "; ".join(f"packet {h}: {L.TAG_STATE_NAMES[L.tag_state(ptv)]} held by CPU "
-                         f"{L.tag_holder(ptv)} ({roles.get(L.tag_holder(ptv), 'no live process')})"
-                         f", type {w[(h >> 3) + TYPE]}, flags {w[(h >> 3) + FLAGS]:#x}, owner "
-                         f"{w[(h >> 3) + EXT_OWNER]}" for h, ptv in packets)
-        out.append(f"mbuf_cluster {cl}: alloc held by CPU {cpu} "
-                   f"({roles.get(cpu, 'no live process')}); "
-                   + (seen or "no packet-zone item points at it"))
-        if len(out) >= limit:
-            break
-    return "\n".join(out)
+    return diagnose.describe_unaccounted(arena, known, roles)
 
 
 def _roles(fleet, fresh) -> dict[int, str]:

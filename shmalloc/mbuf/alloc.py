@@ -42,7 +42,7 @@ from .zones import (DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_
 
 _ZERO_EXT = bytes(MSIZE - M_PKTDAT)
 _FLAGS_OK = 0xFFFFFFFF & ~(M_EXT | M_NOFREE)    # flags an allocation may ask for
-_TAG_ALLOC, _TAG_SHIFT = L.TAG_ALLOC, L.PAGE_SHIFT
+_TAG_ALLOC = L.TAG_ALLOC
 _new = object.__new__
 
 
@@ -242,8 +242,8 @@ def m_cljset(m, cl: int, type: int) -> None:
     if z is None:
         raise MbufError(f"m_cljset: ext type {type} is not a cluster type")
     cl = _int("m_cljset: cluster", cl)
-    base = z.keg.slab_of(cl)
-    if base < 0 or L.tag_state(c.u32[(base >> 2) + z.keg.offmap[cl - base]]) != L.TAG_ALLOC:
+    ti = z.keg.tag_index_of(cl)
+    if ti < 0 or L.tag_state(c.u32[ti]) != L.TAG_ALLOC:
         raise BadHandleError(f"m_cljset: {cl} is not an allocated cluster of zone {z.name!r}")
     if c.w[(m.handle >> 3) + FLAGS] & M_EXT:
         raise MbufError(f"m_cljset: mbuf {m.handle} already has external storage")
@@ -334,12 +334,8 @@ def _bad(c, h, what):
     if c.is_mbuf(h) >= 0 and c.w[(h >> 3) + TYPE] == MT_NOTMBUF:
         raise DoubleFreeError(f"{what}: mbuf {h} was freed already (it waits for the other "
                               f"references to its cluster to go)")
-    try:
-        b = c.core.pt[h >> _TAG_SHIFT] ^ c.mkid_bits
-        x = c.moffmap.get(h - b)
-    except (IndexError, TypeError):
-        x = None
-    if x is not None and L.tag_zidx(c.u32[(b >> 2) + x]) == c.zidx_pack:
+    ti = c.mkeg.tag_index_of(h)
+    if ti >= 0 and L.tag_zidx(c.u32[ti]) == c.zidx_pack:
         c.zpack._raise_bad(h, what)
     c.zmbuf._raise_bad(h, what)
     raise BadHandleError(f"{what}: {h} is not an allocated mbuf")
@@ -362,7 +358,7 @@ def _free(c, h: int) -> int:
         c.zpack.free(h, PACK_VERIFIED)
         return nxt
     try:
-        b = c.core.pt[h >> 12] ^ c.mkid_bits
+        b = c.core.pt[h >> 12] ^ c.mkid_bits        # Keg.tag_index_of, inlined (hot)
         t = c.u32[(b >> 2) + c.moffmap[h - b]]
     except (IndexError, KeyError, TypeError):
         _bad(c, h, "m_free")

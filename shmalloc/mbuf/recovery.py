@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from .. import layout as L
 from .. import recovery, slots
+from ..layers import views
 from .alloc import m_free
 from .constants import EXT_CLUSTER, EXT_PACKET, M_EXT, MSIZE, MT_NOTMBUF
 from .header import Mbuf
@@ -81,7 +82,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
     if not {*MBUF_ZONES, "mbuf_cluster"} <= names:
         return counts
 
-    core = arena._core
+    core = views(arena)
     w, u32, mv = core.w, core.tags, core.mv
     slots.close_mailbox(core, cpu, arena.cpu_id)   # nothing more is handed to it
     c = ctx(arena)
@@ -102,10 +103,10 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
                                                                       EXT_PACKET):
             return False
         zclust = arena.zone("mbuf_cluster")
-        base = zclust.keg.slab_of(cl)
-        if base < 0 or (cl - base) % zclust.keg.rsize:
+        ti = zclust.keg.tag_index_of(cl)
+        if ti < 0:
             return False
-        t = u32[zclust.keg.tag_index(base, (cl - base) // zclust.keg.rsize)]
+        t = u32[ti]
         return (L.tag_state(t) == L.TAG_ALLOC and L.tag_zidx(t) == zclust.zidx
                 and L.tag_holder(t) == cpu)
 
@@ -116,10 +117,10 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
         """(packet, its tag) that copy ``h`` points at, or (packet, None) when that
         is not an allocated packet any more."""
         owner = w[(h >> 3) + EXT_OWNER]
-        base = zpack.keg.slab_of(owner)
-        if base < 0 or (owner - base) % zpack.keg.rsize:
+        ti = zpack.keg.tag_index_of(owner)
+        if ti < 0:
             return owner, None
-        t = u32[zpack.keg.tag_index(base, (owner - base) // zpack.keg.rsize)]
+        t = u32[ti]
         if L.tag_state(t) not in (L.TAG_ALLOC, L.TAG_INFLIGHT) or L.tag_zidx(t) != zpack.zidx:
             return owner, None               # (a packet in flight is allocated too)
         return owner, t
@@ -215,18 +216,15 @@ def _referenced_packets(arena, zmbuf, dead, EXT_OWNER, EXT_TYPE, FLAGS, EXT_PACK
     """Packets that an allocated copy (an mbuf of the mbuf zone) held by a CPU not
     in ``dead`` points at (a dead CPU's copies may be half made or half freed:
     they are judged one by one)."""
-    core = arena._core
-    w, tags = core.w, core.tags
+    w = views(arena).w
     keg = zmbuf.keg
     out = set()
-    for base in keg.slab_bases_locked(arena.cpu_id):
-        t0 = (base + keg.tagoff) >> 2
-        for k, tv in enumerate(tags[t0:t0 + keg.ipers]):
-            if (L.tag_state(tv) == L.TAG_ALLOC and L.tag_zidx(tv) == zmbuf.zidx
-                    and L.tag_holder(tv) not in dead):
-                i = (base + k * keg.rsize) >> 3
-                if w[i + FLAGS] & M_EXT and w[i + EXT_TYPE] == EXT_PACKET:
-                    out.add(w[i + EXT_OWNER])
+    for h, _, tv in keg.items(keg.slab_bases_locked(arena.cpu_id), zidx=zmbuf.zidx,
+                              states=(L.TAG_ALLOC,)):
+        if L.tag_holder(tv) not in dead:
+            i = h >> 3
+            if w[i + FLAGS] & M_EXT and w[i + EXT_TYPE] == EXT_PACKET:
+                out.add(w[i + EXT_OWNER])
     return out
 
 
@@ -254,19 +252,13 @@ def _claim_unnamed(arena, zone, cpu, zpack, EXT_BUF, FLAGS, M_EXT) -> list[int]:
     lock rules out the named ones (most: the clusters of the packets the CPU
     imported), so that the lock is taken only when there is something to free.
     Lock: takes the zone's."""
-    core = arena._core
+    core = views(arena)
     tags, w = core.tags, core.w
     keg, zidx = zone.keg, zone.zidx
-    held = {L.tag(st, zidx, cpu) & 0xFFFF for st in (L.TAG_ALLOC, L.TAG_INFLIGHT)}
 
     def candidates() -> dict:
-        out = {}
-        for base in keg.slab_bases():
-            t0 = (base + keg.tagoff) >> 2
-            for k, tv in enumerate(tags[t0:t0 + keg.ipers]):
-                if tv & 0xFFFF in held:
-                    out[base + k * keg.rsize] = t0 + k
-        return out
+        return {h: ti for h, ti, _ in keg.items(keg.slab_bases(), zidx=zidx, holder=cpu,
+                                                 states=(L.TAG_ALLOC, L.TAG_INFLIGHT))}
 
     def named(wanted) -> set:
         """The clusters of ``wanted`` that an item of the mbuf keg names: an mbuf
@@ -275,18 +267,14 @@ def _claim_unnamed(arena, zone, cpu, zpack, EXT_BUF, FLAGS, M_EXT) -> list[int]:
         importing with its cluster attached it was made finishing already)."""
         mkeg = zpack.keg
         zp = zpack.zidx
-        skip = L.tag(L.TAG_IMPORT, zp, cpu) & 0xFFFF
         out = set()
-        for base in mkeg.slab_bases():
-            t0 = (base + mkeg.tagoff) >> 2
-            for k, tv in enumerate(tags[t0:t0 + mkeg.ipers]):
-                if not tv & L.TAG_STATE_MASK:
-                    continue
-                i = (base + k * mkeg.rsize) >> 3
-                cl = w[i + EXT_BUF]
-                if cl in wanted and (w[i + FLAGS] & M_EXT if (tv >> 4) & 0xF != zp
-                                     else tv & 0xFFFF != skip):
-                    out.add(cl)
+        for h, _, tv in mkeg.items(mkeg.slab_bases()):
+            i = h >> 3
+            cl = w[i + EXT_BUF]
+            if cl in wanted and (w[i + FLAGS] & M_EXT if L.tag_zidx(tv) != zp
+                                 else not (L.tag_state(tv) == L.TAG_IMPORT
+                                           and L.tag_holder(tv) == cpu)):
+                out.add(cl)
         return out
 
     found = candidates()
@@ -317,17 +305,17 @@ def _retag(arena, zone, cpu, states, new_tag) -> None:
     ``new_tag(zone, handle, tag)`` (None: leave it).  The walk takes no lock (the
     tags of a dead CPU's items change only by take-overs, which the re-check
     sees); each re-tag holds the zone lock for that item alone."""
-    core = arena._core
+    core = views(arena)
     keg = zone.keg
-    found = [(ti, tv) for ti, tv in keg.held_by(cpu, keg.slab_bases_locked(arena.cpu_id))
-             if L.tag_zidx(tv) == zone.zidx and L.tag_state(tv) in states]
+    found = list(keg.items(keg.slab_bases_locked(arena.cpu_id), zidx=zone.zidx, holder=cpu,
+                           states=states))
     lk = core.lock(zone._lock_index)
-    for ti, tv in found:
+    for h, ti, tv in found:
         lk.acquire(owner_id=arena.cpu_id)
         try:
             if core.tags[ti] != tv:              # taken over since the walk
                 continue
-            new = new_tag(zone, recovery._handle_of(keg, ti), tv)
+            new = new_tag(zone, h, tv)
             if new is not None:
                 core.tags[ti] = new
         finally:

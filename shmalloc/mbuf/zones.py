@@ -225,8 +225,8 @@ class Ctx:
         this arena, else -1.  No lock: the tag of an allocated item changes only
         when its holder frees it."""
         try:
-            b = self.core.pt[h >> L.PAGE_SHIFT] ^ self.mkid_bits
-            x = self.moffmap.get(h - b)
+            b = self.core.pt[h >> L.PAGE_SHIFT] ^ self.mkid_bits   # Keg.tag_index_of,
+            x = self.moffmap.get(h - b)                             # inlined (hot)
         except (IndexError, TypeError):
             return -1
         if x is None:
