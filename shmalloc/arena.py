@@ -280,6 +280,10 @@ class Arena(CpuSlots, ZoneTable, Messages):
         """The CPU slots in use (``stats.CpuSlot``: cpu, state, pid, start, gen)."""
         return _stats.cpu_slots(self._core)
 
+    def lock_owners(self, held_only: bool = True):
+        """Who holds each lock now (``stats.LockOwner``): every lock, or those held."""
+        return _stats.lock_owners(self._core, held_only)
+
     def lock_stats(self):
         return _stats.lock_stats(self._core)
 

@@ -25,9 +25,11 @@ from __future__ import annotations
 from collections import Counter
 
 from . import layout as L
+from .admin import process_alive
 from .depot import Depot
 from .errors import CorruptionError
 from .sleepq import SleepQueue
+from .stats import lock_indexes
 
 _Z, _K, _C = L.ZONE, L.KEG, L.CPU
 
@@ -190,3 +192,25 @@ def _check_zone(core, z, zidx, keg, by_zone, cached_by_cpu, live, own_cpus, leve
         if published != tagged and not granted:
             problems.append(f"{p}: CPU {cpu} publishes {published} cached items, "
                             f"{tagged} are tagged cached by it")
+
+
+def stuck_locks(arena, timeout: float = 3.0) -> list[str]:
+    """Locks held by a process that is dead, or not takeable within ``timeout``
+    seconds: what a supervised arena must never show for long.  Empty when none.
+    Lock: takes each lock (the vm, keg and zone locks, the live CPUs' mailbox locks)
+    and gives it back at once."""
+    core = arena._core
+    idxs = lock_indexes(core, mailboxes=False)
+    idxs += [L.mbox_lock_index(c) for c in core.live_cpus()]
+    out = []
+    for idx in idxs:
+        lk = core.lock(idx)
+        pid = lk.owner_pid()
+        if pid and not process_alive(pid):
+            out.append(f"lock {idx} held by dead pid {pid}")
+        if not lk.acquire(timeout=timeout, owner_id=arena.cpu_id):
+            out.append(f"lock {idx} not taken within {timeout:g} s (owner pid "
+                       f"{lk.owner_pid()})")
+        else:
+            lk.release()
+    return out

@@ -23,6 +23,7 @@ from threading import get_ident
 from . import layout as L
 from .errors import ArenaClosedError, ShmallocError
 from . import slots
+from .sleepq import SleepQueue
 from .zone import Zone
 from .backend import start_time
 
@@ -135,13 +136,8 @@ class CpuSlots:
 
     def _wake_sleepers(self, zone_id: int) -> None:
         """Post every sleeper of a zone (after its limit was raised)."""
-        w = self._core.w
-        zw = L.zone_word(zone_id)
-        q = zw + L.ZONE_SLEEPQ_WORD
-        for pos in range(w[zw + _Z["SQ_HEAD"]], w[zw + _Z["SQ_TAIL"]]):
-            cpu = w[q + pos % L.MAX_CPUS]
-            if cpu >= 0:
-                self._post_wake(cpu)
+        for cpu in SleepQueue(self._core, zone_id).waiting() or ():   # (a peek: a
+            self._post_wake(cpu)                  # stale list only wakes a CPU for nothing)
 
     # ------------------------------------------------------------ threads and fork
     def _forked(self) -> bool:

@@ -116,6 +116,15 @@ class Depot:
         if n + k > w[zw + _Z["IMAX"]]:
             w[zw + _Z["IMAX"]] = n + k
 
+    def working_set(self) -> int:
+        """UMA's ``zone_trim`` estimate: the items the depot went between in the
+        period now ending (IMAX - IMIN), smoothed 4:1 into WSS; returns WSS, what a
+        trim keeps.  Lock: zone."""
+        w, zw = self.core.w, self.zw
+        wss = w[zw + _Z["IMAX"]] - w[zw + _Z["IMIN"]]
+        w[zw + _Z["WSS"]] = (4 * wss + w[zw + _Z["WSS"]]) // 5
+        return w[zw + _Z["WSS"]]
+
     def trim(self, keep: int, hs: list, ts: list, tag_word: int) -> None:
         """The depot's share of a drain: the items beyond ``keep`` onto ``hs``/``ts``
         tagged ``tag_word`` (the drainer's cached items, for it to give back to

@@ -128,7 +128,8 @@ class Messages:
         return list(groups.values())
 
     def _held_item(self, h):
-        """(zone, tag index) of item ``h`` allocated and held by this CPU."""
+        """(zone, tag index) of item ``h`` allocated and held by this CPU.  (The tag
+        index is ``Keg.tag_index_of``'s, inlined: send checks every handle.)"""
         core = self._core
         try:
             e = core.pt[h >> L.PAGE_SHIFT] if h >= 0 else 0
@@ -188,10 +189,9 @@ class Messages:
         core = self._core
         kid = core.pt[h >> L.PAGE_SHIFT] >> L.KEG_ID_SHIFT if 0 <= h < core.geometry.size else 0
         keg = core.keg(kid) if 1 <= kid <= L.MAX_KEGS else None
-        base = keg.slab_of(h) if keg is not None else -1
-        if base < 0:
+        t = keg.tag_index_of(h) if keg is not None else -1
+        if t < 0:
             raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item")
-        t = (base >> 2) + keg.offmap[h - base]
         zid = next((z for z in core.zones_of_keg(kid)
                     if core.w[L.zone_word(z) + _Z["ZIDX"]] == L.tag_zidx(core.tags[t])), None)
         if zid is None:

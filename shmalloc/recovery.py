@@ -36,18 +36,10 @@ from . import layout as L
 from .depot import Depot
 from .errors import ShmallocError
 from .hooks import DTOR_RECOVER
+from .stats import lock_indexes
 from .sleepq import SleepQueue
 
 _C, _Z, _K = L.CPU, L.ZONE, L.KEG
-
-
-def lock_indexes(core) -> list[int]:
-    w = core.w
-    idxs = [L.VM_LOCK]
-    idxs += [L.keg_lock_index(k) for k in range(1, w[L.HDR["NKEGS"]] + 1)
-             if w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE]
-    idxs += [L.zone_lock_index(z) for z in core.live_zone_ids()]
-    return idxs
 
 
 def mailbox_lock(core, cpu: int):
@@ -110,7 +102,7 @@ def rebuild_zone(core, zone_id: int, owner_id: int) -> list:
 
 def all_lock_indexes(core) -> list[int]:
     """``lock_indexes``, then the mailbox lock of every slot that ever had one."""
-    return lock_indexes(core) + [L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
+    return lock_indexes(core, mailboxes=False) + [L.mbox_lock_index(c) for c in range(L.MAX_CPUS)
                                  if mailbox_lock(core, c) is not None]
 
 
@@ -143,7 +135,7 @@ def repair_core_locks(core, dead_pids: set[int], me: int) -> int:
     locks as its rebuild needs them (a zone's: its keg's), then vm."""
     repaired = 0
     mailboxes = [lk for lk in (mailbox_lock(core, c) for c in range(L.MAX_CPUS)) if lk]
-    for idx in lock_indexes(core):                       # vm, kegs, then zones
+    for idx in lock_indexes(core, mailboxes=False):      # vm, kegs, then zones
         lk = core.lock(idx)
         pid = lk.owner_pid()
         if pid not in dead_pids:

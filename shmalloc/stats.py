@@ -178,6 +178,49 @@ def lock_name(core, idx: int) -> str:
     return "zone:" + core.zone_name(idx - 1 - L.MAX_KEGS)
 
 
+@dataclass(frozen=True)
+class LockOwner:
+    """Who holds a lock now (``pid`` 0: nobody), since when (``time.monotonic_ns()``
+    at the acquisition: the clock is the machine's, the same in every process), and
+    the longest wait an acquisition of it recorded."""
+    index: int
+    name: str
+    pid: int
+    cpu: int
+    since_ns: int
+    max_wait_ns: int
+
+
+def lock_indexes(core, mailboxes: bool = True) -> list[int]:
+    """The locks of the arena: vm, each live keg's, each live zone's (the order of
+    the lock order, inner last reversed: vm first), then -- with ``mailboxes`` -- the
+    mailbox lock of every CPU slot (taken or not: a freed slot's lock keeps its
+    record)."""
+    w = core.w
+    idxs = [L.VM_LOCK]
+    idxs += [L.keg_lock_index(k) for k in range(1, w[L.HDR["NKEGS"]] + 1)
+             if w[L.keg_word(k) + _K["FLAGS"]] & L.KF_LIVE]
+    idxs += [L.zone_lock_index(z) for z in core.live_zone_ids()]
+    if mailboxes:
+        idxs += [L.mbox_lock_index(c) for c in range(L.MAX_CPUS)]
+    return idxs
+
+
+def lock_owners(core, held_only: bool = True) -> list[LockOwner]:
+    """``LockOwner`` of every lock (``lock_indexes``), or of those held now.
+    Lock: none; the words are read as they are (a torn read shows a hold that is
+    starting or ending)."""
+    w = core.w
+    out = []
+    for idx in lock_indexes(core):
+        lw = L.lock_word(idx)
+        pid = w[lw + _LK["OWNER_PID"]]
+        if pid or not held_only:
+            out.append(LockOwner(idx, lock_name(core, idx), pid, w[lw + _LK["OWNER_ID"]],
+                                 w[lw + _LK["ACQUIRED_NS"]], w[lw + _LK["MAX_WAIT_NS"]]))
+    return out
+
+
 def lock_stats(core) -> list[LockStats]:
     """The vm lock, each keg's and zone's, then the mailbox lock of every CPU slot
     in use (or held: a dead holder's shows until it is repaired)."""

@@ -35,6 +35,7 @@ import psutil
 from . import admin, layers, recovery, slots
 from . import layout as L
 from .arena import Arena, live_attachments
+from .depot import Depot
 from .errors import ShmallocError
 from .ipc import naming
 from .ipc.segment import Segment
@@ -297,16 +298,13 @@ class Supervisor:
         """Trim each zone's depot to its working-set estimate (UMA's zone_trim:
         wss = imax - imin, smoothed 4:1); give empty slabs back.  Returns slabs
         released."""
-        core, w = self.arena._core, self.arena._core.w
+        core = self.arena._core
         released = 0
         for z in core.live_zone_ids():
-            zw = L.zone_word(z)
             lk = core.lock(L.zone_lock_index(z))
             lk.acquire(owner_id=self.arena.cpu_id)
             try:
-                wss = w[zw + L.ZONE["IMAX"]] - w[zw + L.ZONE["IMIN"]]
-                w[zw + L.ZONE["WSS"]] = (4 * wss + w[zw + L.ZONE["WSS"]]) // 5
-                keep = w[zw + L.ZONE["WSS"]]
+                keep = Depot(core, z).working_set()
             finally:
                 lk.release()
             released += self.arena._zone_by_id(z)._cache.drain_depot(keep)

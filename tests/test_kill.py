@@ -42,6 +42,7 @@ from shmalloc import Arena, M_NOWAIT, admin, recovery
 from shmalloc import layout as L
 from shmalloc.ipc import codec, naming
 from shmalloc.mail import CpuGoneError, MailboxFullError, ring_of
+from shmalloc.stats import lock_indexes
 from shmalloc.workers.launcher import (Fleet, lock_repairs, manager_pid, recoveries,
                                        unrecovered_cpus)
 
@@ -156,7 +157,7 @@ def _assert_locks(arena, why):
         if lk.max_wait_ns > LOCK_WAIT_LIMIT * 1e9:
             problems.append(f"{lk.name} once waited {lk.max_wait_ns / 1e9:.2f} s")
     core = arena._core
-    idxs = recovery.lock_indexes(core) + [L.mbox_lock_index(c) for c in core.live_cpus()]
+    idxs = lock_indexes(core, mailboxes=False) + [L.mbox_lock_index(c) for c in core.live_cpus()]
     for idx in idxs:
         lk = core.lock(idx)
         if not lk.acquire(timeout=3.0, owner_id=arena.cpu_id):

@@ -49,8 +49,8 @@ import secrets
 import threading
 import time
 
-from shmalloc import Arena, CorruptionError, admin, recovery
-from shmalloc import layout as L
+from shmalloc import Arena, CorruptionError, admin
+from shmalloc.check import stuck_locks
 from shmalloc.ipc import naming
 from shmalloc.mbuf import diagnose
 
@@ -105,47 +105,32 @@ class Watch:
             alive = self._alive[pid] = admin.process_alive(pid)
         return alive
 
-    def lock_indexes(self) -> list[int]:
-        core = self.arena._core
-        return recovery.lock_indexes(core) + [L.mbox_lock_index(c) for c in range(L.MAX_CPUS)]
-
     def poll(self, limit: float = LOCK_LIMIT) -> None:
         self._alive.clear()
-        core = self.arena._core
-        w = core.w
+        arena = self.arena
         now_ns = time.monotonic_ns()
-        for idx in self.lock_indexes():
-            lw = L.lock_word(idx)
-            pid = w[lw + L.LOCK["OWNER_PID"]]
-            if not pid:
-                continue
-            since = w[lw + L.LOCK["ACQUIRED_NS"]]
-            held = (now_ns - since) / 1e9
+        for lk in arena.lock_owners():
+            held = (now_ns - lk.since_ns) / 1e9
             if held <= 0 or held > 3600:          # torn read, or not yet written
                 continue
-            dead = not self._is_alive(pid)
+            dead = not self._is_alive(lk.pid)
             if held > self.max_hold:
                 self.max_hold = held
-                self.worst = {"lock": self._name(idx), "pid": pid, "dead": dead,
+                self.worst = {"lock": lk.name, "pid": lk.pid, "dead": dead,
                               "seconds": round(held, 3)}
             if dead:
                 self.max_hold_dead = max(self.max_hold_dead, held)
-            key = (idx, pid, since)
+            key = (lk.index, lk.pid, lk.since_ns)
             if held > limit and key not in self._reported:
                 self._reported.add(key)
-                self.long_holds.append({"lock": self._name(idx), "pid": pid, "dead": dead,
-                                        "pid_is_manager": pid == w[L.HDR["MANAGER_PID"]]})
+                self.long_holds.append({"lock": lk.name, "pid": lk.pid, "dead": dead,
+                                        "pid_is_manager": lk.pid == arena.stats().manager_pid})
         now = time.monotonic()
         gone = set(self._dead_seen)
-        for cpu in range(L.MAX_CPUS):
-            cw = L.cpu_word(cpu)
-            if w[cw + L.CPU["STATE"]] == L.CPU_FREE:
-                continue
-            pid = w[cw + L.CPU["PID"]]
-            key = (cpu, pid)
+        for slot in arena.cpu_slots():
+            key = (slot.cpu, slot.pid)
             gone.discard(key)
-            if key not in self._dead_seen and not admin.process_alive(
-                    pid, w[cw + L.CPU["START"]]):
+            if key not in self._dead_seen and not admin.process_alive(slot.pid, slot.start):
                 self._dead_seen[key] = now
         for key in gone:                           # slot freed (or taken again): recovered
             seen = self._dead_seen.pop(key)
@@ -154,21 +139,12 @@ class Watch:
                 self.worst_recovery = {"cpu": key[0], "pid": key[1], "seen": seen,
                                        "recovered": now, "seconds": round(now - seen, 3)}
 
-    def _name(self, idx: int) -> str:
-        from shmalloc.stats import lock_name
-        try:
-            return lock_name(self.arena._core, idx)
-        except Exception:  # noqa: BLE001 - a name for a report only
-            return f"lock {idx}"
-
     def max_wait(self) -> tuple[float, str]:
         """The longest wait any acquisition recorded (seconds) and its lock."""
-        w = self.arena._core.w
         best, name = 0.0, "-"
-        for idx in self.lock_indexes():
-            ns = w[L.lock_word(idx) + L.LOCK["MAX_WAIT_NS"]]
-            if ns / 1e9 > best:
-                best, name = ns / 1e9, self._name(idx)
+        for lk in self.arena.lock_owners(held_only=False):
+            if lk.max_wait_ns / 1e9 > best:
+                best, name = lk.max_wait_ns / 1e9, lk.name
         return best, name
 
     def max_recovery_wait(self) -> float:
@@ -217,19 +193,7 @@ def _settled_used(arena, expected, timeout=3.0):
 
 def lock_problems(arena) -> list[str]:
     """Locks held by a dead process, or not takeable within 3 s."""
-    core = arena._core
-    out = []
-    idxs = recovery.lock_indexes(core) + [L.mbox_lock_index(c) for c in core.live_cpus()]
-    for idx in idxs:
-        lk = core.lock(idx)
-        pid = lk.owner_pid()
-        if pid and not admin.process_alive(pid):
-            out.append(f"lock {idx} held by dead pid {pid}")
-        if not lk.acquire(timeout=3.0, owner_id=arena.cpu_id):
-            out.append(f"lock {idx} not taken within 3 s (owner pid {lk.owner_pid()})")
-        else:
-            lk.release()
-    return out
+    return stuck_locks(arena, 3.0)
 
 
 # ============================================================================ the run
@@ -604,19 +568,18 @@ def describe_unaccounted(arena, held, roles) -> str:
 
 def _roles(fleet, fresh) -> dict[int, str]:
     """CPU slot -> who holds it (manager, observer, this check, worker place.gen)."""
-    w = fresh._core.w
+    st = fresh.stats()
     out = {fresh.cpu_id: "the checking attachment"}
     if fleet.observer is not None:
         out[fleet.observer.cpu_id] = "the harness's observer"
-    out[w[L.HDR["MANAGER_CPU"]]] = f"the keg manager, pid {w[L.HDR['MANAGER_PID']]}"
+    out[st.manager_cpu] = f"the keg manager, pid {st.manager_pid}"
     for i in range(fleet.n):
         cpu = fleet.team.cpus[i]
         if cpu >= 0:
             out[cpu] = f"worker place {i} generation {fleet.gens[i] - 1}"
-    for cpu in range(L.MAX_CPUS):
-        cw = L.cpu_word(cpu)
-        if cpu not in out and w[cw + L.CPU["STATE"]] != L.CPU_FREE:
-            out[cpu] = f"pid {w[cw + L.CPU['PID']]}"
+    for slot in fresh.cpu_slots():
+        if slot.cpu not in out:
+            out[slot.cpu] = f"pid {slot.pid}"
     return out
 
 
