@@ -192,12 +192,10 @@ class Messages:
         t = keg.tag_index_of(h) if keg is not None else -1
         if t < 0:
             raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item")
-        zid = next((z for z in core.zones_of_keg(kid)
-                    if core.w[L.zone_word(z) + _Z["ZIDX"]] == L.tag_zidx(core.tags[t])), None)
-        if zid is None:
+        zone = self._zone_of(kid, L.tag_zidx(core.tags[t]))
+        if zone is None:
             raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item of "
                                 f"a zone")
-        zone = self._zone_by_id(zid)
         lk = core.lock(zone._lock_index)           # against a racing free (take-over)
         lk.acquire(owner_id=self.cpu_id)
         try:

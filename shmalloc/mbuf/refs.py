@@ -191,6 +191,7 @@ def _dupcl(c, n, m):
             _claim(c, n, m)
             u32[r] = 2
         else:
+            disown_storage(c, m)         # shared from now on: the references' (first)
             u32[r] = 2
             _claim(c, n, m)
         return
@@ -205,6 +206,35 @@ def _dupcl(c, n, m):
         u32[r] = rc + 1
     finally:
         lk.release()
+
+
+def disown_storage(c, m) -> None:
+    """The m_extadd storage of mbuf ``m`` and its count, where a CPU holds them,
+    become held by no CPU: owned through the references from now on, so that the
+    recovery of that CPU, should it die, leaves them to the mbufs that point at
+    them.  ``m_extadd`` does this at once; Buffers keep their storage while the one
+    reference of the CPU that made it names it (its free is then a fast-path free)
+    and call this before a second reference is made (``_dupcl``: from any thread of
+    the process, such as a queue's feeder thread pickling it) or the one they have
+    goes elsewhere (``Buffer.detach``).  Lock: none (the tags of items that only the
+    one reference's holder frees, the caller or a thread of its process)."""
+    w, i = c.w, m >> 3
+    if not w[i + FLAGS] & M_EXT or w[i + EXT_TYPE] not in EXT_EXTADD_TYPES:
+        return
+    core, tags = c.core, c.u32
+    for x in (w[i + EXT_BUF], w[i + EXT_REFCNT]):
+        try:
+            e = core.pt[x >> L.PAGE_SHIFT] if x > 0 else 0
+            if not 1 <= e >> L.KEG_ID_SHIFT <= L.MAX_KEGS:
+                continue
+            keg = core.keg(e >> L.KEG_ID_SHIFT)
+            b = e ^ keg.kid_bits
+            t = (b >> 2) + keg.offmap[x - b]
+        except (IndexError, KeyError, TypeError, ValueError, AttributeError):
+            continue                     # not an item: the caller's own storage
+        tv = tags[t]
+        if tv & 0xF == L.TAG_ALLOC and tv >> 8 & 0xFF != L.NO_CPU:
+            tags[t] = tv | L.NO_CPU << 8
 
 
 def _claim(c, n, m):
