@@ -77,8 +77,10 @@ from . import layout as L
 from ._export import Exporter
 from .errors import ArenaClosedError, ArenaFullError, ArenaNotFoundError, ShmallocError, ZoneError
 from . import mbuf as mb
+from .mbuf import ctors as _ctors
 from .mbuf.constants import (EXT_NET_DRV, EXT_PACKET, M_COPYFLAGS, M_EXT, M_PKTHDR, MCLBYTES,
-                             MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE, MSIZE, MT_DATA)
+                             MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE, MSIZE, MT_DATA,
+                             MT_NOINIT)
 from .mbuf.header import Mbuf
 from .mbuf.refs import _dupcl, disown_storage
 from .mbuf.zones import (DATA, E, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER, EXT_REFCNT,
@@ -185,16 +187,23 @@ class _Class:
     keg's page-table bits and offset map, this CPU's tag of an allocated item, and
     the m_ext words of a Buffer's storage (patched per allocation)."""
 
-    __slots__ = ("zone", "alloc", "free", "take_over", "kid", "off", "w_alloc", "ext")
+    __slots__ = ("zone", "alloc", "free", "take_over", "kid", "off", "w_alloc", "mbuf")
 
     def __init__(self, zone, size: int):
         self.zone = zone
         self.alloc, self.free, self.take_over = zone.alloc, zone.free, zone.take_over
         self.kid, self.off = zone.keg.kid_bits, zone.keg.offmap
         self.w_alloc = zone._cache.w_alloc
-        # m_ext as m_extadd writes it: buf, size, type, refcnt, arg1 (the size, for
-        # free_storage), arg2 (STORAGE_MARK), owner -- buf, refcnt, owner per Buffer
-        self.ext = array("q", (0, size, EXT_NET_DRV, 0, size, STORAGE_MARK, 0))
+        # the whole mbuf of a Buffer of this class, as mb_ctor_mbuf (M_PKTHDR, MT_DATA)
+        # and m_extadd write it, but M_EXT (set last, on its own): m_ext is buf, size,
+        # type, refcnt, arg1 (the size, for free_storage), arg2 (STORAGE_MARK), owner,
+        # then the free routine's name; m_data, m_len, m_pkthdr.len, buf, refcnt and
+        # owner are patched in per Buffer
+        m = array("q", bytes(MSIZE))
+        m[FLAGS], m[TYPE] = M_PKTHDR, MT_DATA
+        m[E:EXT_END] = array("q", (0, size, EXT_NET_DRV, 0, size, STORAGE_MARK, 0))
+        m[EXT_FREE // 8:] = array("q", _FREE_NAME)
+        self.mbuf = m
 
 
 def _ctx(arena) -> _Ctx:
@@ -217,12 +226,11 @@ def _class(arena, size: int) -> _Class:
 def _bucket_of_class(arena, size: int):
     """The bucket size a new size-class zone gets: UMA's adaptive choice below
     BUCKETLESS; above, a fixed bucket of one item while two items take at most
-    1/CACHE_SHARE of the arena's pages (a CPU caches at most two), else none (every
-    allocation and free takes the zone lock)."""
+    1/CACHE_SHARE of the arena (a CPU caches at most two), else none (every
+    allocation and free takes the zone and keg locks)."""
     if size < BUCKETLESS:
         return None
-    pages = views(arena).geometry.data_pages
-    return 1 if 2 * size * CACHE_SHARE <= pages * L.PAGE_SIZE else 0
+    return 1 if 2 * size * CACHE_SHARE <= views(arena).geometry.size else 0
 
 
 def _storage_zone(arena, size: int):
@@ -395,6 +403,8 @@ _nonces, _nonce_at = b"", 0
 _ZERO_EXT = bytes(MSIZE - M_PKTDAT)
 _F_STORAGE = M_PKTHDR | M_EXT          # the flags of a Buffer's mbuf
 _ARG_PKT = MT_DATA << 32 | M_PKTHDR     # the mbuf ctors' argument for it (mb_args)
+_ARG_NOINIT = MT_NOINIT << 32           # ... for one whose header is written here
+_MWORDS = MSIZE // 8
 _FREE_NAME = FREE_STORAGE.encode().ljust(MSIZE - EXT_FREE, b"\0")   # m_ext's ext_free
 _exp_new = Exporter.__new__
 
@@ -860,8 +870,9 @@ def _alloc_class(bc, k, n: int) -> int:
         s = k.alloc(M_NOWAIT)
         if s is not None:
             r = bc.ext_alloc(M_NOWAIT)
-            if r is not None:
-                h = bc.mbuf_alloc(M_NOWAIT, None, _ARG_PKT)
+            if r is not None:           # MT_NOINIT: the header is written below, whole
+                h = bc.mbuf_alloc(M_NOWAIT, None, _ARG_NOINIT if _ctors._label_hook is None
+                                  else _ARG_PKT)
     except ArenaFullError:             # /dev/shm cannot back a new slab: as if none
         pass
     finally:
@@ -873,16 +884,13 @@ def _alloc_class(bc, k, n: int) -> int:
     if h is None:
         return 0
     bc.u32[r >> 2] = 1
+    m = k.mbuf
+    m[DATA] = m[EXT_BUF] = s
+    m[LEN] = m[PH_LEN] = n
+    m[EXT_REFCNT] = r
+    m[EXT_OWNER] = h
     w, i = bc.w, h >> 3
-    ext = k.ext
-    ext[0] = s
-    ext[3] = r
-    ext[6] = h
-    w[i + E:i + EXT_END] = ext
-    bc.mv[h + EXT_FREE:h + MSIZE] = _FREE_NAME
-    w[i + DATA] = s
-    w[i + LEN] = n
-    w[i + PH_LEN] = n
+    w[i:i + _MWORDS] = m
     w[i + FLAGS] = _F_STORAGE
     return h
 
