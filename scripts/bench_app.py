@@ -7,10 +7,12 @@ run, in interleaved rounds (a change of load hits both sides alike); best of
               (one arena of ALLOC_ARENA bytes), against
               ``SharedMemory(create=True, size=n)`` + ``close()`` + ``unlink()`` (the
               stdlib's default: tracked by the resource tracker)
-    pickle    a Buffer through ``pickle.dumps`` in this process, then ``pickle.loads``
-              + ``close()`` in another (a forked child with its own attachment: the
-              cost a Pool task pays for an argument), against a ``SharedMemory``
-              passed by name the same way (dumps; loads attaches it; close)
+    pickle    Buffers of PICKLE_SIZE through ``pickle.dumps`` in this process, each
+              once per round (as ``Pool.map`` pickles a list of arrays), then
+              ``pickle.loads`` + ``close()`` in another (a forked child with its own
+              attachment, the pickles sent to it through a pipe: the cost a Pool
+              task pays for an argument), against ``SharedMemory`` segments passed
+              by name the same way (dumps; loads attaches one; close)
     pool      ``ProcessPoolExecutor(2).map`` over POOL_ARRAYS numpy arrays of
               POOL_BYTES each, the workers reading every element (``a.sum()``): the
               arrays pickled (the default), in ``SharedMemory`` segments passed by
@@ -44,7 +46,7 @@ ALLOC_SIZES = (2048, 64 << 10, 1 << 20, 64 << 20)
 ALLOC_SIZES_QUICK = (2048, 64 << 10, 1 << 20)
 ALLOC_ARENA = 1 << 30
 ALLOC_ARENA_QUICK = 32 << 20
-PICKLE_SIZE = 1 << 20
+PICKLE_SIZE = 64 << 10
 POOL_ARRAYS, POOL_BYTES = 64, 8 << 20
 POOL_QUICK = (4, 256 << 10)
 PLAIN_BATCH = 64
@@ -54,7 +56,7 @@ COUNTS = {                      # full, quick
     "alloc_small": (20_000, 300),
     "alloc_large": (5_000, 100),
     "shm": (500, 30),
-    "pickle": (3_000, 100),
+    "pickle": (1_000, 50),
     "plain": (100_000, 3_000),
     "pair": (200_000, 2_000),
     "heap": (20_000, 500),
@@ -92,12 +94,22 @@ def _rounds(stmts: dict, number: dict, repeat: int) -> dict:
 def run(quick: bool = False, repeat: int = 3, name: str = "bench") -> dict:
     q = 1 if quick else 0
     n = {k: v[q] for k, v in COUNTS.items()}
+    _start_resource_tracker()
     out = {"alloc": alloc_close(quick, repeat, f"{name}.aa", n),
            "pickle": pickle_round_trip(repeat, f"{name}.ap", n["pickle"])}
     out["pool"] = pool_map(quick, repeat, f"{name}.apm")
     out["handoff"] = handoff_plain(n["plain"], repeat, f"{name}.ah", quick)
     out["pair"] = pair(repeat, f"{name}.app", n)
     return out
+
+
+def _start_resource_tracker() -> None:
+    """Start the stdlib's resource tracker (a process of its own, which
+    SharedMemory talks to) and let it settle, so that its start-up is timed in no
+    row: neither the peer's first segment nor shmalloc's rounds beside it."""
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+    time.sleep(0.3)
 
 
 # ============================================================================ alloc + close
@@ -121,64 +133,75 @@ def alloc_close(quick: bool, repeat: int, name: str, n: dict) -> list[dict]:
 
 
 # ============================================================================ pickle
-def _load_close_child(pickles, conn):
-    """In the forked child: load (and close) one pickle untimed (the first load
-    attaches the arena or maps the segment's module), then time the rest."""
+def _load_close_child(conn):
+    """In a forked child: receive rounds of pickles through ``conn`` (bytes made in
+    this process, as a Pool worker's arguments are), load and close each, and
+    answer the µs per pickle.  The first pickle of a round is loaded and closed
+    untimed (the first load attaches the arena, or maps the segment's module)."""
     try:
-        pickle.loads(pickles[0]).close()
-        t0 = time.perf_counter()
-        for p in pickles[1:]:
-            pickle.loads(p).close()
-        conn.send(("ok", (time.perf_counter() - t0) / (len(pickles) - 1) * 1e6))
+        while True:
+            pickles = conn.recv()
+            if pickles is None:
+                return
+            pickle.loads(pickles[0]).close()
+            t0 = time.perf_counter()
+            for p in pickles[1:]:
+                pickle.loads(p).close()
+            conn.send(("ok", (time.perf_counter() - t0) / (len(pickles) - 1) * 1e6))
     except BaseException as e:                           # noqa: BLE001 (reported)
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
 
 
-def _in_child(pickles) -> float:
-    r, w = CTX.Pipe(duplex=False)
-    p = CTX.Process(target=_load_close_child, args=(pickles, w), daemon=True)
-    p.start()
-    w.close()
-    try:
-        if not r.poll(DEADLINE):
-            raise RuntimeError(f"pickle child silent for {DEADLINE:g} s")
-        kind, val = r.recv()
-        if kind != "ok":
-            raise RuntimeError(f"pickle child failed: {val}")
-        return val
-    finally:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-        r.close()
+def _in_child(conn, pickles) -> float:
+    conn.send(pickles)
+    if not conn.poll(DEADLINE):
+        raise RuntimeError(f"pickle child silent for {DEADLINE:g} s")
+    kind, val = conn.recv()
+    if kind != "ok":
+        raise RuntimeError(f"pickle child failed: {val}")
+    return val
 
 
 def pickle_round_trip(repeat: int, name: str, count: int) -> dict:
-    """µs per reference: dumps here + loads and close in a forked child, for a
-    Buffer and for a SharedMemory segment passed by name."""
+    """µs per reference: dumps here + loads and close in a forked child (one child
+    for every round, started before them), for ``count`` Buffers of PICKLE_SIZE
+    each pickled once per round (as ``Pool.map`` pickles a list of arrays), and for
+    as many SharedMemory segments passed by name."""
     from multiprocessing.shared_memory import SharedMemory
-    arena = Arena.create(name, 64 << 20)
-    shm = SharedMemory(create=True, size=PICKLE_SIZE)
+    arena = Arena.create(name, max(64 << 20, 2 * (count + 1) * PICKLE_SIZE))
+    segs = []
     best = {"shmalloc": (float("inf"), 0, 0), "shm": (float("inf"), 0, 0)}
+    conn, child_end = CTX.Pipe()
+    child = CTX.Process(target=_load_close_child, args=(child_end,), daemon=True)
     try:
-        buf = arena.alloc(PICKLE_SIZE)
+        bufs = [arena.alloc(PICKLE_SIZE) for _ in range(count + 1)]
+        segs = [SharedMemory(create=True, size=PICKLE_SIZE) for _ in range(count + 1)]
+        child.start()
+        child_end.close()
+        dumps = pickle.dumps
         for _ in range(repeat):
-            for kind, obj in (("shmalloc", buf), ("shm", shm)):
-                dumps = pickle.dumps
+            for kind, objs in (("shmalloc", bufs), ("shm", segs)):
                 t0 = time.perf_counter()
-                pickles = [dumps(obj) for _ in range(count + 1)]
-                dump_us = (time.perf_counter() - t0) / (count + 1) * 1e6
-                load_us = _in_child(pickles)
-                if dump_us + load_us < sum(best[kind][1:]) or best[kind][0] == float("inf"):
+                pickles = [dumps(obj) for obj in objs]
+                dump_us = (time.perf_counter() - t0) / len(objs) * 1e6
+                load_us = _in_child(conn, pickles)
+                if dump_us + load_us < best[kind][0]:
                     best[kind] = (dump_us + load_us, dump_us, load_us)
-        buf.close()
+        conn.send(None)
+        child.join(DEADLINE)
+        for b in bufs:
+            b.close()
         arena.check()
     finally:
-        shm.close()
-        shm.unlink()
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+        conn.close()
+        for s in segs:
+            s.close()
+            s.unlink()
         arena.destroy()
     return {"us": best["shmalloc"][0], "dump_us": best["shmalloc"][1],
             "load_close_us": best["shmalloc"][2], "shm_us": best["shm"][0],

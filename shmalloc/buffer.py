@@ -81,6 +81,7 @@ from .mbuf import ctors as _ctors
 from .mbuf.constants import (EXT_NET_DRV, EXT_PACKET, M_COPYFLAGS, M_EXT, M_PKTHDR, MCLBYTES,
                              MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE, MSIZE, MT_DATA,
                              MT_NOINIT)
+from .mbuf.alloc import _free as _mfree
 from .mbuf.header import Mbuf
 from .mbuf.refs import _dupcl, disown_storage
 from .mbuf.zones import (DATA, E, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER, EXT_REFCNT,
@@ -312,6 +313,8 @@ def _drop(arena, h: int) -> None:
             if (flags == _F_STORAGE and w[i + EXT_ARG2] == STORAGE_MARK and not w[i + PH_TAGS]
                     and _drop_class(bc, h, i)):
                 return
+            _mfree(bc.c, h)                # m_freem of this one mbuf
+            return
     _free_ref(arena, h)
 
 
@@ -618,7 +621,7 @@ class Buffer(Exporter):
             raise TypeError(f"a Buffer of a local arena (Arena.create_local) cannot be "
                             f"{what}: no other process can attach that arena")
         a = arena._here()
-        c = _mbctx(a)
+        c = a.__dict__.get("_mb") or _mbctx(a)
         n = _copy_ref(c, h)
         if not n:
             m = mb.m_copym(Mbuf._wrap(c, h), 0, mb.M_COPYALL, M_NOWAIT)

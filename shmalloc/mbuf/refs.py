@@ -208,6 +208,9 @@ def _dupcl(c, n, m):
         lk.release()
 
 
+_ALLOC_NO_CPU = L.TAG_ALLOC | L.NO_CPU << 8
+
+
 def disown_storage(c, m) -> None:
     """The m_extadd storage of mbuf ``m`` and its count, where a CPU holds them,
     become held by no CPU: owned through the references from now on, so that the
@@ -222,18 +225,19 @@ def disown_storage(c, m) -> None:
     if not w[i + FLAGS] & M_EXT or w[i + EXT_TYPE] not in EXT_EXTADD_TYPES:
         return
     core, tags = c.core, c.u32
+    pt = core.pt
     for x in (w[i + EXT_BUF], w[i + EXT_REFCNT]):
-        try:
-            e = core.pt[x >> L.PAGE_SHIFT] if x > 0 else 0
+        try:                             # Keg.tag_index_of, inlined
+            e = pt[x >> 12] if x > 0 else 0
             if not 1 <= e >> L.KEG_ID_SHIFT <= L.MAX_KEGS:
                 continue
             keg = core.keg(e >> L.KEG_ID_SHIFT)
             b = e ^ keg.kid_bits
             t = (b >> 2) + keg.offmap[x - b]
-        except (IndexError, KeyError, TypeError, ValueError, AttributeError):
+        except (IndexError, KeyError, TypeError):
             continue                     # not an item: the caller's own storage
         tv = tags[t]
-        if tv & 0xF == L.TAG_ALLOC and tv >> 8 & 0xFF != L.NO_CPU:
+        if tv & 0xFF0F != _ALLOC_NO_CPU and tv & 0xF == L.TAG_ALLOC:
             tags[t] = tv | L.NO_CPU << 8
 
 
