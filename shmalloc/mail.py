@@ -4,7 +4,7 @@ and requests from the keg manager.
 Every CPU has a mailbox in the arena: an ``ipc.ring.Ring`` of msgpack records
 under the CPU's mailbox lock (``layout.mbox_lock_index``), with the CPU's wake
 semaphore posted after each delivery.  Rings were chosen over POSIX message
-queues after measuring both (README): no per-user queue budget to exhaust, a
+queues after measuring both (docs/operations.md, "Limits"): no per-user queue budget to exhaust, a
 mailbox is visible and removable with the arena's segment, and one record holds
 hundreds of handles.
 
