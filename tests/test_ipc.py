@@ -14,13 +14,21 @@ from shmalloc import ipc
 from shmalloc.ipc import lock as lock_module
 from shmalloc.ipc import naming
 from shmalloc.ipc.lock import (
+    HIST_BUCKETS,
     L_ACQUISITIONS,
     L_CONTENDED,
+    L_HOLD_HIST,
+    L_HOLD_NS,
+    L_MAX_HOLD_NS,
     L_MAX_WAIT_NS,
     L_OWNER_ID,
     L_OWNER_PID,
+    L_WAIT_HIST,
     L_WAIT_NS,
     LOCK_WORDS,
+    hist_bounds_us,
+    hist_bucket,
+    hist_percentile,
 )
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -316,6 +324,8 @@ def test_lock_contended_by_a_thread(lock_and_words):
     assert lock.contended_last is True
     assert (words[L_ACQUISITIONS], words[L_CONTENDED]) == (2, 1)
     assert words[L_WAIT_NS] == words[L_MAX_WAIT_NS] >= 50_000_000
+    k = hist_bucket(words[L_WAIT_NS])
+    assert k >= 16 and wait_hist(words) == [int(i == k) for i in range(HIST_BUCKETS)]
 
 
 def test_lock_on_wait_can_abandon(lock_and_words, monkeypatch):
@@ -334,6 +344,85 @@ def test_lock_on_wait_can_abandon(lock_and_words, monkeypatch):
         assert words[L_CONTENDED] == 0
     finally:
         lock.release()
+
+
+def hold_hist(words):
+    return words[L_HOLD_HIST:L_HOLD_HIST + HIST_BUCKETS].tolist()
+
+
+def wait_hist(words):
+    return words[L_WAIT_HIST:L_WAIT_HIST + HIST_BUCKETS].tolist()
+
+
+def test_release_records_the_hold(lock_and_words):
+    """A lock held across a 20 ms sleep: one hold of at least 20 ms, in the log2
+    bucket of its length, which is also the max."""
+    lock, words = lock_and_words
+    lock.acquire()
+    time.sleep(0.02)
+    lock.release()
+    held = words[L_MAX_HOLD_NS]
+    assert words[L_HOLD_NS] == held >= 20_000_000
+    k = hist_bucket(held)
+    assert k >= 15                                   # [16384, 32768) us holds 20 ms
+    assert hold_hist(words) == [int(i == k) for i in range(HIST_BUCKETS)]
+    assert wait_hist(words) == [0] * HIST_BUCKETS    # not contended
+    with lock:
+        pass
+    assert sum(hold_hist(words)) == 2 and words[L_MAX_HOLD_NS] == held
+    assert words[L_HOLD_NS] > held
+
+
+def test_hold_accounting_on_an_injected_clock(monkeypatch):
+    """LocalLock on a fake clock: hold totals, max and log2 buckets exactly."""
+    words = lock_words()
+    lock = ipc.LocalLock.create("x", words)
+    now = [1_000_000]
+    monkeypatch.setattr(lock_module, "_now", lambda: now[0])
+    for held in (3_500, 999, 1_000, 5_000_000_000, 2_000):
+        lock.acquire()
+        now[0] += held
+        lock.release()
+    assert words[L_HOLD_NS] == 3_500 + 999 + 1_000 + 5_000_000_000 + 2_000
+    assert words[L_MAX_HOLD_NS] == 5_000_000_000
+    h = hold_hist(words)
+    # 999 ns: [0, 1) us; 1 us: [1, 2); 2 and 3.5 us: [2, 4); 5 s: the last, >= 2**22 us
+    assert (h[0], h[1], h[2], h[HIST_BUCKETS - 1], sum(h)) == (1, 1, 2, 1, 5)
+    assert words[L_ACQUISITIONS] == 5
+
+
+def test_failed_and_forced_releases_record_no_hold(lock_and_words):
+    lock, words = lock_and_words
+    lock.acquire()
+    assert lock.acquire(timeout=0) is False          # a failed try: nothing counted
+    words[L_OWNER_PID] = 12345                        # as if a dead process held it
+    before = words.tolist()
+    assert lock.force_release(12345) is True
+    after = words.tolist()
+    assert after[L_HOLD_NS] == before[L_HOLD_NS] == 0
+    assert hold_hist(words) == [0] * HIST_BUCKETS
+
+
+def test_histogram_buckets_are_log2_microseconds():
+    assert [hist_bucket(ns) for ns in (0, 999, 1_000, 1_999, 2_000, 3_999, 4_000)] == \
+        [0, 0, 1, 1, 2, 2, 3]
+    assert hist_bucket(1 << 40) == HIST_BUCKETS - 1
+    assert hist_bucket((1 << 21) * 1000) == 22 == HIST_BUCKETS - 2
+    assert hist_bucket((1 << 22) * 1000) == HIST_BUCKETS - 1
+    assert hist_bounds_us(0) == (0, 1) and hist_bounds_us(1) == (1, 2)
+    assert hist_bounds_us(10) == (512, 1024)
+    assert hist_bounds_us(HIST_BUCKETS - 1) == (1 << 22, float("inf"))
+    for ns in (0, 1_500, 77_777, 123_456_789):
+        lo, hi = hist_bounds_us(hist_bucket(ns))
+        assert lo <= ns / 1000 < hi
+    with pytest.raises(ValueError):
+        hist_bounds_us(HIST_BUCKETS)
+    h = [0] * HIST_BUCKETS
+    assert hist_percentile(h, 0.99) is None
+    h[3], h[8] = 99, 1
+    assert hist_percentile(h, 0.99) == 8.0 and hist_percentile(h, 1.0) == 256.0
+    h[HIST_BUCKETS - 1] = 100
+    assert hist_percentile(h, 0.99) == float("inf")
 
 
 def test_lock_needs_a_q_record():
