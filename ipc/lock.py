@@ -18,14 +18,17 @@ caller places in shared memory and passes in as a memoryview cast to 'q':
     40..63  L_HOLD_HIST       holds by length, the same buckets; their sum is the number
                               of holds recorded (releases; a forced release records none)
 
-Histogram buckets (``hist_bucket``), in microseconds, as bpftrace's ``hist()``: bucket 0
-counts [0, 1), bucket k (1 <= k < HIST_BUCKETS - 1) counts [2**(k-1), 2**k), the last
-bucket everything from 2**(HIST_BUCKETS - 2) us (4.19 s) up. Percentiles are read from
-them (``hist_percentile``).
+Histogram buckets (``hist_bucket``) are powers of two of nanoseconds, as FreeBSD's
+``lockstat -h`` and bpftrace's ``hist()`` print them: bucket 0 counts [0, 1024) ns (under
+a microsecond), bucket k (1 <= k < HIST_BUCKETS - 1) counts [2**(k+9), 2**(k+10)) ns, the
+last one everything from 2**(HIST_BUCKETS + 8) ns (4.29 s) up.  The bucket is a table
+look-up of the time's ``bit_length()``.  Percentiles are read from them
+(``hist_percentile``).
 
 Counters are written only by the holder, so the lock itself protects them: the wait and
 acquisition counts after the semaphore is taken, the hold counts before it is given back
-(``release``: one clock read, the cost of hold times). A reader in another process reads
+(``release``: one clock read and five word operations, about 0.25 us on the machine
+docs/lockstat.md measures; only slow paths take locks). A reader in another process reads
 them without the lock and may see one acquisition half counted.
 
 POSIX semaphores have no owner: one held by a process that dies stays taken. The owner
@@ -55,10 +58,15 @@ L_ACQUIRED_NS = 6
 L_HOLD_NS = 7
 L_MAX_HOLD_NS = 8
 L_WAIT_HIST = 16
-HIST_BUCKETS = 24                 # [0, 1) us, [1, 2) .. [2**21, 2**22) us, >= 2**22 us
+HIST_BUCKETS = 24                 # [0, 1K) ns, [1K, 2K) .. [2G, 4G) ns, >= 4G ns
 L_HOLD_HIST = L_WAIT_HIST + HIST_BUCKETS
 WAIT_HIST_BUCKETS = HOLD_HIST_BUCKETS = HIST_BUCKETS
+HIST_SHIFT = 10                   # bucket 1 starts at 2**HIST_SHIFT ns
 _LAST = HIST_BUCKETS - 1
+# bucket of a time whose bit_length() is b: min(max(b - HIST_SHIFT, 0), _LAST)
+_BUCKET_OF_BITS = tuple(min(max(b - HIST_SHIFT, 0), _LAST) for b in range(65))
+_WAIT_SLOT = tuple(L_WAIT_HIST + k for k in _BUCKET_OF_BITS)   # word to count it in
+_HOLD_SLOT = tuple(L_HOLD_HIST + k for k in _BUCKET_OF_BITS)
 
 MODE = 0o600
 WAIT_SLICE = 1.0  # seconds per timed wait: on_wait runs, and signals land, between slices
@@ -77,20 +85,21 @@ os.register_at_fork(after_in_child=_refresh_pid)
 
 
 def hist_bucket(ns):
-    """Histogram bucket of a wait or hold of ``ns`` nanoseconds: 0 under 1 us, k when
-    it is in [2**(k-1), 2**k) us, the last bucket from 2**(HIST_BUCKETS - 2) us up."""
-    k = (ns // 1000).bit_length()
-    return k if k < _LAST else _LAST
+    """Histogram bucket of a wait or hold of ``ns`` nanoseconds (>= 0): 0 under
+    1024 ns, k for [2**(k+9), 2**(k+10)) ns, the last one from 2**(HIST_BUCKETS + 8)
+    ns up."""
+    return _BUCKET_OF_BITS[min(ns.bit_length(), 64)]
 
 
 wait_bucket = hist_bucket
 
 
-def hist_bounds_us(k):
-    """(low, high) in microseconds of histogram bucket ``k``; high is inf for the last."""
+def hist_bounds_ns(k):
+    """(low, high) in nanoseconds of histogram bucket ``k``; high is inf for the last."""
     if not 0 <= k < HIST_BUCKETS:
         raise ValueError(f"histogram bucket {k} is outside 0..{_LAST}")
-    return (0 if k == 0 else 1 << (k - 1)), (float("inf") if k == _LAST else 1 << k)
+    return ((0 if k == 0 else 1 << (k + HIST_SHIFT - 1)),
+            (float("inf") if k == _LAST else 1 << (k + HIST_SHIFT)))
 
 
 def hist_percentile(hist, q):
@@ -105,7 +114,7 @@ def hist_percentile(hist, q):
     for k, n in enumerate(hist):
         seen += n
         if seen >= need:
-            return float(hist_bounds_us(k)[1])
+            return hist_bounds_ns(k)[1] / 1000
     return float("inf")
 
 
@@ -172,8 +181,7 @@ class _CountedLock:
         waited = _now() - started
         w = self._words
         w[L_CONTENDED] += 1
-        k = (waited // 1000).bit_length()
-        w[L_WAIT_HIST + (k if k < _LAST else _LAST)] += 1
+        w[_WAIT_SLOT[waited.bit_length()]] += 1
         w[L_WAIT_NS] += waited
         if waited > w[L_MAX_WAIT_NS]:
             w[L_MAX_WAIT_NS] = waited
@@ -187,8 +195,7 @@ class _CountedLock:
         w[L_HOLD_NS] += held
         if held > w[L_MAX_HOLD_NS]:
             w[L_MAX_HOLD_NS] = held
-        k = (held // 1000).bit_length()               # hist_bucket, inlined
-        w[L_HOLD_HIST + (k if k < _LAST else _LAST)] += 1
+        w[_HOLD_SLOT[held.bit_length()]] += 1        # hist_bucket(held)
         w[L_OWNER_PID] = 0
         w[L_OWNER_ID] = 0
         self._post()

@@ -93,10 +93,10 @@ TUNABLES_WORDS = 128
 #   word  0 OWNER_PID    1 OWNER_ID     2 ACQUISITIONS  3 CONTENDED
 #         4 WAIT_NS      5 MAX_WAIT_NS  6 ACQUIRED_NS   7 HOLD_NS
 #         8 MAX_HOLD_NS  9..15 reserved
-#        16 WAIT_HIST    LOCK_HIST_BUCKETS words: contended waits, log2 us buckets
+#        16 WAIT_HIST    LOCK_HIST_BUCKETS words: contended waits, log2 buckets
 #        40 HOLD_HIST    LOCK_HIST_BUCKETS words: holds (acquire to release), the same
 #
-# Bucket 0 counts [0, 1) us, bucket k [2**(k-1), 2**k) us, the last one >= 2**22 us.
+# Bucket 0 counts [0, 2**10) ns, bucket k [2**(k+9), 2**(k+10)) ns, the last >= 2**32 ns.
 LOCK = _fields("OWNER_PID", "OWNER_ID", "ACQUISITIONS", "CONTENDED", "WAIT_NS",
                "MAX_WAIT_NS", "ACQUIRED_NS", "HOLD_NS", "MAX_HOLD_NS")
 LOCK_FIXED_WORDS = 16

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from . import layout as L
-from .ipc.lock import HIST_BUCKETS, hist_bounds_us, hist_percentile
+from .ipc.lock import HIST_BUCKETS, hist_bounds_ns, hist_percentile
 
 _Z, _K, _CS, _C, _LK = L.ZONE, L.KEG, L.CS, L.CPU, L.LOCK
 
@@ -46,7 +46,7 @@ class ZoneStats:
 class LockStats:
     """One lock's profile, read from its record (``ipc.lock``): what FreeBSD's
     LOCK_PROFILING and ``perf lock contention`` print per lock.  Times in ns;
-    histograms are HIST_BUCKETS log2 buckets of microseconds (``ipc.lock.hist_bucket``).
+    histograms are HIST_BUCKETS log2 buckets of nanoseconds (``ipc.lock.hist_bucket``).
     """
     name: str
     acquisitions: int
@@ -54,7 +54,7 @@ class LockStats:
     wait_ns: int                 # waited by the contended acquisitions, in total
     max_wait_ns: int
     owner_pid: int
-    wait_hist: tuple = ()        # contended waits: [0, 1), [1, 2), [2, 4) .. us, >= 2**22 us
+    wait_hist: tuple = ()        # contended waits: [0, 1K), [1K, 2K) .. [2G, 4G), >= 4G ns
     hold_ns: int = 0             # held (acquire to release), in total over ``holds``
     max_hold_ns: int = 0
     hold_hist: tuple = ()        # holds, the same buckets; their sum is ``holds``
@@ -302,17 +302,17 @@ def format_lock_profile(rows, sort: str = "wait", top: int | None = None,
     if hist:
         for s in rows:
             if s.acquisitions or s.holds:
-                out.append("\n" + format_hist(s.wait_hist, f"{s.name} wait (us), "
+                out.append("\n" + format_hist(s.wait_hist, f"{s.name} wait (ns), "
                                                f"{sum(s.wait_hist)} contended acquisitions"))
-                out.append(format_hist(s.hold_hist, f"{s.name} hold (us), {s.holds} holds"))
+                out.append(format_hist(s.hold_hist, f"{s.name} hold (ns), {s.holds} holds"))
     return "".join(out)
 
 
-def _us_label(v) -> str:
-    """A bucket bound as bpftrace prints it: 512, 1K, 2M."""
+def _ns_label(v) -> str:
+    """A bucket bound as bpftrace prints it: 512, 1K, 2M, 4G."""
     if v == float("inf"):
-        return "..."          # the last bucket: [4M, ...)
-    for unit, shift in (("M", 20), ("K", 10)):
+        return "..."          # the last bucket: [4G, ...)
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
         if v >= 1 << shift and v % (1 << shift) == 0:
             return f"{v >> shift}{unit}"
     return str(v)
@@ -320,15 +320,16 @@ def _us_label(v) -> str:
 
 def format_hist(hist, label: str, width: int = HIST_WIDTH) -> str:
     """A log2 histogram (HIST_BUCKETS counts) as text bars, as bpftrace's ``hist()``
-    prints them: one line per bucket from the first to the last one counted."""
+    prints them: one line per bucket, [low, high) in nanoseconds, from the first to
+    the last one counted."""
     used = [k for k, n in enumerate(hist) if n]
     if not used:
         return f"{label}: none\n"
     top = max(hist)
     out = [f"{label}:\n"]
     for k in range(used[0], used[-1] + 1):
-        lo, hi = hist_bounds_us(k)
-        rng = f"[{_us_label(lo)}, {_us_label(hi)})"
+        lo, hi = hist_bounds_ns(k)
+        rng = f"[{_ns_label(lo)}, {_ns_label(hi)})"
         bar = "@" * (hist[k] * width // top)
         out.append(f"  {rng:>16} {hist[k]:>10} |{bar:<{width}}|\n")
     return "".join(out)

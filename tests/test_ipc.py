@@ -26,7 +26,7 @@ from shmalloc.ipc.lock import (
     L_WAIT_HIST,
     L_WAIT_NS,
     LOCK_WORDS,
-    hist_bounds_us,
+    hist_bounds_ns,
     hist_bucket,
     hist_percentile,
 )
@@ -364,7 +364,7 @@ def test_release_records_the_hold(lock_and_words):
     held = words[L_MAX_HOLD_NS]
     assert words[L_HOLD_NS] == held >= 20_000_000
     k = hist_bucket(held)
-    assert k >= 15                                   # [16384, 32768) us holds 20 ms
+    assert k >= 15                                   # [2**24, 2**25) ns holds 20 ms
     assert hold_hist(words) == [int(i == k) for i in range(HIST_BUCKETS)]
     assert wait_hist(words) == [0] * HIST_BUCKETS    # not contended
     with lock:
@@ -379,16 +379,16 @@ def test_hold_accounting_on_an_injected_clock(monkeypatch):
     lock = ipc.LocalLock.create("x", words)
     now = [1_000_000]
     monkeypatch.setattr(lock_module, "_now", lambda: now[0])
-    for held in (3_500, 999, 1_000, 5_000_000_000, 2_000):
+    for held in (3_500, 1_023, 1_024, 5_000_000_000, 2_048, 4_095):
         lock.acquire()
         now[0] += held
         lock.release()
-    assert words[L_HOLD_NS] == 3_500 + 999 + 1_000 + 5_000_000_000 + 2_000
+    assert words[L_HOLD_NS] == 3_500 + 1_023 + 1_024 + 5_000_000_000 + 2_048 + 4_095
     assert words[L_MAX_HOLD_NS] == 5_000_000_000
     h = hold_hist(words)
-    # 999 ns: [0, 1) us; 1 us: [1, 2); 2 and 3.5 us: [2, 4); 5 s: the last, >= 2**22 us
-    assert (h[0], h[1], h[2], h[HIST_BUCKETS - 1], sum(h)) == (1, 1, 2, 1, 5)
-    assert words[L_ACQUISITIONS] == 5
+    # 1023 ns: [0, 1K); 1024: [1K, 2K); 2048, 3500 and 4095: [2K, 4K); 5 s: the last (>= 4G)
+    assert (h[0], h[1], h[2], h[HIST_BUCKETS - 1], sum(h)) == (1, 1, 3, 1, 6)
+    assert words[L_ACQUISITIONS] == 6
 
 
 def test_failed_and_forced_releases_record_no_hold(lock_and_words):
@@ -403,24 +403,23 @@ def test_failed_and_forced_releases_record_no_hold(lock_and_words):
     assert hold_hist(words) == [0] * HIST_BUCKETS
 
 
-def test_histogram_buckets_are_log2_microseconds():
-    assert [hist_bucket(ns) for ns in (0, 999, 1_000, 1_999, 2_000, 3_999, 4_000)] == \
-        [0, 0, 1, 1, 2, 2, 3]
-    assert hist_bucket(1 << 40) == HIST_BUCKETS - 1
-    assert hist_bucket((1 << 21) * 1000) == 22 == HIST_BUCKETS - 2
-    assert hist_bucket((1 << 22) * 1000) == HIST_BUCKETS - 1
-    assert hist_bounds_us(0) == (0, 1) and hist_bounds_us(1) == (1, 2)
-    assert hist_bounds_us(10) == (512, 1024)
-    assert hist_bounds_us(HIST_BUCKETS - 1) == (1 << 22, float("inf"))
-    for ns in (0, 1_500, 77_777, 123_456_789):
-        lo, hi = hist_bounds_us(hist_bucket(ns))
-        assert lo <= ns / 1000 < hi
+def test_histogram_buckets_are_powers_of_two_nanoseconds():
+    assert [hist_bucket(ns) for ns in (0, 1, 1_023, 1_024, 2_047, 2_048, 4_095, 4_096)] == \
+        [0, 0, 0, 1, 1, 2, 2, 3]
+    assert hist_bucket((1 << 31) + 5) == HIST_BUCKETS - 2      # [2G, 4G) ns
+    assert hist_bucket(1 << 32) == hist_bucket(1 << 62) == HIST_BUCKETS - 1
+    assert hist_bounds_ns(0) == (0, 1024) and hist_bounds_ns(1) == (1024, 2048)
+    assert hist_bounds_ns(10) == (1 << 19, 1 << 20)
+    assert hist_bounds_ns(HIST_BUCKETS - 1) == (1 << 32, float("inf"))
+    for ns in (0, 1_500, 77_777, 123_456_789, 9 << 33):
+        lo, hi = hist_bounds_ns(hist_bucket(ns))
+        assert lo <= ns < hi
     with pytest.raises(ValueError):
-        hist_bounds_us(HIST_BUCKETS)
+        hist_bounds_ns(HIST_BUCKETS)
     h = [0] * HIST_BUCKETS
     assert hist_percentile(h, 0.99) is None
     h[3], h[8] = 99, 1
-    assert hist_percentile(h, 0.99) == 8.0 and hist_percentile(h, 1.0) == 256.0
+    assert hist_percentile(h, 0.99) == 8.192 and hist_percentile(h, 1.0) == 262.144
     h[HIST_BUCKETS - 1] = 100
     assert hist_percentile(h, 0.99) == float("inf")
 

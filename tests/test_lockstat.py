@@ -102,7 +102,7 @@ def test_lockstats_derived_values():
     s = ROWS[2]
     assert s.holds == 900 and s.mean_hold_us == 1.0 and s.mean_wait_us == 2.0
     assert s.contended_share == pytest.approx(1 / 3)
-    assert s.p99_wait_us == 4.0 and s.p99_hold_us == 1024.0
+    assert s.p99_wait_us == 4.096 and s.p99_hold_us == 1048.576     # [2K, 4K), [512K, 1M) ns
     old = LockStats("zone:old", 3, 1, 5, 5, 0)            # the fields before hold times
     assert (old.hold_ns, old.holds, old.mean_hold_us, old.p99_hold_us) == (0, 0, 0.0, None)
 
@@ -124,25 +124,26 @@ def test_since_subtracts_counts_and_keeps_the_max():
 
 def test_format_hist_prints_log2_buckets_as_bars():
     h = hist(b1=2, b3=8, b11=4)
-    lines = S.format_hist(h, "zone:a wait (us)").splitlines()
-    assert lines[0] == "zone:a wait (us):"
+    lines = S.format_hist(h, "zone:a wait (ns)").splitlines()
+    assert lines[0] == "zone:a wait (ns):"
     assert [ln.split("|")[0].split()[:2] for ln in lines[1:]] == [
-        ["[1,", "2)"], ["[2,", "4)"], ["[4,", "8)"], ["[8,", "16)"], ["[16,", "32)"],
-        ["[32,", "64)"], ["[64,", "128)"], ["[128,", "256)"], ["[256,", "512)"],
-        ["[512,", "1K)"], ["[1K,", "2K)"]]
+        ["[1K,", "2K)"], ["[2K,", "4K)"], ["[4K,", "8K)"], ["[8K,", "16K)"],
+        ["[16K,", "32K)"], ["[32K,", "64K)"], ["[64K,", "128K)"], ["[128K,", "256K)"],
+        ["[256K,", "512K)"], ["[512K,", "1M)"], ["[1M,", "2M)"]]
     bars = {ln.split()[0] + ln.split()[1]: ln.split("|")[1] for ln in lines[1:]}
-    assert bars["[4,8)"] == "@" * S.HIST_WIDTH
-    assert bars["[1,2)"] == "@" * (S.HIST_WIDTH // 4) + " " * (S.HIST_WIDTH * 3 // 4)
-    assert bars["[8,16)"].strip() == ""
-    assert S.format_hist(hist(b0=1, b23=1), "x").splitlines()[1].split()[:2] == ["[0,", "1)"]
-    assert S.format_hist(hist(b23=1), "x").splitlines()[1].split()[:2] == ["[4M,", "...)"]
+    assert bars["[4K,8K)"] == "@" * S.HIST_WIDTH
+    assert bars["[1K,2K)"] == "@" * (S.HIST_WIDTH // 4) + " " * (S.HIST_WIDTH * 3 // 4)
+    assert bars["[8K,16K)"].strip() == ""
+    assert S.format_hist(hist(b0=1, b23=1), "x").splitlines()[1].split()[:2] == ["[0,", "1K)"]
+    assert S.format_hist(hist(b22=1), "x").splitlines()[1].split()[:2] == ["[2G,", "4G)"]
+    assert S.format_hist(hist(b23=1), "x").splitlines()[1].split()[:2] == ["[4G,", "...)"]
     assert S.format_hist(hist(), "x") == "x: none\n"
 
 
 def test_profile_with_hist_lists_both_histograms_of_each_lock():
     text = S.format_lock_profile(ROWS, sort="contended", top=1, hist=True)
-    assert "zone:a wait (us), 300 contended acquisitions:" in text
-    assert "zone:a hold (us), 900 holds:" in text
+    assert "zone:a wait (ns), 300 contended acquisitions:" in text
+    assert "zone:a hold (ns), 900 holds:" in text
     assert "zone:b wait" not in text
 
 
@@ -205,7 +206,7 @@ def test_lockstat_sort_contended_lists_the_contended_zone_lock_first(arena_name,
                          "--top", "1", "--hist"]) == 0
         out = capsys.readouterr().out
         assert first_names(out) == ["zone:hot"]
-        assert "zone:hot wait (us), " in out and "zone:hot hold (us), " in out
+        assert "zone:hot wait (ns), " in out and "zone:hot hold (ns), " in out
         assert "|@" in out
 
 
