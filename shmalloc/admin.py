@@ -70,6 +70,11 @@ def holder_table(name: str, seg=None) -> list[tuple[str, int, bool]] | None:
         try:
             if w[L.HDR["MAGIC"]] != L.MAGIC:
                 procs = [("creator", w[L.HDR["CREATOR_PID"]], 0)]
+            elif w[L.HDR["VERSION"]] != L.LAYOUT_VERSION:
+                # another shmalloc's layout: its CPU table may lie elsewhere, so only
+                # the header's pids are read (a live creator or manager keeps it)
+                procs = [("creator", w[L.HDR["CREATOR_PID"]], 0),
+                         ("manager", w[L.HDR["MANAGER_PID"]], w[L.HDR["MANAGER_START"]])]
             else:
                 procs = [("manager", w[L.HDR["MANAGER_PID"]], w[L.HDR["MANAGER_START"]])]
                 procs += [(f"CPU {c}", w[L.cpu_word(c) + L.CPU["PID"]],

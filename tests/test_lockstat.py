@@ -7,12 +7,14 @@ needs was observed.
 """
 
 import multiprocessing
+import os
 import time
 
 import pytest
 
 import lockstat_workers as lw
-from shmalloc import Arena, LockStats
+from shmalloc import Arena, LockStats, admin
+from shmalloc import layout as L
 from shmalloc import stats as S
 from shmalloc.ipc.lock import HIST_BUCKETS, hist_bucket
 from shmalloc.scripts import cli
@@ -270,3 +272,23 @@ def test_hold_times_are_recorded_on_a_live_arena():
             k for k, n in enumerate(zone_lock(a, "z").hold_hist) if n)
     finally:
         a.destroy()
+
+
+# --------------------------------------------------------------------- the layout bump
+def test_an_arena_of_another_layout_version_is_held_by_its_creator(arena_name):
+    """Lock records grew (layout 4), so the CPU table moved: an arena whose header
+    names another version is judged by the pids its header holds, never by a CPU
+    table read at this version's offsets (which would find nobody and remove it)."""
+    with Arena.create(arena_name, 8 << 20) as arena:
+        w = memoryview(arena._core.buf).cast("q")
+        version = w[L.HDR["VERSION"]]
+        w[L.HDR["VERSION"]] = version - 1
+        try:
+            assert [role for role, _, _ in admin.holder_table(arena_name)] == ["creator"]
+            assert admin.holders(arena_name) == [os.getpid()]
+            removed, busy = admin.cleanup([arena_name])
+            assert removed == [] and busy == [(arena_name, [os.getpid()])]
+        finally:
+            w[L.HDR["VERSION"]] = version
+            w.release()
+        assert [role for role, _, _ in admin.holder_table(arena_name)] == [f"CPU {arena.cpu_id}"]
