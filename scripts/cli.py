@@ -161,7 +161,7 @@ def _lockstat(args):
                 rows, when = now, "since its locks were made"
             else:
                 rows = shm_stats.lock_stats_since(now, prev)
-                when = f"over the last {t_now - t_prev:.2f} s (max: since made)"
+                when = f"over the last {t_now - t_prev:.2f} s"
             title = (f"lockstat: arena {args.name}, {when}; times in microseconds, "
                      f"sorted by {args.sort}")
             sys.stdout.write(shm_stats.format_lock_profile(rows, args.sort, args.top,

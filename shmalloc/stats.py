@@ -89,18 +89,34 @@ class LockStats:
         return self.hold_ns / self.holds / 1e3 if self.holds else 0.0
 
     def since(self, earlier: "LockStats | None") -> "LockStats":
-        """The counts of the interval from snapshot ``earlier`` of the same lock to
-        this one (``lockstat -w``).  The max columns cannot be taken apart: they
-        stay this snapshot's, the longest since the lock was made.  Counts that went
-        back (the lock was made anew) leave this snapshot as it is."""
+        """The lock's activity from snapshot ``earlier`` of it to this one
+        (``lockstat -w``, a stress window).  The counts are differences; a max is
+        the interval's when the interval set it (this max exceeds the earlier one),
+        else the upper end of the interval's longest histogram bucket capped at the
+        max since the lock was made (a bound, within a factor of 2), 0 for an
+        interval without waits (holds).  Counts that went back (the lock was made
+        anew) leave this snapshot as it is."""
         if earlier is None or earlier.acquisitions > self.acquisitions:
             return self
+        wait_hist = _hist_minus(self.wait_hist, earlier.wait_hist)
+        hold_hist = _hist_minus(self.hold_hist, earlier.hold_hist)
         return replace(
             self, acquisitions=self.acquisitions - earlier.acquisitions,
             contended=self.contended - earlier.contended,
             wait_ns=self.wait_ns - earlier.wait_ns, hold_ns=self.hold_ns - earlier.hold_ns,
-            wait_hist=_hist_minus(self.wait_hist, earlier.wait_hist),
-            hold_hist=_hist_minus(self.hold_hist, earlier.hold_hist))
+            max_wait_ns=_interval_max(self.max_wait_ns, earlier.max_wait_ns, wait_hist),
+            max_hold_ns=_interval_max(self.max_hold_ns, earlier.max_hold_ns, hold_hist),
+            wait_hist=wait_hist, hold_hist=hold_hist)
+
+
+def _interval_max(now: int, before: int, hist: tuple) -> int:
+    """The longest time of an interval (see ``LockStats.since``)."""
+    used = [k for k, n in enumerate(hist) if n > 0]
+    if not used:
+        return 0
+    if now > before:
+        return now
+    return int(min(now, hist_bounds_ns(used[-1])[1]))
 
 
 def _hist_minus(a: tuple, b: tuple) -> tuple:

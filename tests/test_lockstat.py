@@ -109,7 +109,7 @@ def test_lockstats_derived_values():
     assert (old.hold_ns, old.holds, old.mean_hold_us, old.p99_hold_us) == (0, 0, 0.0, None)
 
 
-def test_since_subtracts_counts_and_keeps_the_max():
+def test_since_subtracts_counts_and_bounds_the_interval_max():
     before = ROWS[2]
     after = LockStats("zone:a", acquisitions=1000, contended=310, wait_ns=700_000,
                       max_wait_ns=12_000, owner_pid=0, wait_hist=hist(b2=305, b4=5),
@@ -117,7 +117,13 @@ def test_since_subtracts_counts_and_keeps_the_max():
     d = after.since(before)
     assert (d.acquisitions, d.contended, d.wait_ns, d.hold_ns) == (100, 10, 100_000, 100_000)
     assert d.wait_hist == hist(b2=5, b4=5) and d.hold_hist == hist(b10=99)
-    assert (d.max_wait_ns, d.max_hold_ns) == (12_000, 3_000)
+    assert d.max_wait_ns == 12_000          # a new record: the interval's own max
+    assert d.max_hold_ns == 3_000           # the [512K, 1M) bucket's end, capped at the max
+    quiet = LockStats("zone:a", 1000, 300, 600_000, 12_000, 0, wait_hist=hist(b2=300),
+                      hold_ns=1_000_000, max_hold_ns=3_000, hold_hist=hist(b1=100, b10=900))
+    q = quiet.since(before)
+    assert q.max_wait_ns == 0               # no contended wait in the interval
+    assert q.max_hold_ns == 2_048           # holds only in [1K, 2K): at most 2048 ns
     assert after.since(None) is after
     assert before.since(after) is before                   # counts went back: made anew
     new = LockStats("mailbox:3", 4, 0, 0, 0, 0, hold_hist=hist(b1=4))
@@ -240,7 +246,8 @@ def test_lockstat_w_reports_the_delta_since_the_previous_report(arena_name, caps
         assert second["zone:z"][0] == 50                    # 25 allocs + 25 frees
         assert second["zone:z"][1] == 0 and second["zone:z"][5] > 0
         assert third["zone:z"][:2] == (0, 0) and third["zone:z"][5] == 0.0
-        assert third["zone:z"][7] == second["zone:z"][7] > 0   # max hold: since made
+        assert third["zone:z"][7] == 0.0                   # no hold in the interval
+        assert second["zone:z"][7] > 0                     # holds in the interval
         assert third["vm"][0] == 0
         titles = [ln for ln in out.splitlines() if ln.startswith("lockstat:")]
         assert "since its locks were made" in titles[0]
