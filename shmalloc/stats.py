@@ -242,7 +242,10 @@ def lock_name(core, idx: int) -> str:
 
 def lock_stats(core) -> list[LockStats]:
     """The vm lock, each keg's and zone's, then the mailbox lock of every CPU slot
-    in use (or held: a dead holder's shows until it is repaired)."""
+    in use (or held: a dead holder's shows until it is repaired).
+
+    Lock: none.  The records are read as they are: a snapshot in which an acquisition
+    under way may be half counted (its count without its wait, say)."""
     w = core.w
     idxs = [L.VM_LOCK]
     idxs += [L.keg_lock_index(k) for k in range(1, w[L.HDR["NKEGS"]] + 1)

@@ -263,11 +263,13 @@ def test_lockstat_refuses_a_bad_interval_and_a_missing_arena(arena_name, capsys)
         cli.main(["lockstat", "--name", arena_name, "--sort", "name"])
 
 
-def test_hold_times_are_recorded_on_a_live_arena():
+@pytest.mark.parametrize("debug", [0, 2])
+def test_hold_times_are_recorded_on_a_live_arena(debug):
     """Every release by the holder counts one hold: a zone with bucket_size=0 takes
-    its lock once per alloc and once per free."""
-    a = Arena.create_local()
+    its lock once per alloc and once per free (at debug level 2 through WitnessLock)."""
+    a = Arena.create_local(debug=debug)
     try:
+        assert (type(a._core.lock(L.VM_LOCK)).__name__ == "WitnessLock") == (debug == 2)
         z = a.zcreate("z", 64, bucket_size=0)
         before = zone_lock(a, "z")
         for _ in range(7):
