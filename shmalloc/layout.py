@@ -51,8 +51,9 @@ from __future__ import annotations
 from .ipc import lock as _ipc_lock
 
 MAGIC = 0x434F4C4C414D4853          # b"SHMALLOC" read as a little-endian word
-LAYOUT_VERSION = 4                  # 3: hook names are module-qualified; 4: lock records
+LAYOUT_VERSION = 5                  # 3: hook names are module-qualified; 5: lock records
                                     # of 64 words (hold times, log2 wait/hold histograms)
+                                    # (4 is taken by the mbuf header change of branch mbuf14)
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

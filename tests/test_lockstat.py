@@ -285,7 +285,7 @@ def test_hold_times_are_recorded_on_a_live_arena(debug):
 
 # --------------------------------------------------------------------- the layout bump
 def test_an_arena_of_another_layout_version_is_held_by_its_creator(arena_name):
-    """Lock records grew (layout 4), so the CPU table moved: an arena whose header
+    """Lock records grew (layout 5), so the CPU table moved: an arena whose header
     names another version is judged by the pids its header holds, never by a CPU
     table read at this version's offsets (which would find nobody and remove it)."""
     with Arena.create(arena_name, 8 << 20) as arena:
