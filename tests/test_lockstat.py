@@ -259,8 +259,10 @@ def test_lockstat_refuses_a_bad_interval_and_a_missing_arena(arena_name, capsys)
     assert "-w needs a positive" in capsys.readouterr().err
     assert cli.main(["lockstat", "--name", arena_name]) == 1
     assert arena_name in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["lockstat", "--name", arena_name, "--sort", "name"])
+    for argv in (["lockstat", "--name", arena_name, "--sort", "name"], ["lockstat"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
 
 
 @pytest.mark.parametrize("debug", [0, 2])
