@@ -6,6 +6,7 @@ import random
 import traceback
 
 from shmalloc import Arena
+from shmalloc.ipc.segment import Segment
 
 
 def hammer(q, tag, name: str, zone_name: str, seed: int, stop, max_pairs: int) -> None:
@@ -26,3 +27,14 @@ def hammer(q, tag, name: str, zone_name: str, seed: int, stop, max_pairs: int) -
         q.put(("ok", tag, pairs))
     except BaseException:
         q.put(("err", tag, traceback.format_exc()))
+
+
+def map_segment(q, seg_name: str, stop) -> None:
+    """Map segment ``seg_name`` (no arena attachment), say so, hold it until ``stop``."""
+    try:
+        seg = Segment.attach(seg_name)
+        q.put(("ok", 0, None))
+        stop.wait(60)
+        seg.close()
+    except BaseException:
+        q.put(("err", 0, traceback.format_exc()))

@@ -16,6 +16,7 @@ import lockstat_workers as lw
 from shmalloc import Arena, LockStats, admin
 from shmalloc import layout as L
 from shmalloc import stats as S
+from shmalloc.ipc import naming
 from shmalloc.ipc.lock import HIST_BUCKETS, hist_bucket
 from shmalloc.scripts import cli
 
@@ -303,3 +304,27 @@ def test_an_arena_of_another_layout_version_is_held_by_its_creator(arena_name):
             w[L.HDR["VERSION"]] = version
             w.release()
         assert [role for role, _, _ in admin.holder_table(arena_name)] == [f"CPU {arena.cpu_id}"]
+
+
+def test_an_arena_of_another_layout_version_is_held_by_the_processes_mapping_it(arena_name):
+    """Its creator gone, an arena of another layout is still held by any process that
+    maps its segment: cleanup leaves it."""
+    stop = SPAWN.Event()
+    q = SPAWN.Queue()
+    with Arena.create(arena_name, 8 << 20) as arena:
+        w = memoryview(arena._core.buf).cast("q")
+        saved = w[L.HDR["VERSION"]], w[L.HDR["CREATOR_PID"]]
+        child = SPAWN.Process(target=lw.map_segment, daemon=True,
+                              args=(q, naming.object_name(arena_name, "arena"), stop))
+        child.start()
+        try:
+            assert q.get(timeout=WAIT)[0] == "ok"
+            w[L.HDR["VERSION"]], w[L.HDR["CREATOR_PID"]] = saved[0] + 1, 0
+            assert admin.holder_table(arena_name) == [("mapping", child.pid, True)]
+            assert admin.cleanup([arena_name])[0] == []
+        finally:
+            w[L.HDR["VERSION"]], w[L.HDR["CREATOR_PID"]] = saved
+            w.release()
+            stop.set()
+            child.join(WAIT)
+        assert child.exitcode == 0
