@@ -12,6 +12,7 @@ import sys
 import time
 
 from shmalloc import Arena, CorruptionError, ShmallocError, admin
+from shmalloc import stats as shm_stats
 from shmalloc.ipc import naming
 from shmalloc.workers import manager
 from shmalloc.mbuf import SYSCTLS, SysctlError
@@ -69,6 +70,22 @@ def _parser():
     p.add_argument("-c", "--count", type=positive_int, metavar="COUNT",
                    help="with -w: stop after COUNT reports")
 
+    p = command("lockstat", _lockstat, "print the lock profile of a running arena: per "
+                "lock, acquisitions, contended ones, total/avg/max wait and hold in "
+                "microseconds, as FreeBSD's LOCK_PROFILING and perf lock contention do")
+    p.add_argument("--name", required=True, metavar="ARENA")
+    p.add_argument("--sort", choices=list(shm_stats.LOCK_SORT_KEYS), default="wait",
+                   help="column to sort by, largest first: total wait (default), total "
+                        "hold, count (acquisitions) or contended (acquisitions)")
+    p.add_argument("--top", type=positive_int, metavar="N", help="list the first N locks only")
+    p.add_argument("--hist", action="store_true",
+                   help="also print each listed lock's log2 histograms of wait and hold")
+    p.add_argument("-w", "--wait", type=float, metavar="SECONDS",
+                   help="repeat every SECONDS, each report counting what happened since "
+                        "the previous one, until Ctrl-C or COUNT")
+    p.add_argument("-c", "--count", type=positive_int, metavar="COUNT",
+                   help="with -w: stop after COUNT reports")
+
     p = command("serve", manager.serve_from_args, "run the keg manager of an arena in the "
                 "foreground (until SIGTERM/SIGINT, then remove the arena)")
     manager.add_serve_arguments(p)
@@ -109,6 +126,43 @@ def _stat(args):
                 print()
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def _lockstat(args):
+    """Print the lock profile of the arena: since its locks were made, then with
+    ``-w`` every ``args.wait`` seconds what happened since the previous report.
+
+    Reads the lock records without a CPU slot (``Arena._attach_core``): taking one
+    would take the vm lock and add a mailbox lock to what it measures."""
+    if args.wait is not None and args.wait <= 0:
+        print("shmalloc lockstat: -w needs a positive number of seconds", file=sys.stderr)
+        return 2
+    core = Arena._attach_core(args.name)
+    try:
+        prev = None
+        t_prev = time.monotonic()
+        for i in itertools.count(1):
+            now, t_now = shm_stats.lock_stats(core), time.monotonic()
+            if prev is None:
+                rows, when = now, "since its locks were made"
+            else:
+                rows = shm_stats.lock_stats_since(now, prev)
+                when = f"over the last {t_now - t_prev:.2f} s"
+            title = (f"lockstat: arena {args.name}, {when}; times in microseconds, "
+                     f"sorted by {args.sort}")
+            sys.stdout.write(shm_stats.format_lock_profile(rows, args.sort, args.top,
+                                                           args.hist, title))
+            sys.stdout.flush()
+            if args.wait is None or i == args.count:
+                break
+            prev, t_prev = now, t_now
+            time.sleep(args.wait)
+            print()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        core.close()
     return 0
 
 

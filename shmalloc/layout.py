@@ -11,7 +11,8 @@ Segment::
     0          +-------------------------------------------+
                | header           HDR_WORDS words          |  magic, version, geometry
     LOCKS      +-------------------------------------------+
-               | lock table       MAX_LOCKS x LOCK_WORDS   |  owner word + counters per lock
+               | lock table       MAX_LOCKS x LOCK_WORDS   |  owner words, wait and hold counters,
+               |                                           |  log2 wait and hold histograms
     CPUS       +-------------------------------------------+
                | CPU table        MAX_CPUS x CPU_WORDS     |  pid, start time, state, grant,
                |                  (+ MAX_ZONES x CS_WORDS  |  published per-zone counters
@@ -50,7 +51,9 @@ from __future__ import annotations
 from .ipc import lock as _ipc_lock
 
 MAGIC = 0x434F4C4C414D4853          # b"SHMALLOC" read as a little-endian word
-LAYOUT_VERSION = 3                  # 3: hook names are module-qualified
+LAYOUT_VERSION = 5                  # 3: hook names are module-qualified; 5: lock records
+                                    # of 64 words (hold times, log2 wait/hold histograms)
+                                    # (4 is taken by the mbuf header change of branch mbuf14)
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -86,9 +89,22 @@ TUNABLES_WORD = 256                  # words 256..383: tunables of upper layers 
 TUNABLES_WORDS = 128
 
 # --- lock record (field order shared with ipc.lock, checked below) ----------------
+# One per lock, LOCK_WORDS words, written only by the lock's holder (ipc/lock.py):
+#
+#   word  0 OWNER_PID    1 OWNER_ID     2 ACQUISITIONS  3 CONTENDED
+#         4 WAIT_NS      5 MAX_WAIT_NS  6 ACQUIRED_NS   7 HOLD_NS
+#         8 MAX_HOLD_NS  9..15 reserved
+#        16 WAIT_HIST    LOCK_HIST_BUCKETS words: contended waits, log2 buckets
+#        40 HOLD_HIST    LOCK_HIST_BUCKETS words: holds (acquire to release), the same
+#
+# Bucket 0 counts [0, 2**10) ns, bucket k [2**(k+9), 2**(k+10)) ns, the last >= 2**32 ns.
 LOCK = _fields("OWNER_PID", "OWNER_ID", "ACQUISITIONS", "CONTENDED", "WAIT_NS",
-               "MAX_WAIT_NS", "ACQUIRED_NS", "SPARE", "WAIT_HIST")   # WAIT_HIST: 8 words
-LOCK_WORDS = 16
+               "MAX_WAIT_NS", "ACQUIRED_NS", "HOLD_NS", "MAX_HOLD_NS")
+LOCK_FIXED_WORDS = 16
+LOCK_HIST_BUCKETS = 24
+LOCK["WAIT_HIST"] = LOCK_FIXED_WORDS
+LOCK["HOLD_HIST"] = LOCK_FIXED_WORDS + LOCK_HIST_BUCKETS
+LOCK_WORDS = LOCK_FIXED_WORDS + 2 * LOCK_HIST_BUCKETS
 VM_LOCK = 0
 
 
@@ -447,12 +463,16 @@ MBS_UNTUNED, MBS_TUNED, MBS_READY = 0, 1, 2      # STATE: tunables computed, zon
 
 # --- checks at import -----------------------------------------------------------------------
 assert len(HDR) <= TUNABLES_WORD
-assert len(LOCK) + 7 == LOCK_WORDS
+assert len(LOCK) - 2 <= LOCK_FIXED_WORDS and LOCK_WORDS == 64
+assert LOCK["HOLD_HIST"] + LOCK_HIST_BUCKETS == LOCK_WORDS
 assert (_ipc_lock.LOCK_WORDS, _ipc_lock.L_OWNER_PID, _ipc_lock.L_OWNER_ID,
         _ipc_lock.L_ACQUISITIONS, _ipc_lock.L_CONTENDED, _ipc_lock.L_WAIT_NS,
-        _ipc_lock.L_MAX_WAIT_NS, _ipc_lock.L_ACQUIRED_NS, _ipc_lock.L_WAIT_HIST) == (
+        _ipc_lock.L_MAX_WAIT_NS, _ipc_lock.L_ACQUIRED_NS, _ipc_lock.L_HOLD_NS,
+        _ipc_lock.L_MAX_HOLD_NS, _ipc_lock.L_WAIT_HIST, _ipc_lock.L_HOLD_HIST,
+        _ipc_lock.HIST_BUCKETS) == (
     LOCK_WORDS, LOCK["OWNER_PID"], LOCK["OWNER_ID"], LOCK["ACQUISITIONS"], LOCK["CONTENDED"],
-    LOCK["WAIT_NS"], LOCK["MAX_WAIT_NS"], LOCK["ACQUIRED_NS"], LOCK["WAIT_HIST"])
+    LOCK["WAIT_NS"], LOCK["MAX_WAIT_NS"], LOCK["ACQUIRED_NS"], LOCK["HOLD_NS"],
+    LOCK["MAX_HOLD_NS"], LOCK["WAIT_HIST"], LOCK["HOLD_HIST"], LOCK_HIST_BUCKETS)
 assert len(CPU) <= CPU_FIXED_WORDS
 assert MAX_ZONES <= 64 and zone_bit(MAX_ZONES - 1) & zone_bit(0) == 0
 assert len(CS) <= CS_WORDS
