@@ -601,7 +601,7 @@ def _describe_unheld(arena, held, roles, limit=8) -> str:
     """Allocated mbuf-zone items that no living worker accounts for: holder (and
     its role), tag state, and the mbuf's type, flags, refcount and cluster owner,
     for a failure message."""
-    from shmalloc.mbuf.zones import EXT_OWNER, EXT_REFCNT, FLAGS, TYPE
+    from shmalloc.mbuf.zones import BTYPE, EXT_OWNER, EXT_REFCNT, FLAGS, FLAGS_MASK
     known = set()
     for h in held.values():
         known.update(h.get("handles", ()))
@@ -625,11 +625,11 @@ def _describe_unheld(arena, held, roles, limit=8) -> str:
                     continue
                 cpu = L.tag_holder(tv)
                 i = h >> 3
-                typ = w[i + TYPE]
+                typ = core.mv[h + BTYPE]
                 aside = " (MT_NOTMBUF: set aside for its copies)" if typ == 0 else ""
                 out.append(f"{zname} {h}: {L.TAG_STATE_NAMES[L.tag_state(tv)]} held by CPU "
                            f"{cpu} ({roles.get(cpu, 'no live process')}), type {typ}{aside}, "
-                           f"flags {w[i + FLAGS]:#x}, refcount {tags[w[i + EXT_REFCNT] >> 2]}, "
+                           f"flags {w[i + FLAGS] & FLAGS_MASK:#x}, refcount {tags[w[i + EXT_REFCNT] >> 2]}, "
                            f"owner {w[i + EXT_OWNER]}")
                 if len(out) >= limit:
                     return "\n".join(out)
@@ -640,7 +640,7 @@ def _describe_clusters(arena, roles, limit=8) -> str:
     """Allocated clusters that no packet (allocated, in flight, cached, in the depot
     or on its way home) points at: the cluster's holder and every packet-zone item
     that points at it, with its state -- for a failure message."""
-    from shmalloc.mbuf.zones import EXT_BUF, EXT_OWNER, FLAGS, TYPE
+    from shmalloc.mbuf.zones import BTYPE, EXT_BUF, EXT_OWNER, FLAGS, FLAGS_MASK
     if not {"mbuf_packet", "mbuf_cluster"} <= set(arena.zones()):
         return ""
     core = arena._core
@@ -668,7 +668,7 @@ def _describe_clusters(arena, roles, limit=8) -> str:
         cpu = L.tag_holder(tv)
         seen = "; ".join(f"packet {h}: {L.TAG_STATE_NAMES[L.tag_state(ptv)]} held by CPU "
                          f"{L.tag_holder(ptv)} ({roles.get(L.tag_holder(ptv), 'no live process')})"
-                         f", type {w[(h >> 3) + TYPE]}, flags {w[(h >> 3) + FLAGS]:#x}, owner "
+                         f", type {core.mv[h + BTYPE]}, flags {w[(h >> 3) + FLAGS] & FLAGS_MASK:#x}, owner "
                          f"{w[(h >> 3) + EXT_OWNER]}" for h, ptv in packets)
         out.append(f"mbuf_cluster {cl}: alloc held by CPU {cpu} "
                    f"({roles.get(cpu, 'no live process')}); "

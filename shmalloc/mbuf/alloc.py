@@ -29,19 +29,20 @@ from .. import hooks
 from .. import layout as L
 from ..errors import BadHandleError, DoubleFreeError, ShmallocError
 from ..zone import M_NOWAIT, M_WAITOK, M_ZERO
-from .constants import (EXT_EXTADD_TYPES, EXT_NET_DRV, EXT_PACKET, M_EXT, M_NOFREE, M_PKTHDR,
-                        MCLBYTES, MHLEN, MJUMPAGESIZE, MLEN, MSIZE, MT_NOINIT, MT_NOTMBUF)
+from .constants import (EXT_EXTADD_TYPES, EXT_NET_DRV, EXT_PACKET, M_EXT, M_FLAGS_MAX, M_NOFREE,
+                        M_PKTHDR, MCLBYTES, MHLEN, MJUMPAGESIZE, MLEN, MSIZE, MT_NOINIT,
+                        MT_NOTMBUF)
 from .ctors import mb_ctor_clust, mb_ctor_mbuf
 from .errors import MbufError
 from .header import Mbuf, _wrap
 from .reclaim import lowmem_check
 from .refs import drop_ref
 from .tags import delete_chain
-from .zones import (DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_REFCNT, EXT_SIZE,
-                    EXT_TYPE, FLAGS, M_PKTDAT, NEXT, PACK_VERIFIED, PH_TAGS, TYPE, ctx)
+from .zones import (BTYPE, DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_REFCNT,
+                    EXT_SIZE, EXT_TYPE, FLAGS, M_PKTDAT, NEXT, PACK_VERIFIED, PH_TAGS, ctx)
 
 _ZERO_EXT = bytes(MSIZE - M_PKTDAT)
-_FLAGS_OK = 0xFFFFFFFF & ~(M_EXT | M_NOFREE)    # flags an allocation may ask for
+_FLAGS_OK = M_FLAGS_MAX & ~(M_EXT | M_NOFREE)    # flags an allocation may ask for
 _TAG_ALLOC, _TAG_SHIFT = L.TAG_ALLOC, L.PAGE_SHIFT
 _new = object.__new__
 
@@ -68,9 +69,9 @@ def _arg(type, flags) -> int:
     return a
 
 
-def _typ(w, i) -> int:
-    """The type to give an mbuf made after mbuf word ``i`` (MT_DATA for none)."""
-    t = w[i + TYPE]
+def _typ(c, h) -> int:
+    """The type to give an mbuf made after mbuf ``h`` (MT_DATA for none)."""
+    t = c.mv[h + BTYPE]
     return t if 0 < t < MT_NOINIT else 1
 
 
@@ -331,7 +332,7 @@ def _bad(c, h, what):
     """Raise the most precise error for ``h``, which is not a live mbuf."""
     if not isinstance(h, int):
         raise TypeError(f"{what}: expected an mbuf, not {type(h).__name__}")
-    if c.is_mbuf(h) >= 0 and c.w[(h >> 3) + TYPE] == MT_NOTMBUF:
+    if c.is_mbuf(h) >= 0 and c.mv[h + BTYPE] == MT_NOTMBUF:
         raise DoubleFreeError(f"{what}: mbuf {h} was freed already (it waits for the other "
                               f"references to its cluster to go)")
     try:
@@ -349,7 +350,7 @@ def _free(c, h: int) -> int:
     """m_free on handle ``h``; returns m_next's handle."""
     w, i = c.w, h >> 3
     try:
-        flags, typ, nxt = w[i + FLAGS], w[i + TYPE], w[i + NEXT]
+        flags, typ, nxt = w[i + FLAGS], c.mv[h + BTYPE], w[i + NEXT]
         sole_packet = (flags & M_EXT and w[i + EXT_TYPE] == EXT_PACKET
                        and w[i + EXT_OWNER] == h and c.u32[w[i + EXT_REFCNT] >> 2] == 1)
     except (IndexError, TypeError):
@@ -388,7 +389,7 @@ def _free_ext(c, h, i, flags, zidx):
 
 def _purge_and_free(c, h, i, flags):
     c.mv[h + M_PKTDAT:h + MSIZE] = _ZERO_EXT
-    c.w[i + FLAGS] = flags & ~M_EXT
+    c.w[i + FLAGS] &= ~M_EXT
     c.zmbuf.free(h)
 
 
@@ -410,7 +411,7 @@ def m_freem(m) -> None:
     w, i = c.w, h >> 3
     # the common case inline: one packet holding the only reference to its cluster
     if (not w[i + NEXT] and w[i + FLAGS] & M_EXT and w[i + EXT_TYPE] == EXT_PACKET
-            and w[i + EXT_OWNER] == h and w[i + TYPE] and c.u32[w[i + EXT_REFCNT] >> 2] == 1):
+            and w[i + EXT_OWNER] == h and c.mv[h + BTYPE] and c.u32[w[i + EXT_REFCNT] >> 2] == 1):
         c.zpack.free(h, PACK_VERIFIED)
         return
     while h:

@@ -15,10 +15,14 @@ leading or trailing space, and ``mtod`` gives a read-only view.  New mbufs come 
 offset or length outside the chain ...) MbufError is raised before anything is
 changed; an allocation that fails midway gives back what it made (MCFAIL, MPFAIL
 are counted as in the seed's mbstat).
+
+An mbuf's m_len is the u32 at ``ULEN`` of the 32-bit view (``u[(h >> 2) + ULEN]``), its
+m_type the byte at ``BTYPE``; the other fields are words (``zones``).
 """
 
 from __future__ import annotations
 
+from .. import layout as L
 from .alloc import _arg, _c, _free, _freem, _how, _int, _mget, _typ
 from .constants import (M_COPYALL, M_COPYFLAGS, M_EOR, M_EXT, M_FREELIST, M_NOWAIT, M_PKTHDR,
                         M_RDONLY, MCLBYTES, MHLEN, MINCLSIZE, MLEN, MSIZE)
@@ -26,11 +30,11 @@ from .errors import MbufError
 from .header import Mbuf, _wrap, refs, storage
 from .refs import _dupcl
 from .tags import copy_chain, delete_chain, move_chain
-from .zones import (DATA, EXT_BUF, EXT_REFCNT, EXT_SIZE, FLAGS, LEN, M_DAT, M_PKTDAT, NEXT,
-                    NEXTPKT, PH, PH_LEN, PH_RCVIF, PH_TAGS, PKTHDR_END)
+from .zones import (DATA, EXT_BUF, EXT_REFCNT, EXT_SIZE, FLAGS, FLAGS_MASK, M_DAT, M_PKTDAT, NEXT,
+                    NEXTPKT, PH, PH_LEN, PH_RCVIF, PH_TAGS, PKTHDR_END, ULEN, set_flags)
 
 _ZERO_PH = bytes(M_PKTDAT - M_DAT)
-max_protohdr = 0          # m_pullup pulls up at least this much (FreeBSD: from the domains)
+_MAX_PROTOHDR = L.MBS_WORD + L.MBS["MAX_PROTOHDR"]
 
 
 # ============================================================================ storage helpers
@@ -51,7 +55,7 @@ def _trailing(c, h) -> int:
     w, i = c.w, h >> 3
     if not _writable(c, i):
         return 0
-    return storage(w, h)[1] - (w[i + DATA] + w[i + LEN])
+    return storage(w, h)[1] - (w[i + DATA] + c.u32[(h >> 2) + ULEN])
 
 
 def _pkthdr_words(c, to, frm):
@@ -61,7 +65,7 @@ def _pkthdr_words(c, to, frm):
     it, ifr = to >> 3, frm >> 3
     if w[it + FLAGS] & M_PKTHDR and w[it + PH_TAGS]:
         delete_chain(c, to, 0)
-    w[it + FLAGS] = (w[ifr + FLAGS] & M_COPYFLAGS) | (w[it + FLAGS] & M_EXT)
+    set_flags(w, it, (w[ifr + FLAGS] & M_COPYFLAGS) | (w[it + FLAGS] & M_EXT))
     if not w[it + FLAGS] & M_EXT:
         w[it + DATA] = to + M_PKTDAT
     w[it + PH:it + PKTHDR_END] = w[ifr + PH:ifr + PKTHDR_END]
@@ -82,20 +86,22 @@ def _move_pkthdr(c, to, frm):
 
 
 def _chain_len(c, h) -> int:
-    w, n = c.w, 0
+    w, u, n = c.w, c.u32, 0
     while h:
-        n += w[(h >> 3) + LEN]
+        n += u[(h >> 2) + ULEN]
         h = w[(h >> 3) + NEXT]
     return n
 
 
-def _seek(w, h, off):
+def _seek(c, h, off):
     """(mbuf, offset in it) of byte ``off`` of the chain at ``h``: the mbufs wholly
     before it are skipped (off 0 stays in ``h``; past the end: 0 and what is left)."""
+    w, u = c.w, c.u32
     while off > 0 and h:
-        if off < w[(h >> 3) + LEN]:
+        n = u[(h >> 2) + ULEN]
+        if off < n:
             break
-        off -= w[(h >> 3) + LEN]
+        off -= n
         h = w[(h >> 3) + NEXT]
     return h, off
 
@@ -109,6 +115,11 @@ def _same(c, m, what):
 def _pkthdr(c, h, what):
     if not c.w[(h >> 3) + FLAGS] & M_PKTHDR:
         raise MbufError(f"{what}: mbuf {h} has no packet header (M_PKTHDR)")
+
+
+def _max_protohdr(c) -> int:
+    """``max_protohdr`` of the arena (``kern.ipc.max_protohdr``)."""
+    return c.w[_MAX_PROTOHDR]
 
 
 # ============================================================================ packet headers
@@ -132,12 +143,9 @@ def m_dup_pkthdr(to, frm, how: int) -> int:
     return int(_dup_pkthdr(c, to.handle, fh, _how(c, how)))
 
 
-def m_demote(m0, all: int) -> None:
-    """Strip packet headers (and their tags) from the chain, the first mbuf only
-    when ``all``; keep only M_EXT, M_EOR, M_RDONLY and M_FREELIST."""
-    c = _c(m0, "m_demote")
+def _demote(c, h0, all):
     w = c.w
-    h = m0.handle if all else w[(m0.handle >> 3) + NEXT]
+    h = h0 if all else w[(h0 >> 3) + NEXT]
     while h:
         i = h >> 3
         if w[i + FLAGS] & M_PKTHDR:
@@ -145,10 +153,17 @@ def m_demote(m0, all: int) -> None:
                 delete_chain(c, h, 0)
             w[i + FLAGS] &= ~M_PKTHDR
             c.mv[h + M_DAT:h + M_PKTDAT] = _ZERO_PH
-        if h != m0.handle:
+        if h != h0:
             w[i + NEXTPKT] = 0
-        w[i + FLAGS] &= M_EXT | M_EOR | M_RDONLY | M_FREELIST
+        w[i + FLAGS] &= M_EXT | M_EOR | M_RDONLY | M_FREELIST | ~FLAGS_MASK
         h = w[i + NEXT]
+
+
+def m_demote(m0, all: int) -> None:
+    """Strip packet headers (and their tags) from the chain, the first mbuf only
+    when ``all``; keep only M_EXT, M_EOR, M_RDONLY and M_FREELIST."""
+    c = _c(m0, "m_demote")
+    _demote(c, m0.handle, all)
 
 
 # ============================================================================ data access
@@ -229,6 +244,20 @@ def m_fixhdr(m0) -> int:
     return n
 
 
+def _copydata(c, h, off, len, dst, pos=0):
+    """Bytes [off, off+len) of the chain at ``h`` into ``dst[pos:]`` (checked)."""
+    w, u, mv = c.w, c.u32, c.mv
+    h, off = _seek(c, h, off)
+    while len > 0:
+        n = min(u[(h >> 2) + ULEN] - off, len)
+        d = w[(h >> 3) + DATA] + off
+        dst[pos:pos + n] = mv[d:d + n]
+        pos += n
+        len -= n
+        off = 0
+        h = w[(h >> 3) + NEXT]
+
+
 def m_copydata(m, off: int, len: int, cp=None):
     """Copy ``len`` bytes from offset ``off`` of the chain: into ``cp`` (a writable
     buffer of at least ``len`` bytes; returned) or, when None, into new bytes."""
@@ -244,17 +273,7 @@ def m_copydata(m, off: int, len: int, cp=None):
     dst = memoryview(out).cast("B")
     if dst.readonly or dst.nbytes < len:
         raise MbufError(f"m_copydata: the buffer must be writable and hold {len} bytes")
-    w, mv, pos = c.w, c.mv, 0
-    h, off = _seek(w, m.handle, off)
-    while len > 0:
-        i = h >> 3
-        n = min(w[i + LEN] - off, len)
-        d = w[i + DATA] + off
-        dst[pos:pos + n] = mv[d:d + n]
-        pos += n
-        len -= n
-        off = 0
-        h = w[i + NEXT]
+    _copydata(c, m.handle, off, len, dst)
     return bytes(out) if cp is None else cp
 
 
@@ -275,13 +294,13 @@ def m_copyback(m0, off: int, len: int, cp) -> None:
     if off < 0 or len < 0:
         raise MbufError(f"m_copyback: negative {'off' if off < 0 else 'len'}")
     src = _src(cp, len, "m_copyback")
-    w, mv = c.w, c.mv
+    w, u, mv = c.w, c.u32, c.mv
     # dry run over the existing mbufs: would any byte land in read-only storage?
-    h, o = _seek(w, m0.handle, off)
+    h, o = _seek(c, m0.handle, off)
     n_left = len
     while h and n_left > 0:
         i = h >> 3
-        mlen = w[i + LEN]
+        mlen = u[(h >> 2) + ULEN]
         if not w[i + NEXT] and n_left > mlen - o:
             mlen += min(n_left - (mlen - o), _trailing(c, h))
         k = min(mlen - o, n_left)
@@ -292,9 +311,9 @@ def m_copyback(m0, off: int, len: int, cp) -> None:
         h = w[i + NEXT]
     # the copy (FreeBSD's m_copyback)
     m, totlen, pos = m0.handle, 0, 0
-    typ = _typ(w, (m0.handle >> 3))
-    while off > w[(m >> 3) + LEN]:
-        mlen = w[(m >> 3) + LEN]
+    typ = _typ(c, m0.handle)
+    while off > u[(m >> 2) + ULEN]:
+        mlen = u[(m >> 2) + ULEN]
         off -= mlen
         totlen += mlen
         if not w[(m >> 3) + NEXT]:
@@ -302,14 +321,14 @@ def m_copyback(m0, off: int, len: int, cp) -> None:
             if n is None:
                 return _copyback_out(c, m0, totlen)
             mv[n + M_DAT:n + MSIZE] = bytes(MLEN)
-            w[(n >> 3) + LEN] = min(MLEN, len + off)
+            u[(n >> 2) + ULEN] = min(MLEN, len + off)
             w[(m >> 3) + NEXT] = n
         m = w[(m >> 3) + NEXT]
     while len > 0:
-        i = m >> 3
-        if not w[i + NEXT] and len > w[i + LEN] - off:
-            w[i + LEN] += min(len - (w[i + LEN] - off), _trailing(c, m))
-        mlen = min(w[i + LEN] - off, len)
+        i, j = m >> 3, m >> 2
+        if not w[i + NEXT] and len > u[j + ULEN] - off:
+            u[j + ULEN] += min(len - (u[j + ULEN] - off), _trailing(c, m))
+        mlen = min(u[j + ULEN] - off, len)
         d = w[i + DATA] + off
         mv[d:d + mlen] = src[pos:pos + mlen]
         pos += mlen
@@ -323,7 +342,7 @@ def m_copyback(m0, off: int, len: int, cp) -> None:
             n = _mget(c, M_NOWAIT, _arg(typ, 0))
             if n is None:
                 break
-            w[(n >> 3) + LEN] = min(MLEN, len)
+            u[(n >> 2) + ULEN] = min(MLEN, len)
             w[i + NEXT] = n
         m = w[i + NEXT]
     _copyback_out(c, m0, totlen)
@@ -344,34 +363,38 @@ def m_append(m0, len: int, cp) -> int:
     if len < 0:
         raise MbufError("m_append: negative len")
     src = _src(cp, len, "m_append")
-    w, mv = c.w, c.mv
-    m = m0.handle
+    return _append(c, m0.handle, len, src)
+
+
+def _append(c, h0, len, src) -> int:
+    w, u, mv = c.w, c.u32, c.mv
+    m = h0
     while w[(m >> 3) + NEXT]:
         m = w[(m >> 3) + NEXT]
     remainder, pos = len, 0
     space = _trailing(c, m)
     if space > 0:
         space = min(space, remainder)
-        d = w[(m >> 3) + DATA] + w[(m >> 3) + LEN]
+        d = w[(m >> 3) + DATA] + u[(m >> 2) + ULEN]
         mv[d:d + space] = src[:space]
-        w[(m >> 3) + LEN] += space
+        u[(m >> 2) + ULEN] += space
         pos += space
         remainder -= space
-    typ = _typ(w, m >> 3)
+    typ = _typ(c, m)
     while remainder > 0:
         n = _mget(c, M_NOWAIT, _arg(typ, 0))
         if n is None:
             break
         k = min(MLEN, remainder)
-        w[(n >> 3) + LEN] = k
+        u[(n >> 2) + ULEN] = k
         d = w[(n >> 3) + DATA]
         mv[d:d + k] = src[pos:pos + k]
         pos += k
         remainder -= k
         w[(m >> 3) + NEXT] = n
         m = n
-    if w[(m0.handle >> 3) + FLAGS] & M_PKTHDR:
-        w[(m0.handle >> 3) + PH_LEN] += len - remainder
+    if w[(h0 >> 3) + FLAGS] & M_PKTHDR:
+        w[(h0 >> 3) + PH_LEN] += len - remainder
     return int(remainder == 0)
 
 
@@ -380,7 +403,7 @@ def _copy_into(c, n, m, off, k):
     """Data [off, off+k) of ``m`` into ``n`` (at n's m_data): share or copy."""
     w = c.w
     im, in_ = m >> 3, n >> 3
-    w[in_ + LEN] = k
+    c.u32[(n >> 2) + ULEN] = k
     if w[im + FLAGS] & M_EXT:
         w[in_ + DATA] = w[im + DATA] + off
         _dupcl(c, n, m)
@@ -399,7 +422,7 @@ def m_copym(m, off0: int, len: int, wait: int):
     if off0 < 0 or len < 0:
         raise MbufError(f"m_copym: negative {'off' if off0 < 0 else 'len'}")
     how = _how(c, wait)
-    w = c.w
+    w, u = c.w, c.u32
     h = m.handle
     total = _chain_len(c, h)
     if off0 > total:
@@ -407,11 +430,11 @@ def m_copym(m, off0: int, len: int, wait: int):
     if len != M_COPYALL and off0 + len > total:
         raise MbufError(f"m_copym: length {off0}+{len} > size of the mbuf chain ({total})")
     copyhdr = off0 == 0 and w[(m.handle >> 3) + FLAGS] & M_PKTHDR
-    h, off = _seek(w, h, off0)
+    h, off = _seek(c, h, off0)
     top = prev = 0
     while len > 0 and h:
         i = h >> 3
-        n = _mget(c, how, _arg(_typ(w, i), M_PKTHDR if copyhdr else 0))
+        n = _mget(c, how, _arg(_typ(c, h), M_PKTHDR if copyhdr else 0))
         if n is None:
             return _nospace(c, top)
         if prev:
@@ -427,7 +450,7 @@ def m_copym(m, off0: int, len: int, wait: int):
             else:
                 w[(n >> 3) + PH_LEN] = len
             copyhdr = 0
-        k = min(len, w[i + LEN] - off)
+        k = min(len, u[(h >> 2) + ULEN] - off)
         _copy_into(c, n, h, off, k)
         if len != M_COPYALL:
             len -= k
@@ -452,31 +475,30 @@ def m_copypacket(m, how: int):
     h = m.handle
     _pkthdr(c, h, "m_copypacket")
     how = _how(c, how)
-    w = c.w
+    w, u = c.w, c.u32
     i = h >> 3
-    n = _mget(c, how, _arg(_typ(w, i), 0))
+    n = _mget(c, how, _arg(_typ(c, h), 0))
     if n is None:
         return _nospace(c, 0)
     top = n
     if not _dup_pkthdr(c, n, h, how):
         return _nospace(c, top)
     if w[i + FLAGS] & M_EXT:
-        w[(n >> 3) + LEN] = w[i + LEN]
+        u[(n >> 2) + ULEN] = u[(h >> 2) + ULEN]
         w[(n >> 3) + DATA] = w[i + DATA]
         _dupcl(c, n, h)
     else:
         w[(n >> 3) + DATA] = n + M_PKTDAT + (w[i + DATA] - (h + M_PKTDAT))
-        _copy_into(c, n, h, 0, w[i + LEN])
+        _copy_into(c, n, h, 0, u[(h >> 2) + ULEN])
     h = w[i + NEXT]
     while h:
-        i = h >> 3
-        o = _mget(c, how, _arg(_typ(w, i), 0))
+        o = _mget(c, how, _arg(_typ(c, h), 0))
         if o is None:
             return _nospace(c, top)
         w[(n >> 3) + NEXT] = o
         n = o
-        _copy_into(c, n, h, 0, w[i + LEN])
-        h = w[i + NEXT]
+        _copy_into(c, n, h, 0, u[(h >> 2) + ULEN])
+        h = w[(h >> 3) + NEXT]
     return _wrap(c, top)
 
 
@@ -487,11 +509,11 @@ def m_dup(m, how: int):
     h = m.handle
     _pkthdr(c, h, "m_dup")
     how = _how(c, how)
-    w, mv = c.w, c.mv
+    w, u, mv = c.w, c.u32, c.mv
     remain = w[(m.handle >> 3) + PH_LEN]
     if remain != _chain_len(c, h):
         raise MbufError(f"m_dup: m_pkthdr.len {remain} != chain length {_chain_len(c, h)}")
-    typ = _typ(w, (m.handle >> 3))
+    typ = _typ(c, m.handle)
     top = prev = 0
     moff = 0
     while remain > 0 or not top:
@@ -512,17 +534,17 @@ def m_dup(m, how: int):
             if not w[(n >> 3) + FLAGS] & M_EXT:
                 nsize = MHLEN
         prev = n
-        ni = n >> 3
-        w[ni + LEN] = 0
-        while w[ni + LEN] < nsize and h:
+        ni, nj = n >> 3, n >> 2
+        u[nj + ULEN] = 0
+        while u[nj + ULEN] < nsize and h:
             i = h >> 3
-            chunk = min(nsize - w[ni + LEN], w[i + LEN] - moff)
-            s, d = w[i + DATA] + moff, w[ni + DATA] + w[ni + LEN]
+            chunk = min(nsize - u[nj + ULEN], u[(h >> 2) + ULEN] - moff)
+            s, d = w[i + DATA] + moff, w[ni + DATA] + u[nj + ULEN]
             mv[d:d + chunk] = mv[s:s + chunk]
             moff += chunk
-            w[ni + LEN] += chunk
+            u[nj + ULEN] += chunk
             remain -= chunk
-            if moff == w[i + LEN]:
+            if moff == u[(h >> 2) + ULEN]:
                 h = w[i + NEXT]
                 moff = 0
     w[(top >> 3) + FLAGS] &= ~M_RDONLY
@@ -538,45 +560,54 @@ def m_pullup(n, len: int):
     len = _int("m_pullup: len", len)
     if len < 0:
         raise MbufError("m_pullup: negative len")
-    w, mv = c.w, c.mv
+    w, u = c.w, c.u32
     hn = n.handle
     i = hn >> 3
     if (not w[i + FLAGS] & M_EXT and w[i + DATA] + len < hn + MSIZE and w[i + NEXT]):
-        if w[i + LEN] >= len:
+        if u[(hn >> 2) + ULEN] >= len:
             return n
         hm = hn
         hn = w[i + NEXT]
-        len -= w[i + LEN]
+        len -= u[(hm >> 2) + ULEN]
     else:
         if len > MHLEN:
             return _pullup_bad(c, hn)
-        hm = _mget(c, M_NOWAIT, _arg(_typ(w, i), 0))
+        hm = _mget(c, M_NOWAIT, _arg(_typ(c, hn), 0))
         if hm is None:
             return _pullup_bad(c, hn)
-        w[(hm >> 3) + LEN] = 0
+        u[(hm >> 2) + ULEN] = 0
         if w[i + FLAGS] & M_PKTHDR:
             _move_pkthdr(c, hm, hn)
-    im = hm >> 3
-    space = hm + MSIZE - (w[im + DATA] + w[im + LEN])
+    return _pull(c, hm, hn, len, hm + MSIZE - (w[(hm >> 3) + DATA] + u[(hm >> 2) + ULEN]),
+                 _pullup_bad)
+
+
+def _pull(c, hm, hn, len, space, bad):
+    """The copy loop of m_pullup and m_copyup: at least ``len`` (and up to
+    max_protohdr) bytes from the chain at ``hn`` into ``hm`` (``space`` bytes of room
+    after its data); emptied mbufs are freed.  ``hm`` followed by what is left, or
+    ``bad(c, hm)`` when the chain ran out first."""
+    w, u, mv = c.w, c.u32, c.mv
+    im, jm = hm >> 3, hm >> 2
+    protohdr = _max_protohdr(c)
     while True:
-        ino = hn >> 3
-        count = min(min(max(len, max_protohdr), space), w[ino + LEN])
-        s, d = w[ino + DATA], w[im + DATA] + w[im + LEN]
+        ino, jno = hn >> 3, hn >> 2
+        count = min(min(max(len, protohdr), space), u[jno + ULEN])
+        s, d = w[ino + DATA], w[im + DATA] + u[jm + ULEN]
         mv[d:d + count] = mv[s:s + count]
         len -= count
-        w[im + LEN] += count
-        w[ino + LEN] -= count
+        u[jm + ULEN] += count
+        u[jno + ULEN] -= count
         space -= count
-        if w[ino + LEN]:
+        if u[jno + ULEN]:
             w[ino + DATA] += count
         else:
             hn = _free(c, hn)
         if not (len > 0 and hn):
             break
-    if len > 0:
-        w[im + NEXT] = hn
-        return _pullup_bad(c, hm)
     w[im + NEXT] = hn
+    if len > 0:
+        return bad(c, hm)
     return _wrap(c, hm)
 
 
@@ -598,7 +629,7 @@ def m_prepend(m, len: int, how: int):
     if not 0 <= len <= room:
         raise MbufError(f"m_prepend: len {len} is outside 0..{room}")
     how = _how(c, how)
-    mn = _mget(c, how, _arg(_typ(w, (m.handle >> 3)), M_PKTHDR if pkthdr else 0))
+    mn = _mget(c, how, _arg(_typ(c, m.handle), M_PKTHDR if pkthdr else 0))
     if mn is None:
         _freem(c, h)
         return None
@@ -608,7 +639,7 @@ def m_prepend(m, len: int, how: int):
     w[i + NEXT] = h
     if len < room:
         w[i + DATA] += (room - len) & ~7
-    w[i + LEN] = len
+    c.u32[(mn >> 2) + ULEN] = len
     return _wrap(c, mn)
 
 
@@ -623,7 +654,7 @@ def M_PREPEND(m, plen: int, how: int):
     w, h = c.w, m.handle
     if _leading(c, h) >= plen:
         w[(m.handle >> 3) + DATA] -= plen
-        w[(m.handle >> 3) + LEN] += plen
+        c.u32[(m.handle >> 2) + ULEN] += plen
     else:
         m = m_prepend(m, plen, how)
         if m is None:
@@ -638,50 +669,54 @@ def m_adj(mp, req_len: int) -> None:
     ``-req_len`` from the tail (< 0; emptied trailing mbufs are freed)."""
     c = _c(mp, "m_adj")
     req_len = _int("m_adj: req_len", req_len)
-    w, hp = c.w, mp.handle
+    _adj(c, mp.handle, req_len)
+
+
+def _adj(c, hp, req_len):
+    w, u = c.w, c.u32
     length = req_len
     if length >= 0:
         h = hp
         while h and length > 0:
-            i = h >> 3
-            if w[i + LEN] <= length:
-                length -= w[i + LEN]
-                w[i + LEN] = 0
-                h = w[i + NEXT]
+            j = h >> 2
+            if u[j + ULEN] <= length:
+                length -= u[j + ULEN]
+                u[j + ULEN] = 0
+                h = w[(h >> 3) + NEXT]
             else:
-                w[i + LEN] -= length
-                w[i + DATA] += length
+                u[j + ULEN] -= length
+                w[(h >> 3) + DATA] += length
                 length = 0
-        if w[(mp.handle >> 3) + FLAGS] & M_PKTHDR:
-            w[(mp.handle >> 3) + PH_LEN] -= req_len - length
+        if w[(hp >> 3) + FLAGS] & M_PKTHDR:
+            w[(hp >> 3) + PH_LEN] -= req_len - length
         return
     length = -length
     count = 0
     h = hp
     while True:
-        count += w[(h >> 3) + LEN]
+        count += u[(h >> 2) + ULEN]
         if not w[(h >> 3) + NEXT]:
             break
         h = w[(h >> 3) + NEXT]
-    if w[(h >> 3) + LEN] >= length:
-        w[(h >> 3) + LEN] -= length
-        if w[(mp.handle >> 3) + FLAGS] & M_PKTHDR:
-            w[(mp.handle >> 3) + PH_LEN] -= length
+    if u[(h >> 2) + ULEN] >= length:
+        u[(h >> 2) + ULEN] -= length
+        if w[(hp >> 3) + FLAGS] & M_PKTHDR:
+            w[(hp >> 3) + PH_LEN] -= length
         return
     count = max(count - length, 0)
-    if w[(mp.handle >> 3) + FLAGS] & M_PKTHDR:
-        w[(mp.handle >> 3) + PH_LEN] = count
+    if w[(hp >> 3) + FLAGS] & M_PKTHDR:
+        w[(hp >> 3) + PH_LEN] = count
     h = hp
     while h:
-        i = h >> 3
-        if w[i + LEN] >= count:
-            w[i + LEN] = count
+        i, j = h >> 3, h >> 2
+        if u[j + ULEN] >= count:
+            u[j + ULEN] = count
             if w[i + NEXT]:
                 nxt = w[i + NEXT]
                 w[i + NEXT] = 0
                 _freem(c, nxt)
             break
-        count -= w[i + LEN]
+        count -= u[j + ULEN]
         h = w[i + NEXT]
 
 
@@ -691,21 +726,24 @@ def m_cat(m, n) -> None:
     header is not updated."""
     c = _c(m, "m_cat")
     hn = _same(c, n, "m_cat") if n is not None else 0
-    w, mv = c.w, c.mv
-    hm = m.handle
+    _cat(c, m.handle, hn)
+
+
+def _cat(c, hm, hn):
+    w, u, mv = c.w, c.u32, c.mv
     while w[(hm >> 3) + NEXT]:
         hm = w[(hm >> 3) + NEXT]
     if hn == hm:
         raise MbufError(f"m_cat: mbuf {hn} is already in the chain")
     while hn:
-        im, ino = hm >> 3, hn >> 3
-        if _trailing(c, hm) < w[ino + LEN] or not _writable(c, im):
+        im = hm >> 3
+        k = u[(hn >> 2) + ULEN]
+        if _trailing(c, hm) < k or not _writable(c, im):
             w[im + NEXT] = hn
             return
-        k = w[ino + LEN]
-        s, d = w[ino + DATA], w[im + DATA] + w[im + LEN]
+        s, d = w[(hn >> 3) + DATA], w[im + DATA] + u[(hm >> 2) + ULEN]
         mv[d:d + k] = mv[s:s + k]
-        w[im + LEN] += k
+        u[(hm >> 2) + ULEN] += k
         hn = _free(c, hn)
 
 
@@ -726,19 +764,19 @@ def m_split(m0, len0: int, wait: int):
 def _split(c, h0, len0, how):
     """m_split on handles: the tail's handle (0: nothing after the cut), or None
     when ``len0`` is past the end or an allocation fails (nothing changed)."""
-    w, mv = c.w, c.mv
+    w, u = c.w, c.u32
     length = len0
     h = h0
-    while h and length > w[(h >> 3) + LEN]:
-        length -= w[(h >> 3) + LEN]
+    while h and length > u[(h >> 2) + ULEN]:
+        length -= u[(h >> 2) + ULEN]
         h = w[(h >> 3) + NEXT]
     if not h:
         return None
     i = h >> 3
-    remain = w[i + LEN] - length
+    remain = u[(h >> 2) + ULEN] - length
     i0 = h0 >> 3
     if w[i0 + FLAGS] & M_PKTHDR:
-        n = _mget(c, how, _arg(_typ(w, i0), M_PKTHDR))
+        n = _mget(c, how, _arg(_typ(c, h0), M_PKTHDR))
         if n is None:
             return None
         ino = n >> 3
@@ -755,7 +793,7 @@ def _split(c, h0, len0, how):
                     _free(c, n)
                     return None
                 w[ino + NEXT] = nxt
-                w[ino + LEN] = 0
+                u[(n >> 2) + ULEN] = 0
                 return n
             w[ino + DATA] += (MHLEN - remain) & ~7
     elif remain == 0:
@@ -763,7 +801,7 @@ def _split(c, h0, len0, how):
         w[i + NEXT] = 0
         return n
     else:
-        n = _mget(c, how, _arg(_typ(w, i), 0))
+        n = _mget(c, how, _arg(_typ(c, h), 0))
         if n is None:
             return None
         ino = n >> 3
@@ -773,9 +811,9 @@ def _split(c, h0, len0, how):
         _dupcl(c, n, h)
     else:
         s, d = w[i + DATA] + length, w[ino + DATA]
-        mv[d:d + remain] = mv[s:s + remain]
-    w[ino + LEN] = remain
-    w[i + LEN] = length
+        c.mv[d:d + remain] = c.mv[s:s + remain]
+    u[(n >> 2) + ULEN] = remain
+    u[(h >> 2) + ULEN] = length
     w[ino + NEXT] = w[i + NEXT]
     w[i + NEXT] = 0
     return n

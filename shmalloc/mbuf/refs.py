@@ -31,8 +31,8 @@ from .constants import EXT_EXTADD_TYPES, EXT_PACKET, M_EXT, M_PKTHDR, M_RDONLY, 
 from .errors import MbufError
 from .header import _wrap
 from .tags import delete_chain
-from .zones import (E, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER, EXT_REFCNT,
-                    EXT_TYPE, FLAGS, M_PKTDAT, NEXT, NEXTPKT, PACK_VERIFIED, PH_TAGS, TYPE)
+from .zones import (BTYPE, E, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER,
+                    EXT_REFCNT, EXT_TYPE, FLAGS, M_PKTDAT, NEXT, NEXTPKT, PACK_VERIFIED, PH_TAGS)
 
 _ZERO_EXT = bytes(MSIZE - M_PKTDAT)
 
@@ -48,7 +48,7 @@ def drop_ref(c, h, i, flags, zidx):
     is dealt with.
 
     A packet (the mbuf of the packet zone that owns its cluster) keeps its own
-    reference while it waits for its copies: setting it aside is one word (its
+    reference while it waits for its copies: setting it aside is one byte (its
     type, MT_NOTMBUF) written under the refcount lock, so that a CPU killed at any
     moment leaves it either set aside or not, never half.  Its count is then its
     own reference plus its copies'; the copy that finds 2 under the lock with the
@@ -72,7 +72,7 @@ def drop_ref(c, h, i, flags, zidx):
             rc = u32[r]
             # (count 1 with the packet set aside: this copy was the last already,
             # and its free of the packet failed -- a free retried)
-            last = 0 < rc <= 2 and w[(owner >> 3) + TYPE] == MT_NOTMBUF
+            last = 0 < rc <= 2 and c.mv[owner + BTYPE] == MT_NOTMBUF
             if last:
                 u32[r] = 1               # the set-aside packet's own is left
             elif rc < 2:
@@ -145,7 +145,7 @@ def _limbo(c, h, i, flags) -> bool:
     """A packet freed while copies share its cluster: set it aside (True), or
     False when the copies went meanwhile (it is freed whole then).  A packet set
     aside stays allocated, without tags or links, typed MT_NOTMBUF and holding its
-    reference, until the last copy frees it.  The type is the one word that says
+    reference, until the last copy frees it.  The type is the one byte that says
     so, written under the refcount lock (see ``drop_ref``)."""
     _unlink(c, h, i, flags)
     lk = c.reflock(EXT_PACKET)
@@ -153,7 +153,7 @@ def _limbo(c, h, i, flags) -> bool:
     try:
         if c.u32[c.w[i + EXT_REFCNT] >> 2] == 1:
             return False
-        c.w[i + TYPE] = MT_NOTMBUF
+        c.mv[h + BTYPE] = MT_NOTMBUF
         return True
     finally:
         lk.release()
@@ -166,7 +166,7 @@ def _unlink(c, h, i, flags):
     w = c.w
     if flags & M_PKTHDR and w[i + PH_TAGS]:
         delete_chain(c, h, 0)
-    w[i + FLAGS] = flags & ~M_PKTHDR
+    w[i + FLAGS] &= ~M_PKTHDR
     w[i + NEXT] = 0
     w[i + NEXTPKT] = 0
 

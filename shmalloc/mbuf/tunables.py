@@ -27,7 +27,7 @@ from .. import layout as L
 from .. import layers
 from ..layers import views
 from .constants import (MBUF_CLUSTER_MEM_NAME, MBUF_JUMBO9_MEM_NAME, MBUF_JUMBO16_MEM_NAME,
-                        MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME)
+                        MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME, MHLEN)
 from .errors import SysctlError
 from .limits import ensure_tuned
 from .zones import ctx
@@ -46,6 +46,16 @@ SYSCTLS = {
     "vm.v_free_min": ("V_FREE_MIN", "rw", None, None),
 }
 TUNABLE_NAMES = tuple(SYSCTLS)
+
+# the protocol header sizes (uipc_mbuf.c's globals, ``kern.ipc.max_*``): max_linkhdr and
+# max_protohdr are set here as a protocol's init sets them in FreeBSD (whose sysctls are
+# read-only); max_hdr and max_datalen follow from them (``domain_init``)
+HDR_SYSCTLS = {
+    "kern.ipc.max_linkhdr": "MAX_LINKHDR",
+    "kern.ipc.max_protohdr": "MAX_PROTOHDR",
+    "kern.ipc.max_hdr": None,
+    "kern.ipc.max_datalen": None,
+}
 _VALUE_MAX = 1 << 62
 
 
@@ -147,6 +157,36 @@ def sysctl(arena, name: str, value=None) -> int:
     return w[word]
 
 
+def hdr_sysctl(arena, name: str, value=None) -> int:
+    """``kern.ipc.max_linkhdr`` and ``kern.ipc.max_protohdr`` (read, or set to any value
+    that leaves ``max_datalen = MHLEN - max_linkhdr - max_protohdr`` at least 1: FreeBSD
+    panics at boot otherwise, here EINVAL); ``kern.ipc.max_hdr`` (their sum) and
+    ``kern.ipc.max_datalen`` are read-only (EPERM)."""
+    core = views(arena)
+    arena._check_open()
+    ensure_tuned(core)
+    w = core.w
+    lw, pw = L.MBS_WORD + _MBS["MAX_LINKHDR"], L.MBS_WORD + _MBS["MAX_PROTOHDR"]
+    field = HDR_SYSCTLS[name]
+    if value is None:
+        if field is not None:
+            return w[L.MBS_WORD + _MBS[field]]
+        hdr = w[lw] + w[pw]
+        return hdr if name == "kern.ipc.max_hdr" else MHLEN - hdr
+    if field is None:
+        raise SysctlError(errno.EPERM, f"sysctl: oid {name!r} is read only (it follows "
+                                       f"from kern.ipc.max_linkhdr and max_protohdr)")
+    value = _check_value(name, value)
+    with core.lock(L.VM_LOCK):
+        other = w[pw] if field == "MAX_LINKHDR" else w[lw]
+        if MHLEN - (value + other) < 1:
+            raise SysctlError(errno.EINVAL, f"sysctl {name}={value}: Invalid argument "
+                                            f"(max_linkhdr + max_protohdr must stay below "
+                                            f"MHLEN, {MHLEN})")
+        w[L.MBS_WORD + _MBS[field]] = value
+    return value
+
+
 # ============================================================================ event handlers
 EVENTHANDLER_PRI_FIRST = 0
 EVENTHANDLER_PRI_ANY = 10000
@@ -189,4 +229,5 @@ def eventhandler_invoke(name: str, arena) -> int:
 # the sysctl names and boot-time tunables of this layer, served through the core's
 # Arena.sysctl and Arena.create(tunables=...)
 layers.register_sysctl(SYSCTLS, sysctl)
+layers.register_sysctl(HDR_SYSCTLS, hdr_sysctl)
 layers.register_tunables(validate, store)
