@@ -159,7 +159,7 @@ def _sysctl_one(arena, oid, values_only) -> bool:
     prefix = "" if values_only else f"{name}: "
     try:
         if not sep:
-            print(f"{prefix}{arena.sysctl(name)}")
+            print(f"{prefix}{_shown(arena.sysctl(name))}")
             return True
         try:
             value = int(text, 0)
@@ -177,6 +177,17 @@ def _sysctl_one(arena, oid, values_only) -> bool:
         else:
             print(f"shmalloc sysctl: {oid}: {e.strerror}", file=sys.stderr)
         return False
+
+
+def _shown(value) -> str:
+    """A sysctl's value as sysctl(8) prints it: an int as is; an opaque struct
+    (``kern.ipc.mbstat``) as ``sysctl -o`` does -- its format, length and first 16
+    bytes in hex (plain sysctl(8) prints nothing for it)."""
+    if isinstance(value, int):
+        return str(value)
+    raw = value.pack()
+    more = "..." if len(raw) > 16 else ""
+    return f"Format:{value.SYSCTL_FORMAT} Length:{len(raw)} Dump:0x{raw[:16].hex()}{more}"
 
 
 # ------------------------------------------------------------------------ cleanup

@@ -8,6 +8,8 @@ that every process using ``shmalloc`` has them::
     what                         registered with                    used by
     sysctl names                 register_sysctl(names, handler)    Arena.sysctl
     boot-time tunables           register_tunables(validate, store) Arena.create(tunables=)
+    a new arena's setup          register_on_create(fn)             Arena.create, create_local
+                                                                    (unless bare=True)
     Arena methods                Arena.extend(fn)                   arena.netstat_m(), arena.alloc()
     a supervised arena's setup   register_setup(fn)                 Supervisor.create
     low-memory handlers          register_lowmem(fn)                Supervisor.reclaim
@@ -37,15 +39,17 @@ def views(arena):
     return arena._core
 
 
-_sysctls: dict[str, object] = {}          # name -> handler(arena, name, value) -> int
+_sysctls: dict[str, object] = {}          # name -> handler(arena, name, value) -> value
 _tunables = None                          # (validate(dict) -> dict, store(words, dict))
+on_create: list = []                      # fn(arena): every new arena (not bare)
 setups: list = []                         # fn(arena): a new arena made by a supervisor
 lowmem_handlers: list = []                # fn(arena): free pages ran low
 
 
 def register_sysctl(names, handler) -> None:
     """Serve the sysctl ``names`` with ``handler(arena, name, value)``, which reads
-    (``value`` None) or sets the value and returns it."""
+    (``value`` None) or sets the value and returns it: an int, or any value an
+    opaque sysctl gives (a struct such as ``kern.ipc.mbstat``)."""
     for name in names:
         _sysctls[name] = handler
 
@@ -54,7 +58,7 @@ def sysctl_names() -> list[str]:
     return list(_sysctls)
 
 
-def sysctl(arena, name: str, value=None) -> int:
+def sysctl(arena, name: str, value=None):
     """``arena.sysctl``: the handler registered for ``name``, else ENOENT."""
     if not isinstance(name, str):
         raise TypeError(f"a sysctl name is a str, not {type(name).__name__}")
@@ -84,6 +88,20 @@ def validate_tunables(tunables) -> dict:
 def store_tunables(w, fields: dict) -> None:
     if fields:
         _tunables[1](w, fields)
+
+
+def register_on_create(fn) -> None:
+    """Run ``fn(arena)`` at the end of every ``Arena.create`` / ``create_local``, once
+    the arena is formatted and its creator holds CPU 0 (the mbuf layer's
+    ``mbuf_init``, as FreeBSD's SYSINIT runs it at boot).  ``bare=True`` skips them:
+    an arena for custom zones only."""
+    if fn not in on_create:
+        on_create.append(fn)
+
+
+def run_on_create(arena) -> None:
+    for fn in on_create:
+        fn(arena)
 
 
 def register_setup(fn) -> None:

@@ -47,6 +47,8 @@ other structure from.
 
 from __future__ import annotations
 
+import functools
+
 from .ipc import lock as _ipc_lock
 
 MAGIC = 0x434F4C4C414D4853          # b"SHMALLOC" read as a little-endian word
@@ -135,6 +137,7 @@ ZONE = _fields(
     "BUCKET_SIZE", "BUCKET_MIN", "BUCKET_MAX", "IMAX", "IMIN", "WSS",
     "SQ_HEAD", "SQ_TAIL", "XFREE", "GEN", "DEPOT_GETS", "DEPOT_PUTS", "CREATED_NS",
     "XFREES",
+    "OVER",             # ITEMS when a limit below them was set (set_max(below_use=True)), else 0
 )
 ZONE_FIXED_WORDS = 32
 ZONE_NAME_WORD = ZONE_FIXED_WORDS                          # NAME_BYTES
@@ -357,6 +360,7 @@ def slab_header_bytes(ipers: int, refcnt: bool) -> int:
     return SLAB_HDR_BYTES + ipers * 4 * (2 if refcnt else 1)
 
 
+@functools.lru_cache(maxsize=256)
 def keg_layout(rsize: int, refcnt: bool, max_pages: int) -> tuple[int, int, int]:
     """Choose (ppera, ipers, hdroff) for items of ``rsize`` bytes.
 
@@ -364,9 +368,13 @@ def keg_layout(rsize: int, refcnt: bool, max_pages: int) -> tuple[int, int, int]
     most MAX_WASTE wins; failing that, the most efficient up to MAX_SLAB_PAGES (or
     the one-item slab a big item needs).
     """
+    per_item = 4 * (2 if refcnt else 1)
+
     def fit(ppera: int) -> int:
         room = ppera * PAGE_SIZE
-        n = room // rsize
+        # the most n with n items (rounded up to a word) + header + tags in ``room``:
+        # start from the estimate ignoring the rounding, then step down
+        n = min(room // rsize, max(0, (room - SLAB_HDR_BYTES) // (rsize + per_item) + 1))
         while n > 0 and round_up(n * rsize, WORD) + slab_header_bytes(n, refcnt) > room:
             n -= 1
         return n

@@ -38,7 +38,11 @@ stack takes its batch from the depot directly (A1, never cached in between), and
 (F3, as UMA's full free bucket).
 
 Limits count items outside the slabs (caches, depot, allocated), as UMA's
-``uz_items`` does; ``ITEMS <= LIMIT`` whenever the zone lock is free.
+``uz_items`` does; ``ITEMS <= LIMIT`` whenever the zone lock is free -- unless a
+limit was set below the items already out (``set_max(n, below_use=True)``, FreeBSD
+7/8's ``uma_zone_set_max``, which only caps further allocation): then the zone takes
+no item from its keg until frees bring ITEMS under the limit, and ``ITEMS <=
+max(LIMIT, OVER)`` holds instead, OVER being ITEMS when that limit was set.
 
 Lock: the zone lock guards the zone record (depot, items, sleepers, bucket
 size); the keg lock guards slabs.  Order zone -> keg -> vm.
@@ -221,10 +225,14 @@ class Zone:
         """Free many items; each is checked as ``free`` checks one."""
         self._cache.free_bulk(handles)
 
-    def set_max(self, nitems: int) -> int:
+    def set_max(self, nitems: int, *, below_use: bool = False) -> int:
         """Set the zone's limit in items (0 = none); raises it at once, waking
-        sleepers that now fit.  Returns the limit."""
-        return self._cache.set_max(nitems)
+        sleepers that now fit.  Returns the limit.  A limit below the items
+        already out of the slabs is refused (ValueError), unless ``below_use``:
+        then it caps further allocation, as FreeBSD 7/8's ``uma_zone_set_max``
+        does -- the items out stay, and the zone takes none from its keg until
+        frees bring it under the limit."""
+        return self._cache.set_max(nitems, below_use)
 
     def drain(self) -> None:
         """Give this CPU's cached items back to the depot, the depot's buckets
@@ -1329,16 +1337,19 @@ class _Cache:
         return None
 
     # ================================================================== limits, drain
-    def set_max(self, nitems):
+    def set_max(self, nitems, below_use=False):
         nitems = operator.index(nitems)
         if nitems < 0:
             raise ValueError(f"zone {self.zone.name!r}: limit {nitems} < 0")
         w, zw = self.core.w, self.zw
         lk = self._zlock()
         try:
-            if nitems and nitems < w[zw + _Z["ITEMS"]]:
+            items = w[zw + _Z["ITEMS"]]
+            over = nitems and nitems < items
+            if over and not below_use:
                 raise ValueError(f"zone {self.zone.name!r}: limit {nitems} is below the "
-                                 f"{w[zw + _Z['ITEMS']]} items already out of the slabs")
+                                 f"{items} items already out of the slabs")
+            w[zw + _Z["OVER"]] = items if over else 0
             w[zw + _Z["LIMIT"]] = nitems
             apply_maxcache(w, zw, nitems)
         finally:

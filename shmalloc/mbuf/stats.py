@@ -11,24 +11,35 @@ force.
 
 from __future__ import annotations
 
+import errno
+import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
+from .. import layers
 from .. import layout as L
 from ..layers import views
 from ..arena import Arena
 from .constants import (MCLBYTES, MHLEN, MINCLSIZE, MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE,
                         MLEN, MSIZE, MT_NTYPES)
+from .errors import SysctlError
 from .tunables import current
 from .zones import TAG_ZONE_NAMES
 
 _MBS = L.MBS
 
 
+_MBSTAT = struct.Struct("<10Qh6x3Q")        # struct mbstat of FreeBSD 7/8 on amd64: 112 bytes
+
+
 @dataclass(frozen=True)
 class MbStat:
-    """The seed's ``struct mbstat``.  m_mbufs and m_mclusts (left at 0 by the seed)
-    are filled with the mbufs and clusters in use; m_mcfail counts failed copies
-    (m_copym, m_dup ...), m_mpfail failed pullups, m_drain mb_reclaim calls."""
+    """The seed's ``struct mbstat`` (``kern.ipc.mbstat``).  m_mbufs and m_mclusts
+    (left at 0 by the seed) are filled with the mbufs and clusters in use; m_mcfail
+    counts failed copies (m_copym, m_dup ...), m_mpfail failed pullups, m_drain the
+    calls to protocol drain routines that ran (in every process).  ``pack()`` gives
+    the struct's 112 bytes as FreeBSD lays them out on amd64; the fields after
+    sf_allocwait are shmalloc's own."""
     m_mbufs: int
     m_mclusts: int
     m_drain: int
@@ -44,6 +55,14 @@ class MbStat:
     sf_allocfail: int = 0
     sf_allocwait: int = 0
     lowmem: int = 0              # vm_lowmem events (not in FreeBSD's struct)
+    SYSCTL_FORMAT: ClassVar[str] = "S,mbstat"    # its sysctl format, as sysctl -o shows it
+
+    def pack(self) -> bytes:
+        """The 112 bytes of FreeBSD 7/8's ``struct mbstat`` on amd64 (``"<10Qh6x3Q"``)."""
+        return _MBSTAT.pack(self.m_mbufs, self.m_mclusts, self.m_drain, self.m_mcfail,
+                            self.m_mpfail, self.m_msize, self.m_mclbytes, self.m_minclsize,
+                            self.m_mlen, self.m_mhlen, self.m_numtypes, self.sf_iocnt,
+                            self.sf_allocfail, self.sf_allocwait)
 
 
 @dataclass(frozen=True)
@@ -141,6 +160,15 @@ def stat_m_text(name: str) -> str:
         arena.close()
 
 
-# the arena's facade: arena.netstat_m(), arena.mbstat()
+def mbstat_sysctl(arena, name: str, value=None) -> MbStat:
+    """``kern.ipc.mbstat``: read-only (the seed's ``SYSCTL_STRUCT(..., CTLFLAG_RD, ...)``);
+    reads give the MbStat, a write is EPERM."""
+    if value is not None:
+        raise SysctlError(errno.EPERM, f"sysctl: oid {name!r} is read only")
+    return mbstat(arena)
+
+
+# the arena's facade: arena.netstat_m(), arena.mbstat(); arena.sysctl("kern.ipc.mbstat")
 Arena.extend(netstat_m)
 Arena.extend(mbstat)
+layers.register_sysctl(["kern.ipc.mbstat"], mbstat_sysctl)

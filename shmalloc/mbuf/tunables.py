@@ -7,12 +7,19 @@ uses mbufs on the arena computes the values in force from them (``limits``, wher
 defaults and their formulas are) and writes them to the MBS words, where ``sysctl``
 reads and raises them.
 
-Sysctls (``sysctl(arena, name[, value])``): the limits only rise (a lower value is
-refused with EINVAL; ``0`` is unlimited, so it is the highest value and cannot be
-lowered from); a new limit is applied to its zone at once and ``nmbclusters_change``
-(``nmbufs_change``) is invoked.  ``kern.ipc.maxmbufmem`` and ``kern.maxusers`` are
-read-only at run time (EPERM); ``vm.v_free_min`` (the low-memory threshold in pages)
-takes any value.  Unknown names fail with ENOENT.
+Sysctls (``sysctl(arena, name[, value])``), as the seed's handlers
+(``sysctl_nmbclusters`` ... of FreeBSD 7/8): a limit takes a value strictly greater
+than the one in force; anything else -- the same value, a lower one, 0, a negative
+one -- is refused with EINVAL and changes nothing.  So a limit never falls and is
+never cleared to 0 (unlimited) at run time, while a zone booted unlimited (a tunable
+of 0) takes any positive value, which imposes a limit even below the items already
+in use (``Zone.set_max(below_use=True)``: FreeBSD's ``uma_zone_set_max`` only caps
+further allocation).  A new limit is applied to its zone at once and
+``nmbclusters_change`` (``nmbufs_change``) is invoked.  ``kern.ipc.maxmbufmem`` and
+``kern.maxusers`` are read-only at run time (EPERM); ``vm.v_free_min`` (the
+low-memory threshold in pages) takes any value.  Unknown names fail with ENOENT.
+(The jumbo limits, ``kern.ipc.nmbufs`` and their tunables are FreeBSD 9's; they
+follow the seed's rule too.)
 
 Event handlers are process-local, like FreeBSD's are kernel-local: a handler registered
 in this process runs when this process invokes the event (``fn(arg, arena)``).
@@ -107,17 +114,14 @@ def current(core) -> dict[str, int]:
     return {name: core.w[L.MBS_WORD + _MBS[spec[0]]] for name, spec in SYSCTLS.items()}
 
 
-def _key(v: int) -> float:
-    """Order of limits: 0 (unlimited) is above every number."""
-    return float("inf") if v == 0 else v
-
-
 def sysctl(arena, name: str, value=None) -> int:
     """Read sysctl ``name``, or set it to ``value`` and return the value in force.
 
-    A limit only rises: a lower value raises SysctlError (EINVAL) and changes
-    nothing; the same value is accepted and changes nothing.  A raise is applied to
-    the zone at once (sleepers that now fit are woken) and fires the sysctl's event.
+    A limit takes only a value strictly greater than the one in force (FreeBSD 7/8
+    ``kern_mbuf.c:sysctl_nmbclusters``): anything else raises SysctlError (EINVAL)
+    and changes nothing.  A new limit is applied to the zone at once -- below the
+    items in use too, when the zone was unlimited -- waking sleepers that now fit,
+    and fires the sysctl's event.
     """
     field, mode, zone_name, event = _spec(name)
     core = views(arena)
@@ -135,10 +139,11 @@ def sysctl(arena, name: str, value=None) -> int:
         ctx(arena)                       # the zones exist before the limit moves
     with core.lock(L.VM_LOCK):
         old = w[word]
-        if mode == "raise" and _key(value) < _key(old):
+        if mode == "raise" and not value > old:
+            why = ("a limit is never cleared to 0 (unlimited) at run time" if value == 0
+                   else f"the limit is {old}: it may only be raised, to a greater value")
             raise SysctlError(errno.EINVAL, f"sysctl {name}={value}: Invalid argument "
-                                            f"(the limit is {old} and may only be raised; "
-                                            f"0 is unlimited)")
+                                            f"({why})")
         changed = value != old
         if changed:
             w[word] = value
@@ -149,7 +154,7 @@ def sysctl(arena, name: str, value=None) -> int:
         zone = arena.zone(zone_name)
         while True:                      # a racing raise may land between: converge
             v = w[word]
-            zone.set_max(v)
+            zone.set_max(v, below_use=True)
             if w[word] == v:
                 break
     if event is not None:

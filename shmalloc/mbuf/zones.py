@@ -282,4 +282,5 @@ def ctx(arena) -> Ctx:
 register_drain_companion(MBUF_CLUSTER_MEM_NAME, MBUF_PACKET_MEM_NAME)
 
 
-layers.register_setup(mbuf_init)          # a keg manager's new arena has the mbuf zones
+layers.register_on_create(mbuf_init)      # every new arena has the mbuf zones (not bare ones),
+layers.register_setup(mbuf_init)          # a keg manager's too

@@ -1,0 +1,318 @@
+"""Issue 14: the mbuf layer as the seed wrote it, and the mbuf KPIs FreeBSD code calls.
+
+Each test names, in its docstring, the FreeBSD function and release whose behaviour it
+reproduces (the vectors come from ``/work/notes/freebsd_mbuf_kpis.md``).  One-process
+arenas (``Arena.create_local``); every test ends with ``arena.check()`` (fixture).
+"""
+
+import errno
+import struct
+
+import pytest
+
+from shmalloc import Arena
+from shmalloc import layout as L
+from shmalloc import mbuf as mb
+
+NW = mb.M_NOWAIT
+PATTERN = bytes(range(251)) * 80          # a prime period: misplaced bytes show
+
+
+@pytest.fixture
+def make():
+    made = []
+
+    def make(size=16 << 20, **tunables):
+        a = Arena.create_local(size, tunables={k.replace("__", "."): v
+                                               for k, v in tunables.items()} or None)
+        made.append(a)
+        return a
+    yield make
+    for a in made:
+        a.check()
+        a.destroy()
+
+
+@pytest.fixture
+def arena(make):
+    return make()
+
+
+def data(m):
+    return mb.m_copydata(m, 0, mb.m_length(m)) if m is not None else b""
+
+
+def chain(m):
+    out = []
+    while m is not None:
+        out.append(m)
+        m = m.m_next
+    return out
+
+
+def lens(m):
+    return [x.m_len for x in chain(m)]
+
+
+def used(a, name):
+    return a.zone_stats(name).used
+
+
+def pkt(a, nbytes, cluster=False):
+    """A packet of ``nbytes`` of PATTERN: m_gethdr (+ m_append's plain mbufs), or one
+    m_getcl packet."""
+    m = (mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR, arena=a) if cluster
+         else mb.m_gethdr(NW, mb.MT_DATA, arena=a))
+    assert mb.m_append(m, nbytes, PATTERN[:nbytes]) == 1
+    return m
+
+
+def plain(a, nbytes, off=0, pkthdr=False):
+    """One non-cluster mbuf holding PATTERN[off:off + nbytes]."""
+    m = (mb.m_gethdr if pkthdr else mb.m_get)(NW, mb.MT_DATA, arena=a)
+    mb.mtod(m)[:nbytes] = PATTERN[off:off + nbytes]
+    m.m_len = nbytes
+    if pkthdr:
+        m.m_pkthdr.len = nbytes
+    return m
+
+
+def link(*ms):
+    """Chain the mbufs ``ms`` (the first's pkthdr.len, if any, set to the total)."""
+    for a, b in zip(ms, ms[1:]):
+        a.m_next = b
+    if ms[0].m_flags & mb.M_PKTHDR:
+        ms[0].m_pkthdr.len = sum(x.m_len for x in ms)
+    return ms[0]
+
+
+# ============================================================================ 1. sysctl
+def test_sysctl_takes_only_a_strictly_greater_limit(make):
+    """FreeBSD 7/8 kern_mbuf.c sysctl_nmbclusters, sysctl_nmbjumbop: a write applies only
+    when new > current (signed); the same value, a lower one, 0 and negative values are
+    EINVAL and change nothing; nmbclusters_change fires on nmbclusters only."""
+    a = make(kern__ipc__nmbclusters=25600)
+    calls = []
+    tag = mb.eventhandler_register("nmbclusters_change", lambda arg, ar: calls.append(ar))
+    try:
+        for value in (25600, 25599, 0, -1):
+            with pytest.raises(mb.SysctlError) as e:
+                a.sysctl("kern.ipc.nmbclusters", value)
+            assert e.value.errno == errno.EINVAL
+        assert a.sysctl("kern.ipc.nmbclusters") == 25600 and calls == []
+        assert a.sysctl("kern.ipc.nmbclusters", 25601) == 25601
+        assert calls == [a] and a.zone("mbuf_cluster").limit == 25601
+        jp = a.sysctl("kern.ipc.nmbjumbop")
+        with pytest.raises(mb.SysctlError):
+            a.sysctl("kern.ipc.nmbjumbop", jp - 1)
+        assert a.sysctl("kern.ipc.nmbjumbop", jp + 1) == jp + 1
+        assert calls == [a]                               # no event for the jumbo limits
+    finally:
+        mb.eventhandler_deregister("nmbclusters_change", tag)
+
+
+def test_an_unlimited_zone_takes_a_limit_below_its_use(make):
+    """FreeBSD 7 kern_mbuf.c tunable_mbinit/mbuf_init and sysctl_nmbclusters, 7/8
+    uma_core.c uma_zone_set_max: booted with kern.ipc.nmbclusters=0 the cluster zone is
+    unlimited while the jumbo limits keep their computed defaults; 0 and -1 are still
+    EINVAL; any positive value imposes a limit, even below the clusters in use, which
+    then caps further allocation until frees bring the zone under it."""
+    a = make(kern__ipc__nmbclusters=0)
+    assert a.sysctl("kern.ipc.nmbclusters") == 0 and a.zone("mbuf_cluster").limit == 0
+    assert a.sysctl("kern.ipc.nmbjumbop") == (1024 + a.sysctl("kern.maxusers") * 64) // 2
+    for value in (0, -1):
+        with pytest.raises(mb.SysctlError):
+            a.sysctl("kern.ipc.nmbclusters", value)
+    z = a.zone("mbuf_cluster")
+    cls = [mb.m_cljget(None, NW, mb.MCLBYTES, arena=a) for _ in range(300)]
+    assert None not in cls
+    assert a.sysctl("kern.ipc.nmbclusters", 100) == 100 == z.limit
+    a.check()                                            # 300 out, limit 100: sound
+    z.drain()                                            # no cached cluster to hand out
+    assert mb.m_cljget(None, NW, mb.MCLBYTES, arena=a) is None
+    for cl in cls[100:]:
+        z.free(cl)
+    del cls[100:]
+    z.drain()
+    a.check()
+    z.free(cls.pop())                                    # 99 out: under the limit
+    z.drain()
+    got = mb.m_cljget(None, NW, mb.MCLBYTES, arena=a)     # served again
+    assert got is not None
+    for cl in cls + [got]:
+        z.free(cl)
+
+
+def test_kern_ipc_mbstat_is_the_seed_struct(arena):
+    """FreeBSD 7 kern_mbuf.c SYSCTL_STRUCT(_kern_ipc, mbstat, CTLFLAG_RD) and mbuf_init's
+    field values, FreeBSD 8 sys/mbuf.h struct mbstat (112 bytes on amd64): readable
+    through sysctl, read-only."""
+    st = arena.sysctl("kern.ipc.mbstat")
+    assert isinstance(st, mb.MbStat) and st == arena.mbstat()
+    raw = st.pack()
+    assert len(raw) == 112
+    assert struct.unpack("<10Qh6x3Q", raw) == (0, 0, 0, 0, 0, 256, 2048, mb.MINCLSIZE,
+                                               mb.MLEN, mb.MHLEN, 16, 0, 0, 0)
+    with pytest.raises(mb.SysctlError) as e:
+        arena.sysctl("kern.ipc.mbstat", 1)
+    assert e.value.errno == errno.EPERM
+
+
+# ============================================================================ 3. sizes
+def test_sizes_are_freebsd_10_amd64():
+    """FreeBSD 10.0+ sys/mbuf.h on amd64 (m_hdr 32 bytes, pkthdr 56; uipc_mbuf.c
+    CTASSERTs): MLEN 224, MHLEN 168, MINCLSIZE 169 -- and mbstat reports them."""
+    assert (mb.MSIZE, mb.MLEN, mb.MHLEN, mb.MINCLSIZE) == (256, 224, 168, 169)
+    assert (L.MH_BYTES, L.PKTDAT - L.MH_BYTES) == (32, 56)
+    a = Arena.create_local(8 << 20)
+    try:
+        st = a.mbstat()
+        assert (st.m_mlen, st.m_mhlen, st.m_minclsize) == (224, 168, 169)
+        m = mb.m_get(NW, mb.MT_DATA, arena=a)
+        assert m.m_data == m.handle + 32 and mb.M_TRAILINGSPACE(m) == 224
+        h = mb.m_gethdr(NW, mb.MT_DATA, arena=a)
+        assert h.m_data == h.handle + 88 and mb.M_TRAILINGSPACE(h) == 168
+        m.m_type, m.m_flags, m.m_len = mb.MT_OOBDATA, mb.M_PROTO8, 224   # packed word
+        assert (m.m_type, m.m_flags, m.m_len) == (mb.MT_OOBDATA, mb.M_PROTO8, 224)
+        with pytest.raises(mb.MbufError):
+            m.m_flags = 1 << 24                          # m_flags is 24 bits (FreeBSD 10+)
+        h.m_pkthdr.tso_segsz, h.m_pkthdr.ether_vtag = 0xFFFF, 0x123
+        assert (h.m_pkthdr.tso_segsz, h.m_pkthdr.ether_vtag) == (0xFFFF, 0x123)
+        mb.m_freem(m)
+        mb.m_freem(h)
+    finally:
+        a.destroy()
+
+
+def test_m_get2_switches_at_the_10_sizes(arena):
+    """FreeBSD 10+ kern_mbuf.c m_get2: a plain mbuf up to MHLEN (MLEN without
+    M_PKTHDR), a packet up to MCLBYTES, mbuf + page-size jumbo up to MJUMPAGESIZE, None
+    above."""
+    def kind(size, flags):
+        m = mb.m_get2(size, NW, mb.MT_DATA, flags, arena=arena)
+        if m is None:
+            return None
+        k = m.m_ext.ext_size if m.m_flags & mb.M_EXT else "mbuf"
+        mb.m_freem(m)
+        return k
+    assert kind(168, mb.M_PKTHDR) == "mbuf" and kind(169, mb.M_PKTHDR) == 2048
+    assert kind(224, 0) == "mbuf" and kind(225, 0) == 2048
+    assert kind(2049, 0) == 4096 and kind(4097, 0) is None
+
+
+def test_m_dup_switches_to_a_cluster_at_minclsize(arena):
+    """FreeBSD 8/10 uipc_mbuf.c m_dup: a cluster while at least MINCLSIZE bytes remain,
+    else a plain mbuf; an empty packet gives one empty packet-header mbuf."""
+    for n, want in ((168, [False]), (169, [True]), (0, [False])):
+        m = pkt(arena, n)
+        d = mb.m_dup(m, NW)
+        assert [bool(x.m_flags & mb.M_EXT) for x in chain(d)] == want, n
+        assert d.m_flags & mb.M_PKTHDR and data(d) == PATTERN[:n]
+        mb.m_freem(d)
+        mb.m_freem(m)
+
+
+def test_m_pullup_switches_at_mhlen(arena):
+    """FreeBSD uipc_mbuf.c m_pullup (all releases): in place only when m_data + len lies
+    strictly before the end of the mbuf's own data; a new mbuf otherwise, refused
+    (chain freed, m_mpfail counted) above MHLEN."""
+    before = arena.mbstat().m_mpfail
+    m = link(plain(arena, 100, pkthdr=True), plain(arena, 100, 100))
+    n = mb.m_pullup(m, 168)                  # 88 + 168 is not < 256: a new head
+    assert n != m and lens(n) == [168, 32] and data(n) == PATTERN[:200]
+    mb.m_freem(n)
+    m = link(plain(arena, 100, pkthdr=True), plain(arena, 100, 100))
+    assert mb.m_pullup(m, 169) is None
+    assert arena.mbstat().m_mpfail == before + 1 and used(arena, "mbuf") == 0
+
+
+def test_max_protohdr_is_settable_and_m_pullup_takes_it(arena):
+    """FreeBSD uipc_mbuf.c m_pullup with max_protohdr (tcp_init sets 60 with INET6): a
+    single mbuf always goes through a new mbuf, which takes max(len, max_protohdr)."""
+    m = plain(arena, 100, pkthdr=True)
+    n = mb.m_pullup(m, 50)
+    assert lens(n) == [50, 50] and data(n) == PATTERN[:100]
+    mb.m_freem(n)
+    assert arena.sysctl("kern.ipc.max_protohdr", 60) == 60
+    assert arena.sysctl("kern.ipc.max_hdr") == 76
+    assert arena.sysctl("kern.ipc.max_datalen") == mb.MHLEN - 76
+    m = plain(arena, 100, pkthdr=True)
+    n = mb.m_pullup(m, 50)
+    assert lens(n) == [60, 40] and data(n) == PATTERN[:100]
+    mb.m_freem(n)
+    with pytest.raises(mb.SysctlError):
+        arena.sysctl("kern.ipc.max_protohdr", mb.MHLEN - 16)   # max_datalen would be 0
+    with pytest.raises(mb.SysctlError):
+        arena.sysctl("kern.ipc.max_hdr", 10)
+
+
+def test_m_prepend_places_the_header_at_the_end(arena):
+    """FreeBSD uipc_mbuf.c m_prepend / mbuf.h M_PREPEND: no leading space -> a new mbuf
+    whose data sits at the end of its room, long-aligned ((MHLEN - 14) & ~7 = 152)."""
+    m = plain(arena, 10, pkthdr=True)
+    n = mb.M_PREPEND(m, 14, NW)
+    assert n != m and n.m_data == n.handle + L.PKTDAT + 152 and n.m_len == 14
+    assert n.m_pkthdr.len == 24 and not m.m_flags & mb.M_PKTHDR
+    mb.m_freem(n)
+
+
+# ============================================================================ 2. mbuf_init
+SEED_ZONES = ("mbuf", "mbuf_cluster", "mbuf_packet", "mbuf_jumbo_page", "mbuf_jumbo_9k",
+              "mbuf_jumbo_16k", "mbuf_ext_refcnt")
+
+
+def _vmstat_rows(a):
+    rows = {}
+    for line in a.vmstat_z().splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        rows[name] = [int(x) for x in rest.split(",")]
+    return rows
+
+
+def test_a_new_arena_has_the_seven_mbuf_zones(arena_name):
+    """FreeBSD 7 kern_mbuf.c mbuf_init (SYSINIT at SI_SUB_MBUF): the zones exist right
+    after boot -- vmstat -z lists all seven, untouched, before any mbuf is used; the
+    limits are the tunables' (0: none, for the packet and refcount zones)."""
+    for a in (Arena.create_local(8 << 20), Arena.create(arena_name, 8 << 20)):
+        try:
+            assert a.zones() == list(SEED_ZONES)
+            rows = _vmstat_rows(a)
+            assert list(rows) == list(SEED_ZONES)
+            for name, (size, limit, used_, free, req, fail, sleep, xdom) in rows.items():
+                assert (used_, free, req, fail) == (0, 0, 0, 0), name
+            assert rows["mbuf_cluster"][1] == a.sysctl("kern.ipc.nmbclusters")
+            assert rows["mbuf_packet"][1] == rows["mbuf_ext_refcnt"][1] == 0
+            lines = a.netstat_m().splitlines()
+            assert lines[0] == "0/0/0 mbufs in use (current/cache/total)"
+            a.check()
+        finally:
+            a.destroy()
+
+
+def test_a_bare_arena_has_no_mbuf_zones_until_used():
+    """The opt-out for an arena of custom zones only (no FreeBSD counterpart: a kernel
+    always boots with its mbuf zones); the mbuf layer sets itself up on first use."""
+    a = Arena.create_local(8 << 20, bare=True)
+    try:
+        assert a.zones() == []
+        a.zcreate("frames", 1000)
+        m = mb.m_get(NW, mb.MT_DATA, arena=a)
+        assert a.zones() == ["frames", *SEED_ZONES]
+        mb.m_free(m)
+        a.check()
+    finally:
+        a.destroy()
+
+
+def test_the_smallest_arena_still_gets_the_mbuf_zones():
+    """FreeBSD 7 mbuf_init on any machine: the smallest arena has the seven zones too
+    (their depots take a page each there) and hands out packets."""
+    a = Arena.create_local(L.min_arena_size())
+    try:
+        assert a.zones() == list(SEED_ZONES)
+        m = mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR, arena=a)
+        assert m is not None and m.m_ext.ext_size == mb.MCLBYTES
+        mb.m_freem(m)
+        a.check()
+    finally:
+        a.destroy()
