@@ -316,3 +316,103 @@ def test_the_smallest_arena_still_gets_the_mbuf_zones():
         a.check()
     finally:
         a.destroy()
+
+
+# ============================================================================ 4. M_WRITABLE, m_unshare
+def test_mtod_agrees_with_m_writable(arena):
+    """FreeBSD 8 sys/mbuf.h M_WRITABLE (not M_RDONLY, and the storage's count is 1):
+    once the original packet is freed its copy holds the only reference (MOD's lingering
+    mref: the count falls to 1), so it is writable -- and mtod's view is writable too.
+    While the storage is shared both mbufs are read-only through mtod, which FreeBSD
+    does not enforce."""
+    p = pkt(arena, 100, cluster=True)
+    n = mb.m_copym(p, 0, mb.M_COPYALL, NW)
+    for x in (p, n):
+        assert not mb.M_WRITABLE(x) and mb.mtod(x).readonly and mb.M_TRAILINGSPACE(x) == 0
+        with pytest.raises(TypeError):
+            mb.mtod(x)[0] = 1
+    mb.m_freem(p)
+    assert n.refcnt == 1 and mb.M_WRITABLE(n)
+    v = mb.mtod(n)
+    assert not v.readonly
+    v[:3] = b"abc"
+    assert data(n)[:3] == b"abc" and mb.M_TRAILINGSPACE(n) == mb.MCLBYTES - 100
+    mb.m_freem(n)
+    r = plain(arena, 10)
+    r.m_flags |= mb.M_RDONLY
+    assert not mb.M_WRITABLE(r) and mb.mtod(r).readonly
+    mb.m_freem(r)
+
+
+def test_m_unshare_copies_shared_storage(arena):
+    """FreeBSD 8/14 uipc_mbuf.c m_unshare: a copy sharing a packet's cluster is
+    replaced by a fresh packet-header cluster with the same bytes and header; the
+    shared mbuf is freed, so the original's count falls back to 1."""
+    m = pkt(arena, 100, cluster=True)
+    n = mb.m_copym(m, 0, mb.M_COPYALL, NW)
+    assert m.refcnt == 2 and not mb.M_WRITABLE(n)
+    u = mb.m_unshare(n, NW)
+    assert u != n and u.m_flags & mb.M_PKTHDR and u.m_flags & mb.M_EXT
+    assert u.m_pkthdr.len == 100 and data(u) == PATTERN[:100]
+    assert mb.M_WRITABLE(u) and not mb.mtod(u).readonly
+    assert m.refcnt == 1 and mb.M_WRITABLE(m)
+    mb.m_freem(u)
+    mb.m_freem(m)
+
+
+def test_m_unshare_coalesces_a_writable_chain(arena):
+    """FreeBSD 8 uipc_mbuf.c m_unshare, its first step: a plain mbuf after a cluster
+    with room is copied into it and freed, even when everything is writable -- the same
+    head comes back holding all the bytes."""
+    m = link(pkt(arena, 100, cluster=True), plain(arena, 50, 100))
+    u = mb.m_unshare(m, NW)
+    assert u == m and lens(u) == [150] and data(u) == PATTERN[:150]
+    assert used(arena, "mbuf") == 0
+    mb.m_freem(u)
+
+
+def test_m_unshare_cuts_a_shared_jumbo_into_clusters(arena):
+    """FreeBSD 8 uipc_mbuf.c m_unshare: storage larger than a cluster is copied into
+    pieces of at most MCLBYTES (5000 bytes of a shared 9k jumbo: 2048 + 2048 + 904);
+    the jumbo's count falls back to 1."""
+    j = mb.m_getjcl(NW, mb.MT_DATA, mb.M_PKTHDR, mb.MJUM9BYTES, arena=arena)
+    mb.m_append(j, 5000, PATTERN[:5000])
+    n = mb.m_copym(j, 0, mb.M_COPYALL, NW)
+    assert j.refcnt == 2
+    u = mb.m_unshare(n, NW)
+    assert lens(u) == [2048, 2048, 904] and data(u) == PATTERN[:5000]
+    assert all(x.m_ext.ext_size == mb.MCLBYTES and mb.M_WRITABLE(x) for x in chain(u))
+    assert u.m_pkthdr.len == 5000 and j.refcnt == 1
+    mb.m_freem(u)
+    mb.m_freem(j)
+
+
+def test_m_unshare_frees_the_whole_chain_when_it_fails(make):
+    """FreeBSD 8 uipc_mbuf.c m_unshare (and mbuf(9)): when a copy cannot be allocated
+    the original chain is always reclaimed and NULL returned."""
+    a = make(kern__ipc__nmbclusters=4)
+    held = [mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR, arena=a) for _ in range(4)]
+    assert None not in held
+    before = used(a, "mbuf")
+    n = link(mb.m_copym(held[0], 0, mb.M_COPYALL, NW), plain(a, 20))
+    assert mb.m_unshare(n, NW) is None
+    assert used(a, "mbuf") == before and held[0].refcnt == 1
+    for p in held:
+        mb.m_freem(p)
+
+
+def test_m_unshare_makes_read_only_storage_writable(arena):
+    """A divergence, documented: FreeBSD's m_unshare leaves a plain M_RDONLY mbuf read
+    only and copies M_RDONLY onto the copy of read-only external storage (M_COPYFLAGS);
+    here its result is always writable, as the issue asks of it."""
+    r = plain(arena, 30, pkthdr=True)
+    r.m_flags |= mb.M_RDONLY
+    u = mb.m_unshare(r, NW)
+    assert u != r and mb.M_WRITABLE(u) and data(u) == PATTERN[:30]
+    assert u.m_pkthdr.len == 30 and not u.m_flags & mb.M_RDONLY
+    mb.m_freem(u)
+    p = pkt(arena, 40, cluster=True)
+    p.m_flags |= mb.M_RDONLY
+    u = mb.m_unshare(p, NW)
+    assert mb.M_WRITABLE(u) and data(u) == PATTERN[:40] and u.m_ext.ext_size == 2048
+    mb.m_freem(u)

@@ -38,7 +38,7 @@ from .alloc import (m_clget, m_cljget, m_cljset, m_extadd, m_free, m_freem, m_ge
 from .chains import (M_ALIGN, M_LEADINGSPACE, M_MOVE_PKTHDR, M_PREPEND, M_TRAILINGSPACE,
                      M_WRITABLE, MH_ALIGN, m_adj, m_append, m_cat, m_copyback, m_copydata,
                      m_copym, m_copypacket, m_demote, m_dup, m_dup_pkthdr, m_fixhdr, m_last,
-                     m_length, m_move_pkthdr, m_prepend, m_pullup, m_split, mtod)
+                     m_length, m_move_pkthdr, m_prepend, m_pullup, m_split, m_unshare, mtod)
 from .constants import *  # noqa: F401,F403  (FreeBSD's constants)
 from .constants import __all__ as _constants_all
 from .ctors import set_mbuf_label_hook
@@ -73,7 +73,7 @@ __all__ = [
     "m_copym", "m_copypacket", "m_dup", "m_copydata", "m_copyback", "m_append", "m_pullup",
     "m_prepend", "M_PREPEND", "m_adj", "m_cat", "m_split", "m_length", "m_last", "m_fixhdr",
     "m_move_pkthdr", "M_MOVE_PKTHDR", "m_dup_pkthdr", "m_demote", "mtod", "dtom",
-    "M_WRITABLE", "M_LEADINGSPACE", "M_TRAILINGSPACE", "M_ALIGN", "MH_ALIGN",
+    "M_WRITABLE", "M_LEADINGSPACE", "M_TRAILINGSPACE", "M_ALIGN", "MH_ALIGN", "m_unshare",
     # tags
     "m_tag_alloc", "m_tag_get", "m_tag_free", "m_tag_prepend", "m_tag_unlink", "m_tag_delete",
     "m_tag_delete_chain", "m_tag_delete_nonpersistent", "m_tag_first", "m_tag_next",

@@ -7,6 +7,7 @@ of ``sys/mbuf.h``).
     m_length, m_last, m_fixhdr, m_copydata, m_copyback, m_append        a chain's data
     m_copym, m_copypacket, m_dup                            copies (shared or deep)
     m_pullup, m_prepend, M_PREPEND, m_adj, m_cat, m_split   reshaping
+    m_unshare                                               writable storage for a chain
 
 External storage is shared by reference (m_copym, m_split, m_copypacket: one more
 reference, ``refs._dupcl``).  Shared storage is read-only (M_WRITABLE false): no
@@ -30,7 +31,7 @@ from .errors import MbufError
 from .header import Mbuf, _wrap, refs, storage
 from .refs import _dupcl
 from .tags import copy_chain, delete_chain, move_chain
-from .zones import (DATA, EXT_BUF, EXT_REFCNT, EXT_SIZE, FLAGS, FLAGS_MASK, M_DAT, M_PKTDAT, NEXT,
+from .zones import (DATA, EXT_BUF, EXT_SIZE, FLAGS, FLAGS_MASK, M_DAT, M_PKTDAT, NEXT,
                     NEXTPKT, PH, PH_LEN, PH_RCVIF, PH_TAGS, PKTHDR_END, ULEN, set_flags)
 
 _ZERO_PH = bytes(M_PKTDAT - M_DAT)
@@ -169,14 +170,19 @@ def m_demote(m0, all: int) -> None:
 # ============================================================================ data access
 def mtod(m) -> memoryview:
     """The mbuf's storage from m_data to its end (the data is the first m_len
-    bytes): writable, or read-only when the storage is shared or M_RDONLY."""
+    bytes): writable exactly when the mbuf is M_WRITABLE -- read-only when its
+    storage is shared with another mbuf (FreeBSD's mtod is a bare pointer and lets
+    anyone write shared storage; here it is protected) or M_RDONLY.  A packet
+    freed while copies share its cluster holds no reference of anybody's: the
+    last copy sees a count of 1 and writes (``m_unshare`` gives any chain
+    writable storage)."""
     c = m._c
     w, i = c.w, (m.handle >> 3)
     flags = w[i + FLAGS]
     if flags & M_EXT:
         end = w[i + EXT_BUF] + w[i + EXT_SIZE]
         v = c.mv[w[i + DATA]:end]
-        if flags & M_RDONLY or c.u32[w[i + EXT_REFCNT] >> 2] != 1:
+        if flags & M_RDONLY or refs(c, w, i) != 1:
             return v.toreadonly()
         return v
     v = c.mv[w[i + DATA]:m.handle + MSIZE]
@@ -817,3 +823,114 @@ def _split(c, h0, len0, how):
     w[ino + NEXT] = w[i + NEXT]
     w[i + NEXT] = 0
     return n
+
+
+# ============================================================================ m_unshare
+def m_unshare(m0, how: int):
+    """A chain with the data of ``m0`` in storage that no other mbuf shares, which
+    may be written (FreeBSD's ``m_unshare``, 8.0 and later): each mbuf whose
+    external storage is not writable is replaced by copies in fresh clusters (in
+    pieces of at most MCLBYTES), or copied into the previous mbuf's cluster when
+    it fits there; a plain mbuf is copied into a previous cluster with room too,
+    so the chain comes back compacted.  Returns the new head; on a failed
+    allocation the whole chain ``m0`` is freed and None returned (FreeBSD: "the
+    original mbuf chain is always reclaimed").
+
+    Unlike FreeBSD's, the result is always writable: copies into fresh storage do
+    not keep M_RDONLY (FreeBSD copies it with M_COPYFLAGS), and a plain M_RDONLY
+    mbuf that cannot be coalesced is copied into a fresh mbuf (FreeBSD leaves it
+    read-only)."""
+    c = _c(m0, "m_unshare")
+    how = _how(c, how)
+    h = _unshare(c, m0.handle, how)
+    return _wrap(c, h) if h else None
+
+
+def _unshare(c, h0, how):
+    w, u = c.w, c.u32
+    top, prev, m = h0, 0, h0
+    while m:
+        i, j = m >> 3, m >> 2
+        flags, nxt, k = w[i + FLAGS], w[i + NEXT], u[j + ULEN]
+        if _writable(c, i):
+            # writable: kept, but a plain mbuf goes into the cluster before it if
+            # it fits (so later clusters coalesce too)
+            if not flags & M_EXT and prev and w[(prev >> 3) + FLAGS] & M_EXT and \
+                    k <= _trailing(c, prev):
+                _coalesce(c, prev, m, nxt)
+                m = nxt
+                continue
+            prev, m = m, nxt
+            continue
+        if prev and w[(prev >> 3) + FLAGS] & M_EXT and k <= _trailing(c, prev):
+            _coalesce(c, prev, m, nxt)
+            m = nxt
+            continue
+        first = _fresh_copy(c, m, flags, k, how)
+        if first is None:
+            _freem(c, top)
+            return None
+        last = first
+        while w[(last >> 3) + NEXT]:
+            last = w[(last >> 3) + NEXT]
+        w[(last >> 3) + NEXT] = nxt
+        if prev:
+            w[(prev >> 3) + NEXT] = first
+        else:
+            top = first
+        w[i + NEXT] = 0
+        _free(c, m)                      # its reference goes: the sharers' count falls
+        prev, m = last, nxt
+    return top
+
+
+def _coalesce(c, prev, m, nxt):
+    """Copy plain or shared mbuf ``m``'s data after ``prev``'s (room checked) and
+    free ``m`` (no packet header: it is not the head)."""
+    w, u, mv = c.w, c.u32, c.mv
+    k = u[(m >> 2) + ULEN]
+    s, d = w[(m >> 3) + DATA], w[(prev >> 3) + DATA] + u[(prev >> 2) + ULEN]
+    mv[d:d + k] = mv[s:s + k]
+    u[(prev >> 2) + ULEN] += k
+    w[(prev >> 3) + NEXT] = nxt
+    w[(m >> 3) + NEXT] = 0
+    _free(c, m)
+
+
+def _fresh_copy(c, m, flags, k, how):
+    """Copies of mbuf ``m``'s ``k`` bytes in fresh writable storage (its packet
+    header moved to the first): a plain mbuf for a plain one, clusters of at most
+    MCLBYTES for external storage.  The head of the copies, or None (those made
+    are freed)."""
+    w, u, mv = c.w, c.u32, c.mv
+    typ = _typ(c, m)
+    keep = flags & M_COPYFLAGS & ~(M_PKTHDR | M_RDONLY)
+    top = last = 0
+    off, left = 0, k
+    while True:
+        pk = M_PKTHDR if not top and flags & M_PKTHDR else 0
+        if flags & M_EXT:
+            n = c.zpack.alloc(how, None, _arg(typ, keep | pk))
+            room = MCLBYTES
+        else:
+            n = _mget(c, how, _arg(typ, keep | pk))
+            room = MHLEN if pk else MLEN
+        if n is None:
+            _freem(c, top)
+            return None
+        if pk:
+            _move_pkthdr(c, n, m)
+            w[(n >> 3) + FLAGS] &= ~M_RDONLY
+        cc = min(left, room)
+        s, d = w[(m >> 3) + DATA] + off, w[(n >> 3) + DATA]
+        mv[d:d + cc] = mv[s:s + cc]
+        u[(n >> 2) + ULEN] = cc
+        if last:
+            w[(last >> 3) + NEXT] = n
+        else:
+            top = n
+        last = n
+        left -= cc
+        off += cc
+        if left <= 0:
+            return top
