@@ -416,3 +416,44 @@ def test_m_unshare_makes_read_only_storage_writable(arena):
     u = mb.m_unshare(p, NW)
     assert mb.M_WRITABLE(u) and data(u) == PATTERN[:40] and u.m_ext.ext_size == 2048
     mb.m_freem(u)
+
+
+# ============================================================================ 8. m_split
+def test_m_split_at_the_end_of_a_cluster_gives_an_empty_header(arena):
+    """FreeBSD 10.1+ uipc_mbuf.c m_split, its remain == 0 branch for a packet: the tail
+    is a new empty packet-header mbuf (trailing space MHLEN), even after the last mbuf;
+    no reference is taken on the cut cluster, which stays writable (9.3 shared it with
+    a zero-length tail)."""
+    m0 = pkt(arena, 100, cluster=True)
+    n = mb.m_split(m0, 100, NW)
+    assert n.m_flags == mb.M_PKTHDR and n.m_len == 0 and n.m_pkthdr.len == 0
+    assert n.m_next is None and mb.M_TRAILINGSPACE(n) == mb.MHLEN
+    assert m0.refcnt == 1 and mb.M_WRITABLE(m0) and m0.m_pkthdr.len == 100
+    mb.m_freem(n)
+    t = plain(arena, 50, 100)
+    m0.m_next = t
+    m0.m_pkthdr.len = 150
+    n = mb.m_split(m0, 100, NW)                       # [cluster 100][plain 50] at 100
+    assert chain(n)[1] == t and lens(n) == [0, 50] and n.m_pkthdr.len == 50
+    assert m0.m_next is None and m0.m_pkthdr.len == 100 and m0.refcnt == 1
+    assert data(n) == PATTERN[100:150]
+    mb.m_freem(n)
+    mb.m_freem(m0)
+
+
+def test_m_split_remain_zero_in_plain_mbufs(arena):
+    """FreeBSD 10.1+ uipc_mbuf.c m_split: a plain packet-header mbuf cut at its end gives
+    a tail whose data starts at m_pktdat (9.3 end-aligned it); a chain without packet
+    header cut at the end of its last mbuf gives None and is unchanged (all releases);
+    the tags stay with the head."""
+    m0 = plain(arena, 30, pkthdr=True)
+    t = mb.m_tag_alloc(1, 1, 4, NW, arena=arena)
+    mb.m_tag_prepend(m0, t)
+    n = mb.m_split(m0, 30, NW)
+    assert n.m_data == n.handle + L.PKTDAT and mb.M_TRAILINGSPACE(n) == mb.MHLEN
+    assert n.m_pkthdr.tags is None and m0.m_pkthdr.tags == t
+    mb.m_freem(n)
+    mb.m_freem(m0)
+    m = plain(arena, 10)
+    assert mb.m_split(m, 10, NW) is None and lens(m) == [10] and m.m_next is None
+    mb.m_freem(m)

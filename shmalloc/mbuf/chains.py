@@ -756,8 +756,10 @@ def _cat(c, hm, hn):
 def m_split(m0, len0: int, wait: int):
     """Cut the chain after ``len0`` bytes and return the tail (with its own packet
     header if ``m0`` has one); when the cut falls inside external storage both
-    halves share it.  None (the chain unchanged) if ``len0`` is past the end or an
-    allocation fails."""
+    halves share it.  A packet cut at the end of an mbuf (``remain == 0``, FreeBSD
+    10+) gets a new, empty packet-header mbuf of its own as the tail's head: no
+    zero-length tail shares the cluster.  None (the chain unchanged) if ``len0`` is
+    past the end or an allocation fails."""
     c = _c(m0, "m_split")
     len0 = _int("m_split: len0", len0)
     if len0 < 0:
@@ -781,6 +783,19 @@ def _split(c, h0, len0, how):
     i = h >> 3
     remain = u[(h >> 2) + ULEN] - length
     i0 = h0 >> 3
+    if remain == 0 and w[i0 + FLAGS] & M_PKTHDR:
+        # FreeBSD 10+: the tail starts with an empty packet header of its own (even
+        # after the last mbuf); the cut mbuf keeps its storage alone
+        n = _mget(c, how, _arg(_typ(c, h0), M_PKTHDR))
+        if n is None:
+            return None
+        ino = n >> 3
+        w[ino + NEXT] = w[i + NEXT]
+        w[i + NEXT] = 0
+        w[ino + PH_RCVIF] = w[i0 + PH_RCVIF]
+        w[ino + PH_LEN] = w[i0 + PH_LEN] - len0
+        w[i0 + PH_LEN] = len0
+        return n
     if w[i0 + FLAGS] & M_PKTHDR:
         n = _mget(c, how, _arg(_typ(c, h0), M_PKTHDR))
         if n is None:
