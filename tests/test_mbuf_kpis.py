@@ -9,6 +9,8 @@ import errno
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shmalloc import Arena
 from shmalloc import layout as L
@@ -457,3 +459,663 @@ def test_m_split_remain_zero_in_plain_mbufs(arena):
     m = plain(arena, 10)
     assert mb.m_split(m, 10, NW) is None and lens(m) == [10] and m.m_next is None
     mb.m_freem(m)
+
+
+# ============================================================================ 5. the KPIs
+# ---------------------------------------------------------------- M_SIZE, M_START, m_align
+def test_m_size_m_start_and_m_align(arena):
+    """FreeBSD 10+ sys/mbuf.h M_SIZE, M_START and m_align (which M_ALIGN, MH_ALIGN and
+    MEXT_ALIGN became): the data moves by (M_SIZE - len) & ~7 in a virgin mbuf of any
+    kind; a moved m_data is refused (KASSERT), so is a len over M_SIZE."""
+    m = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    h = mb.m_gethdr(NW, mb.MT_DATA, arena=arena)
+    p = mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR, arena=arena)
+    q = mb.m_getcl(NW, mb.MT_DATA, 0, arena=arena)
+    assert [mb.M_SIZE(x) for x in (m, h, p, q)] == [224, 168, 2048, 2048]
+    assert (mb.M_START(m), mb.M_START(h)) == (m.handle + L.MH_BYTES, h.handle + L.PKTDAT)
+    assert mb.M_START(p) == p.m_ext.ext_buf
+    mb.m_align(m, 10)
+    assert m.m_data == m.handle + L.MH_BYTES + 208
+    mb.m_align(h, 0)
+    assert h.m_data == h.handle + L.PKTDAT + 168
+    assert (mb.M_LEADINGSPACE(h), mb.M_TRAILINGSPACE(h)) == (168, 0)
+    mb.m_align(p, 100)
+    assert p.m_data == p.m_ext.ext_buf + 1944
+    with pytest.raises(mb.MbufError, match="virgin"):
+        mb.m_align(m, 10)
+    with pytest.raises(mb.MbufError):
+        mb.m_align(q, 2049)
+    for x in (m, h, p, q):
+        mb.m_freem(x)
+
+
+# ---------------------------------------------------------------- m_defrag
+def test_m_defrag(arena):
+    """FreeBSD 8+ uipc_mbuf.c m_defrag: a chain without packet header comes back as is;
+    a packet is copied into a first cluster (a plain mbuf up to MHLEN) and pieces of at
+    most MCLBYTES -- clusters over MLEN, plain mbufs below -- joined by m_cat; the
+    original is freed; m_pkthdr.len is fixed first."""
+    loose = link(plain(arena, 10), plain(arena, 10, 10))
+    assert mb.m_defrag(loose, NW) == loose
+    mb.m_freem(loose)
+    for total, want in ((1000, [(2048, 1000)]), (3000, [(2048, 2048), (2048, 952)]),
+                        (2100, [(2048, 2048), (None, 52)]), (150, [(None, 150)])):
+        parts = [plain(arena, min(100, total), 0, pkthdr=True)]
+        while sum(x.m_len for x in parts) < total:
+            done = sum(x.m_len for x in parts)
+            parts.append(plain(arena, min(100, total - done), done))
+        m = link(*parts)
+        m.m_pkthdr.len = total - 1                          # wrong: m_fixhdr fixes it
+        d = mb.m_defrag(m, NW)
+        got = [(x.m_ext.ext_size if x.m_flags & mb.M_EXT else None, x.m_len)
+               for x in chain(d)]
+        assert got == want, total
+        assert d.m_pkthdr.len == total and data(d) == PATTERN[:total]
+        assert d.m_flags & mb.M_PKTHDR and all(x.m_type == mb.MT_DATA for x in chain(d))
+        mb.m_freem(d)
+    assert used(arena, "mbuf") == 0
+
+
+def test_m_defrag_failure_leaves_the_packet(make):
+    """FreeBSD 8+ uipc_mbuf.c m_defrag: when a cluster cannot be had NULL is returned,
+    the new mbufs are freed and the original stays -- with its m_pkthdr.len fixed."""
+    a = make(kern__ipc__nmbclusters=1)
+    held = mb.m_cljget(None, NW, mb.MCLBYTES, arena=a)
+    m = link(plain(a, 100, 0, pkthdr=True), *(plain(a, 100, k) for k in range(100, 1000, 100)))
+    m.m_pkthdr.len = 5
+    assert mb.m_defrag(m, NW) is None
+    assert m.m_pkthdr.len == 1000 and data(m) == PATTERN[:1000] and len(chain(m)) == 10
+    mb.m_freem(m)
+    a.zone("mbuf_cluster").free(held)
+
+
+# ---------------------------------------------------------------- m_collapse
+def test_m_collapse(arena):
+    """FreeBSD 8+ uipc_mbuf.c m_collapse: copy an mbuf into the one before it when
+    that has strictly more room; else merge two neighbours after the head into a new
+    cluster (strictly under MCLBYTES) and go on from it; m0 once at most maxfrags,
+    else NULL (nothing freed) -- with no early return for a short chain."""
+    m = link(plain(arena, 100, 0, pkthdr=True), plain(arena, 100, 100), plain(arena, 100, 200))
+    assert mb.m_collapse(m, NW, 2) == m
+    assert lens(m) == [100, 200] and data(m) == PATTERN[:300]
+    mb.m_freem(m)
+    one = plain(arena, 10, 0, pkthdr=True)
+    assert mb.m_collapse(one, NW, 5) is None and lens(one) == [10]
+    with pytest.raises(mb.MbufError):
+        mb.m_collapse(one, NW, 1)
+    mb.m_freem(one)
+    c1 = pkt(arena, 1500, cluster=True)
+    c2 = mb.m_getcl(NW, mb.MT_DATA, 0, arena=arena)
+    mb.mtod(c2)[:1500] = PATTERN[1500:3000]
+    c2.m_len = 1500
+    m = link(c1, c2, plain(arena, 100, 3000), plain(arena, 100, 3100))
+    assert mb.m_collapse(m, NW, 3) == m
+    assert lens(m) == [1500, 1600, 100] and data(m) == PATTERN[:3200]
+    mb.m_freem(m)
+    m = link(plain(arena, 10, 0, pkthdr=True), plain(arena, 200, 10), plain(arena, 200, 210),
+             plain(arena, 200, 410))
+    assert mb.m_collapse(m, NW, 2) == m
+    assert lens(m) == [10, 600] and chain(m)[1].m_flags & mb.M_EXT
+    assert data(m) == PATTERN[:610]
+    mb.m_freem(m)
+    assert used(arena, "mbuf") == 0
+
+
+# ---------------------------------------------------------------- m_getm2, m_getm
+def _kinds(m):
+    return [(x.m_ext.ext_size if x.m_flags & mb.M_EXT else "mbuf",
+             bool(x.m_flags & mb.M_PKTHDR), bool(x.m_flags & mb.M_EOR)) for x in chain(m)]
+
+
+def test_m_getm2(arena):
+    """FreeBSD 10+ kern_mbuf.c m_getm2: jumbo over MCLBYTES, cluster from MINCLSIZE,
+    else a plain mbuf (MINCLSIZE even without M_PKTHDR); M_PKTHDR on the first and M_EOR
+    on the last only; appended to a given chain, whose head is returned and whose last
+    mbuf loses M_EOR; len 0 gives NULL, with M_EOR FreeBSD would crash."""
+    def get(n, flags, m=None):
+        return mb.m_getm2(m, n, NW, mb.MT_DATA, flags, arena=arena)
+    for n, flags, want in ((168, mb.M_PKTHDR, [("mbuf", True, False)]),
+                           (169, mb.M_PKTHDR, [(2048, True, False)]),
+                           (100, 0, [("mbuf", False, False)]),
+                           (200, 0, [(2048, False, False)]),
+                           (5000, mb.M_PKTHDR | mb.M_EOR, [(4096, True, False),
+                                                          (2048, False, True)])):
+        m = get(n, flags)
+        assert _kinds(m) == want, n
+        mb.m_freem(m)
+    head = plain(arena, 5, pkthdr=True)
+    head.m_flags |= mb.M_EOR
+    assert get(10, mb.M_PKTHDR, head) == head
+    assert _kinds(head) == [("mbuf", True, False), ("mbuf", False, False)]
+    mb.m_freem(head)
+    assert get(0, 0) is None
+    with pytest.raises(mb.MbufError):
+        get(0, mb.M_EOR)
+    with pytest.raises(mb.MbufError):
+        get(-1, 0)
+    m = mb.m_getm(None, 10, NW, mb.MT_DATA, arena=arena)    # m_getm: M_PKTHDR
+    assert _kinds(m) == [("mbuf", True, False)]
+    mb.m_freem(m)
+
+
+def test_m_getm2_without_jumbos_and_its_failure(make):
+    """FreeBSD 10+ kern_mbuf.c m_getm2: the jumbo is tried with M_NOWAIT, clusters are
+    the fallback; one failure frees everything made and returns NULL."""
+    a = make(kern__ipc__nmbjumbop=1)
+    j = mb.m_cljget(None, NW, mb.MJUMPAGESIZE, arena=a)            # the only jumbo
+    m = mb.m_getm2(None, 5000, NW, mb.MT_DATA, mb.M_PKTHDR | mb.M_EOR, arena=a)
+    assert _kinds(m) == [(2048, True, False), (2048, False, False), (2048, False, True)]
+    mb.m_freem(m)
+    a.zone("mbuf_jumbo_page").free(j)
+    b = make(kern__ipc__nmbclusters=1)
+    cl = mb.m_cljget(None, NW, mb.MCLBYTES, arena=b)                # the only cluster
+    before = used(b, "mbuf"), used(b, "mbuf_jumbo_page")
+    assert mb.m_getm2(None, 5000, NW, mb.MT_DATA, 0, arena=b) is None   # jumbo, then none
+    assert (used(b, "mbuf"), used(b, "mbuf_jumbo_page")) == before
+    b.zone("mbuf_cluster").free(cl)
+
+
+# ---------------------------------------------------------------- m_uiotombuf
+def test_m_uiotombuf(arena):
+    """FreeBSD 8+ uipc_mbuf.c m_uiotombuf, from Python bytes or iterables: all the data
+    (or at most len > 0 bytes) in m_getm2's chain for total + align, the first mbuf's
+    data align bytes in; one empty mbuf for no data; NULL when align >= MHLEN."""
+    def get(src, **kw):
+        return mb.m_uiotombuf(src, NW, arena=arena, **kw)
+    m = get(b"", flags=mb.M_PKTHDR)
+    assert _kinds(m) == [("mbuf", True, False)] and m.m_len == 0 and m.m_pkthdr.len == 0
+    mb.m_freem(m)
+    m = get(b"")
+    assert _kinds(m) == [("mbuf", False, False)] and m.m_len == 0
+    mb.m_freem(m)
+    m = get(PATTERN[:100], align=8, flags=mb.M_PKTHDR)
+    assert m.m_data == m.handle + L.PKTDAT + 8 and lens(m) == [100] and m.m_pkthdr.len == 100
+    mb.m_freem(m)
+    m = get(PATTERN[:100], align=100)
+    assert _kinds(m) == [(2048, False, False)] and m.m_data == m.m_ext.ext_buf + 100
+    assert data(m) == PATTERN[:100]
+    mb.m_freem(m)
+    assert get(PATTERN[:100], align=mb.MHLEN) is None
+    m = get(PATTERN[:100], len=10)
+    assert data(m) == PATTERN[:10]
+    mb.m_freem(m)
+    m = get(PATTERN[:100], len=-1)
+    assert data(m) == PATTERN[:100]
+    mb.m_freem(m)
+    m = get(PATTERN[:3000], flags=mb.M_PKTHDR | mb.M_EOR)
+    assert _kinds(m) == [(4096, True, True)] and m.m_len == 3000 and m.m_pkthdr.len == 3000
+    mb.m_freem(m)
+    pieces = iter([PATTERN[k:k + 7] for k in range(0, 700, 7)])
+    m = get(pieces, len=300, flags=mb.M_PKTHDR)
+    assert data(m) == PATTERN[:300] and m.m_pkthdr.len == 300
+    mb.m_freem(m)
+    with pytest.raises(TypeError):
+        get([b"ok", 5])
+    assert used(arena, "mbuf") == 0
+
+
+# ---------------------------------------------------------------- m_pulldown
+def test_m_pulldown_in_place_and_chopped(arena):
+    """FreeBSD 10+ uipc_mbuf2.c m_pulldown: a region inside one mbuf is returned in
+    place when it starts the mbuf or the caller takes an offset; otherwise the mbuf is
+    split (m_dup1: a plain mbuf for under MINCLSIZE bytes)."""
+    m = plain(arena, 100, pkthdr=True)
+    n, off = mb.m_pulldown(m, 20, 40, offp=True)
+    assert n == m and off == 20 and used(arena, "mbuf") == 1
+    n = mb.m_pulldown(m, 20, 40)
+    assert n == m.m_next and lens(m) == [20, 80] and not n.m_flags & (mb.M_EXT | mb.M_PKTHDR)
+    assert data(m) == PATTERN[:100] and bytes(mb.mtod(n)[:40]) == PATTERN[20:60]
+    mb.m_freem(m)
+
+
+def test_m_pulldown_across_mbufs(arena):
+    """FreeBSD 10+ uipc_mbuf2.c m_pulldown: a region over two mbufs is pulled into the
+    first's room (6a), pushed into the next one's leading space (6b: it must hold the
+    rest), or copied into a new mbuf after the first (the hard way); the bytes stay."""
+    m = link(plain(arena, 50, pkthdr=True), plain(arena, 100, 50))
+    n, off = mb.m_pulldown(m, 40, 30, offp=True)
+    assert (n, off) == (m, 40) and lens(m) == [70, 80] and data(m) == PATTERN[:150]
+    mb.m_freem(m)
+    nxt = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    nxt.m_data += 50
+    mb.mtod(nxt)[:150] = PATTERN[160:310]
+    nxt.m_len = 150
+    m = link(plain(arena, 160, pkthdr=True), nxt)
+    n, off = mb.m_pulldown(m, 150, 30, offp=True)
+    assert (n, off) == (nxt, 0) and lens(m) == [150, 160] and data(m) == PATTERN[:310]
+    assert bytes(mb.mtod(n)[:30]) == PATTERN[150:180]
+    mb.m_freem(m)
+    m = link(plain(arena, 150, pkthdr=True), plain(arena, 200, 150))
+    n, off = mb.m_pulldown(m, 100, 100, offp=True)
+    assert off == 0 and chain(m)[1] == n and lens(m) == [100, 100, 150]
+    assert bytes(mb.mtod(n)[:100]) == PATTERN[100:200] and data(m) == PATTERN[:350]
+    mb.m_freem(m)
+
+
+def test_m_pulldown_failures_free_the_chain(arena):
+    """FreeBSD uipc_mbuf2.c m_pulldown: more than MCLBYTES, or a region past the end of
+    the chain, frees the whole chain and returns NULL."""
+    for off, n in ((0, 2049), (90, 20)):
+        m = plain(arena, 100, pkthdr=True)
+        assert mb.m_pulldown(m, off, n) is None
+        assert used(arena, "mbuf") == 0
+
+
+def test_m_pulldown_shared_storage_stays_in_place(arena):
+    """FreeBSD 10+ uipc_mbuf2.c m_pulldown returns a region inside shared storage in
+    place (8.0 copied it): nothing is allocated, and mtod keeps it read-only here."""
+    p = pkt(arena, 1000, cluster=True)
+    cp = mb.m_copym(p, 0, mb.M_COPYALL, NW)
+    before = used(arena, "mbuf")
+    n, off = mb.m_pulldown(cp, 100, 200, offp=True)
+    assert (n, off) == (cp, 100) and used(arena, "mbuf") == before
+    assert mb.mtod(n).readonly and bytes(mb.mtod(n)[100:300]) == PATTERN[100:300]
+    mb.m_freem(cp)
+    mb.m_freem(p)
+
+
+# ---------------------------------------------------------------- m_copyup
+def test_m_copyup(arena):
+    """FreeBSD 8+ uipc_mbuf.c m_copyup: a new first mbuf with the first len bytes at
+    dstoff of its packet data (the header moved there); more than MHLEN - dstoff bytes
+    frees the chain and gives NULL."""
+    m = plain(arena, 20, pkthdr=True)
+    n = mb.m_copyup(m, 20, 16)
+    assert n != m and n.m_data == n.handle + L.PKTDAT + 16 and lens(n) == [20]
+    assert n.m_pkthdr.len == 20 and data(n) == PATTERN[:20] and used(arena, "mbuf") == 1
+    mb.m_freem(n)
+    m = plain(arena, 100, pkthdr=True)
+    assert mb.m_copyup(m, 69, 100) is None and used(arena, "mbuf") == 0
+    m = link(plain(arena, 10, pkthdr=True), plain(arena, 100, 10))
+    n = mb.m_copyup(m, 50, 8)
+    assert lens(n) == [50, 60] and data(n) == PATTERN[:110]
+    mb.m_freem(n)
+    m = plain(arena, 10, pkthdr=True)
+    assert mb.m_copyup(m, 20, 0) is None and used(arena, "mbuf") == 0   # too short
+
+
+# ---------------------------------------------------------------- m_apply, m_getptr
+def _sparse(a):
+    """[10][0][5]: PATTERN[:15] with an empty mbuf between."""
+    return link(plain(a, 10, pkthdr=True), plain(a, 0), plain(a, 5, 10))
+
+
+def test_m_apply(arena):
+    """FreeBSD 8+ uipc_mbuf.c m_apply: f(arg, data, count) on each piece in order,
+    empty mbufs in the range included; the first non-zero return is returned at once;
+    len 0 calls nothing; a range past the end is a KASSERT (MbufError, no call)."""
+    m = _sparse(arena)
+    seen = []
+    assert mb.m_apply(m, 0, 15, lambda arg, d, n: seen.append((arg, bytes(d), n)), "x") == 0
+    assert seen == [("x", PATTERN[:10], 10), ("x", b"", 0), ("x", PATTERN[10:15], 5)]
+    calls = []
+
+    def stop(arg, d, n):
+        calls.append(n)
+        return 7 if len(calls) == 2 else 0
+    assert mb.m_apply(m, 0, 15, stop) == 7 and calls == [10, 0]
+    assert mb.m_apply(m, 3, 0, stop) == 0 and len(calls) == 2
+    with pytest.raises(mb.MbufError):
+        mb.m_apply(m, 10, 6, stop)
+    assert len(calls) == 2
+    mb.m_freem(m)
+
+
+def test_m_getptr(arena):
+    """FreeBSD 8+ uipc_mbuf.c m_getptr: the mbuf holding byte loc and its offset;
+    empty mbufs are skipped; the chain's length gives the end of the last mbuf; past
+    it, or below 0, NULL."""
+    m = _sparse(arena)
+    m1, _, m3 = chain(m)
+    assert mb.m_getptr(m, 0) == (m1, 0) and mb.m_getptr(m, 10) == (m3, 0)
+    assert mb.m_getptr(m, 15) == (m3, 5)
+    assert mb.m_getptr(m, 16) is None and mb.m_getptr(m, -1) is None
+    mb.m_freem(m)
+
+
+# ---------------------------------------------------------------- m_devget
+def test_m_devget(arena):
+    """FreeBSD 10+ uipc_mbuf.c m_devget (max_linkhdr 16): a small packet lands
+    max_linkhdr bytes into a packet-header mbuf when it and that fit in MHLEN (FreeBSD 8
+    tested MLEN, splitting 160 bytes in two); a cluster from MINCLSIZE; off over MHLEN
+    or nothing to copy gives NULL without allocating; rcvif and m_pkthdr.len set."""
+    assert arena.sysctl("kern.ipc.max_linkhdr") == 16
+    m = mb.m_devget(PATTERN, 150, 0, 7, arena=arena)
+    assert m.m_data == m.handle + L.PKTDAT + 16 and lens(m) == [150]
+    assert (m.m_pkthdr.rcvif, m.m_pkthdr.len, data(m)) == (7, 150, PATTERN[:150])
+    mb.m_freem(m)
+    m = mb.m_devget(PATTERN, 160, 0, 7, arena=arena)
+    assert m.m_data == m.handle + L.PKTDAT and lens(m) == [160]
+    mb.m_freem(m)
+    m = mb.m_devget(PATTERN, 169, 0, 7, arena=arena)
+    assert _kinds(m) == [(2048, True, False)]
+    mb.m_freem(m)
+    assert mb.m_devget(PATTERN, 10, 169, 7, arena=arena) is None
+    assert mb.m_devget(PATTERN, 0, 0, 7, arena=arena) is None
+    assert used(arena, "mbuf") == 0
+    pieces = []
+    m = mb.m_devget(PATTERN, 3000, 0, 9, lambda s, d, n: (pieces.append(n), d.__setitem__(
+        slice(0, n), s)), arena=arena)
+    assert _kinds(m) == [(2048, True, False), (2048, False, False)] and lens(m) == [2048, 952]
+    assert pieces == [2048, 952] and data(m) == PATTERN[:3000]
+    assert (m.m_pkthdr.len, m.m_pkthdr.rcvif) == (3000, 9)
+    mb.m_freem(m)
+
+
+# ---------------------------------------------------------------- m_catpkt
+def test_m_catpkt(arena):
+    """FreeBSD 10+ uipc_mbuf.c m_catpkt: m_pkthdr.len adds up, n loses its packet header
+    and tags (m_demote), then m_cat copies it into m's last mbuf when that is writable
+    with room, or links it."""
+    m = plain(arena, 10, pkthdr=True)
+    n = plain(arena, 20, 10, pkthdr=True)
+    mb.m_tag_prepend(n, mb.m_tag_alloc(1, 1, 4, NW, arena=arena))
+    mb.m_catpkt(m, n)
+    assert lens(m) == [30] and m.m_pkthdr.len == 30 and data(m) == PATTERN[:30]
+    assert used(arena, "mbuf") == 1 and used(arena, "mbuf_tag_64") == 0
+    mb.m_freem(m)
+    p = pkt(arena, 100, cluster=True)
+    cp = mb.m_copym(p, 0, mb.M_COPYALL, NW)
+    n = plain(arena, 20, 100, pkthdr=True)
+    mb.m_catpkt(cp, n)
+    assert cp.m_next == n and not n.m_flags & mb.M_PKTHDR and cp.m_pkthdr.len == 120
+    loose = plain(arena, 1)
+    with pytest.raises(mb.MbufError):
+        mb.m_catpkt(cp, loose)                          # no packet header: KASSERT
+    mb.m_freem(loose)
+    mb.m_freem(cp)
+    mb.m_freem(p)
+    assert used(arena, "mbuf") == 0
+
+
+# ---------------------------------------------------------------- m_sanity
+def test_m_sanity(arena, capsys):
+    """FreeBSD 8 uipc_mbuf.c m_sanity (INVARIANTS off: printf): 1 always; a fault is
+    reported as "mbuf <ptr>: ..." or, with sanitize, repaired; the length check is
+    skipped when the chain holds no data."""
+    m = link(plain(arena, 100, pkthdr=True))
+    assert mb.m_sanity(m, 0) == 1 and capsys.readouterr().err == ""
+    m.m_pkthdr.len = 99
+    assert mb.m_sanity(m, 0) == 1
+    assert capsys.readouterr().err == f"mbuf {m.handle:#x}: m_pkthdr.len != mbuf chain length\n"
+    mb.m_freem(m)
+    second = plain(arena, 10, 100, pkthdr=True)
+    m = link(plain(arena, 100, pkthdr=True), second)
+    assert mb.m_sanity(m, 1) == 1 and capsys.readouterr().err == ""
+    assert not second.m_flags & mb.M_PKTHDR
+    mb.m_freem(m)
+    e = plain(arena, 0, pkthdr=True)
+    e.m_pkthdr.len = 5
+    assert mb.m_sanity(e, 0) == 1 and capsys.readouterr().err == ""
+    mb.m_freem(e)
+
+
+def test_m_sanity_panics_under_invariants():
+    """FreeBSD 8 uipc_mbuf.c m_sanity with INVARIANTS: the fault panics -- here a debug
+    arena raises MbufError."""
+    a = Arena.create_local(8 << 20, debug=1)
+    try:
+        m = plain(a, 10, pkthdr=True)
+        m.m_pkthdr.len = 3
+        with pytest.raises(mb.MbufError, match="m_pkthdr.len != mbuf chain length"):
+            mb.m_sanity(m, 0)
+        mb.m_freem(m)
+        a.check()
+    finally:
+        a.destroy()
+
+
+# ---------------------------------------------------------------- m_print
+def test_m_print(arena, capsys):
+    """FreeBSD 8/10 uipc_mbuf.c m_print: "mbuf: %p len: %d, next: %p, %b" and the first
+    maxlen bytes as %*D; a packet stops after m_pkthdr.len bytes (0: nothing) and tells
+    what the chain lacks; NULL prints "mbuf: 0" (10+)."""
+    m = mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR, arena=arena)
+    mb.m_append(m, 3, b"abc")
+    mb.m_print(m)
+    assert capsys.readouterr().out == f"mbuf: {m.handle:#x} len: 3, next: 0, 3<pkthdr,ext>, 61-62-63\n"
+    mb.m_print(m, 2)
+    assert capsys.readouterr().out.endswith(", 3<pkthdr,ext>, 61-62\n")
+    m.m_pkthdr.len = 5
+    mb.m_print(m)
+    assert capsys.readouterr().out.splitlines()[-1] == "2 bytes unaccounted for."
+    m.m_pkthdr.len = 0
+    mb.m_print(m)
+    assert capsys.readouterr().out == ""
+    mb.m_freem(m)
+    e = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    mb.m_print(e)
+    assert capsys.readouterr().out == f"mbuf: {e.handle:#x} len: 0, next: 0, 0\n"
+    mb.m_freem(e)
+    mb.m_print(None)
+    assert capsys.readouterr().out == "mbuf: 0\n"
+
+
+# ---------------------------------------------------------------- m_extadd, m_extaddref
+def ext_free_log(m, arg1, arg2):
+    """A module-level free routine."""
+    _freed.append((m.m_ext.ext_type, arg1, arg2))
+
+
+_freed = []
+
+
+def test_m_extadd_net_drv_storage_is_freed_once(arena):
+    """FreeBSD 7/8 kern_mbuf.c m_extadd and mb_free_ext: flags are ORed in (M_RDONLY:
+    not writable); copies share the count; the free routine runs once, when the last
+    reference goes (7/8 called it with (arg1, arg2), 10+ with the mbuf: here (m, arg1,
+    arg2))."""
+    _freed.clear()
+    store = arena.zcreate("ext_store", 1000)
+    buf = store.alloc(NW)
+    m = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    assert mb.m_extadd(m, buf, 1000, ext_free_log, 1, 2, mb.M_RDONLY, mb.EXT_NET_DRV) == 0
+    assert m.m_flags == mb.M_EXT | mb.M_RDONLY and m.m_data == buf and not mb.M_WRITABLE(m)
+    n = mb.m_copym(m, 0, mb.M_COPYALL, NW)
+    mb.m_freem(m)
+    assert _freed == []
+    mb.m_freem(n)
+    assert _freed == [(mb.EXT_NET_DRV, 1, 2)]
+    store.free(buf)
+
+
+def test_m_extadd_takes_every_type_of_the_era(arena):
+    """FreeBSD 7/8 sys/mbuf.h EXT_* and kern_mbuf.c m_extadd: SFBUF, NET_DRV, MOD_TYPE,
+    DISPOSABLE, MBUF (counted in mbuf_ext_refcnt), EXTREF (the caller's counter, set to
+    1), the jumbo types (a bare cluster of the zone, freed to it); EXT_CLUSTER is
+    refused as FreeBSD KASSERTs, EXT_PACKET as the packet zone's own."""
+    _freed.clear()
+    store = arena.zcreate("ext_store", 1000)
+    ctr = arena.zcreate("ext_ctr", 8).alloc(NW)
+    for typ in (mb.EXT_SFBUF, mb.EXT_NET_DRV, mb.EXT_MOD_TYPE, mb.EXT_DISPOSABLE,
+                mb.EXT_MBUF, mb.EXT_EXTREF):
+        buf = store.alloc(NW)
+        m = mb.m_get(NW, mb.MT_DATA, arena=arena)
+        kw = {"ref_cnt": ctr} if typ == mb.EXT_EXTREF else {}
+        assert mb.m_extadd(m, buf, 1000, ext_free_log, typ, 0, 0, typ, **kw) == 0
+        assert m.m_ext.ext_type == typ and m.refcnt == 1
+        mb.m_freem(m)
+        assert _freed[-1] == (typ, typ, 0)
+        store.free(buf)
+    for size, typ in ((mb.MJUMPAGESIZE, mb.EXT_JUMBOP), (mb.MJUM9BYTES, mb.EXT_JUMBO9),
+                      (mb.MJUM16BYTES, mb.EXT_JUMBO16)):
+        cl = mb.m_cljget(None, NW, size, arena=arena)
+        m = mb.m_gethdr(NW, mb.MT_DATA, arena=arena)
+        assert mb.m_extadd(m, cl, size, None, 5, 6, 0, typ) == 0
+        assert (m.m_ext.ext_buf, m.m_ext.ext_type, m.refcnt) == (cl, typ, 1)
+        mb.m_freem(m)
+        assert used(arena, mb.m_getzone(size, arena=arena).name) == 0
+    m = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    buf = store.alloc(NW)
+    for typ in (mb.EXT_CLUSTER, mb.EXT_PACKET):
+        with pytest.raises(mb.MbufError, match="not one of"):
+            mb.m_extadd(m, buf, 1000, ext_free_log, 0, 0, 0, typ)
+    with pytest.raises(mb.MbufError, match="ref_cnt"):
+        mb.m_extadd(m, buf, 1000, ext_free_log, 0, 0, 0, mb.EXT_EXTREF)
+    assert not m.m_flags & mb.M_EXT and len(_freed) == 6
+    mb.m_freem(m)
+    store.free(buf)
+    arena.zone("ext_ctr").free(ctr)
+
+
+def test_m_extadd_without_a_count_attaches_nothing(arena):
+    """FreeBSD 7/8 kern_mbuf.c m_extadd: when no counter can be had from
+    zone_ext_refcnt (M_NOWAIT) M_EXT stays clear and the free routine is never called
+    (here: ENOMEM is returned)."""
+    _freed.clear()
+    zref = arena.zone("mbuf_ext_refcnt")
+    zref.set_max(1)
+    store = arena.zcreate("ext_store", 1000)
+    bufs = [store.alloc(NW), store.alloc(NW)]
+    first = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    assert mb.m_extadd(first, bufs[0], 1000, ext_free_log) == 0
+    m = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    assert mb.m_extadd(m, bufs[1], 1000, ext_free_log) == errno.ENOMEM
+    assert m.m_flags == 0 and m.m_data == m.handle + L.MH_BYTES
+    mb.m_freem(m)
+    mb.m_freem(first)
+    assert len(_freed) == 1
+    store.free_bulk(bufs)
+
+
+def test_m_extaddref_adds_to_the_callers_counter(arena):
+    """FreeBSD 9.3+ sys/mbuf.h m_extaddref, and mb_free_ext's EXT_EXTREF case: the
+    caller's counter gains one; at the last reference (count 1) the free routine is
+    called and the counter left at 1; with a reference of the caller's in it, the free
+    only drops it."""
+    _freed.clear()
+    store = arena.zcreate("ext_store", 1000)
+    buf = store.alloc(NW)
+    ctr = arena.zcreate("ext_ctr", 8).alloc(NW)
+    u = arena.zone("ext_ctr").view(ctr).cast("I")
+    u[0] = 0
+    m = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    mb.m_extaddref(m, buf, 1000, ctr, ext_free_log, 8, 9)
+    assert u[0] == 1 and m.m_ext.ext_type == mb.EXT_EXTREF and m.refcnt == 1
+    n = mb.m_copym(m, 0, mb.M_COPYALL, NW)
+    assert u[0] == 2
+    mb.m_freem(n)
+    mb.m_freem(m)
+    assert _freed == [(mb.EXT_EXTREF, 8, 9)] and u[0] == 1
+    m = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    mb.m_extaddref(m, buf, 1000, ctr, ext_free_log, 8, 9)       # the caller holds one
+    assert u[0] == 2
+    mb.m_freem(m)
+    assert u[0] == 1 and len(_freed) == 1
+    m = mb.m_get(NW, mb.MT_DATA, arena=arena)
+    with pytest.raises(mb.MbufError):
+        mb.m_extaddref(m, buf, 1000, None, ext_free_log)        # KASSERT(ref_cnt != NULL)
+    mb.m_freem(m)
+    store.free(buf)
+    del u
+    arena.zone("ext_ctr").free(ctr)
+
+
+def test_a_free_routine_of_main_runs_in_its_own_process_only(arena_name):
+    """FreeBSD calls ext_free through a kernel pointer; here a routine is found by name
+    in the process that frees the last reference: one defined in __main__ works when
+    that is its own process, and is refused with a clear MbufError in another."""
+    import pathlib
+    import subprocess
+    import sys
+    script = pathlib.Path(__file__).with_name("mbuf_main_free.py")
+    r = subprocess.run([sys.executable, str(script), arena_name], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["same", "ok", "other", "ok"], r.stdout
+    assert "cannot call" in r.stderr
+
+
+# ---------------------------------------------------------------- the bytes stay (property)
+_KIND = st.sampled_from(["plain", "cluster", "shared"])
+_CHAIN = st.lists(st.tuples(_KIND, st.integers(0, 2048)), min_size=1, max_size=6)
+_OP = st.one_of(
+    st.tuples(st.just("defrag")),
+    st.tuples(st.just("collapse"), st.integers(2, 4)),
+    st.tuples(st.just("unshare")),
+    st.tuples(st.just("pulldown"), st.integers(0, 3000), st.integers(0, 2100), st.booleans()),
+    st.tuples(st.just("copyup"), st.integers(0, 200), st.integers(0, 64)),
+    st.tuples(st.just("pullup"), st.integers(0, 200)),
+)
+
+
+def _build(a, spec, keep):
+    """A packet from ``spec`` [(kind, n)]: plain mbufs, clusters, and copies sharing a
+    cluster with a packet kept in ``keep``; the bytes are PATTERN's, in order."""
+    ms, pos = [], 0
+    for k, (kind, n) in enumerate(spec):
+        first = k == 0
+        if kind == "plain":
+            n = min(n, mb.MHLEN if first else mb.MLEN)
+            m = plain(a, n, pos, pkthdr=first)
+        else:
+            m = mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR if first else 0, arena=a)
+            mb.mtod(m)[:n] = PATTERN[pos:pos + n]
+            m.m_len = n
+            if first:
+                m.m_pkthdr.len = n
+            if kind == "shared" and n:              # (m_copym copies no empty tail)
+                keep.append(m)
+                m = mb.m_copym(m, 0, mb.M_COPYALL if first else n, NW)
+        ms.append(m)
+        pos += n
+    return link(*ms), PATTERN[:pos]
+
+
+def test_chain_functions_keep_the_bytes():
+    """m_defrag, m_collapse, m_unshare, m_pulldown, m_copyup and m_pullup (FreeBSD 8+
+    uipc_mbuf.c, 10+ uipc_mbuf2.c) reshape a chain but keep its bytes, on any mix of
+    plain mbufs, clusters and shared clusters; what they return as the region is the
+    region; a NULL from the freeing ones freed everything."""
+    a = Arena.create_local(32 << 20)
+
+    @settings(max_examples=150, deadline=None)
+    @given(spec=_CHAIN, op=_OP)
+    def run(spec, op):
+        keep = []
+        m, want = _build(a, spec, keep)
+        name, *args = op
+        if name == "defrag":
+            m = mb.m_defrag(m, NW)
+        elif name == "collapse":
+            r = mb.m_collapse(m, NW, args[0])
+            assert r is None or (r == m and len(chain(m)) <= args[0])
+        elif name == "unshare":
+            m = mb.m_unshare(m, NW)
+            assert all(mb.M_WRITABLE(x) for x in chain(m))
+        elif name == "pulldown":
+            off, n, offp = args
+            r = mb.m_pulldown(m, off, n, offp)
+            if off + n > len(want) or n > mb.MCLBYTES:
+                assert r is None
+                m = None
+            else:
+                x, o = r if offp else (r, 0)
+                assert bytes(mb.mtod(x)[o:o + n]) == want[off:off + n] and x.m_len >= o + n
+        elif name == "copyup":
+            n, dstoff = args
+            r = mb.m_copyup(m, n, dstoff)
+            if n > mb.MHLEN - dstoff or n > len(want):
+                assert r is None
+            else:
+                assert r.m_len >= n and r.m_data == r.handle + L.PKTDAT + dstoff
+            m = r
+        else:
+            r = mb.m_pullup(m, args[0])
+            if args[0] > mb.MHLEN or args[0] > len(want):
+                assert r is None
+            else:
+                assert r.m_len >= args[0] and not r.m_flags & mb.M_EXT or r == m
+            m = r
+        if m is not None:
+            assert data(m) == want and m.m_pkthdr.len == len(want)
+            mb.m_freem(m)
+        for k in keep:
+            mb.m_freem(k)
+        assert used(a, "mbuf") == used(a, "mbuf_packet") == 0
+
+    try:
+        run()
+        a.check()
+    finally:
+        a.destroy()

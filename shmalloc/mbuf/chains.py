@@ -23,19 +23,22 @@ m_type the byte at ``BTYPE``; the other fields are words (``zones``).
 
 from __future__ import annotations
 
+import sys
+
 from .. import layout as L
-from .alloc import _arg, _c, _free, _freem, _how, _int, _mget, _typ
+from .alloc import _arg, _c, _free, _freem, _getcl, _how, _int, _mget, _typ, m_getm2
 from .constants import (M_COPYALL, M_COPYFLAGS, M_EOR, M_EXT, M_FREELIST, M_NOWAIT, M_PKTHDR,
-                        M_RDONLY, MCLBYTES, MHLEN, MINCLSIZE, MLEN, MSIZE)
+                        M_RDONLY, MCLBYTES, MHLEN, MINCLSIZE, MLEN, MSIZE, MT_DATA)
 from .errors import MbufError
 from .header import Mbuf, _wrap, refs, storage
 from .refs import _dupcl
 from .tags import copy_chain, delete_chain, move_chain
 from .zones import (DATA, EXT_BUF, EXT_SIZE, FLAGS, FLAGS_MASK, M_DAT, M_PKTDAT, NEXT,
-                    NEXTPKT, PH, PH_LEN, PH_RCVIF, PH_TAGS, PKTHDR_END, ULEN, set_flags)
+                    NEXTPKT, PH, PH_LEN, PH_RCVIF, PH_TAGS, PKTHDR_END, ULEN, ctx, set_flags)
 
 _ZERO_PH = bytes(M_PKTDAT - M_DAT)
 _MAX_PROTOHDR = L.MBS_WORD + L.MBS["MAX_PROTOHDR"]
+_MAX_LINKHDR = L.MBS_WORD + L.MBS["MAX_LINKHDR"]
 
 
 # ============================================================================ storage helpers
@@ -949,3 +952,512 @@ def _fresh_copy(c, m, flags, k, how):
         off += cc
         if left <= 0:
             return top
+
+
+# ============================================================================ one mbuf's room
+def M_START(m) -> int:
+    """Handle of the first byte of ``m``'s storage: its external buffer, m_pktdat or
+    m_dat (FreeBSD 10+ ``M_START``)."""
+    c = _c(m, "M_START")
+    return storage(c.w, m.handle)[0]
+
+
+def M_SIZE(m) -> int:
+    """Bytes of ``m``'s storage: ext_size, MHLEN or MLEN (FreeBSD 10+ ``M_SIZE``)."""
+    c = _c(m, "M_SIZE")
+    lo, hi = storage(c.w, m.handle)
+    return hi - lo
+
+
+def m_align(m, len: int) -> None:
+    """Place an object of ``len`` bytes at the end of a fresh mbuf of any kind (plain,
+    packet header, external storage), long-aligned: m_data moves by ``(M_SIZE - len)
+    & ~7`` (FreeBSD 10+ ``m_align``, which M_ALIGN, MH_ALIGN and MEXT_ALIGN became).
+    MbufError for an mbuf whose m_data has moved (FreeBSD's KASSERT: not a virgin
+    mbuf) or a ``len`` outside 0..M_SIZE."""
+    c = _c(m, "m_align")
+    len = _int("m_align: len", len)
+    w, i = c.w, m.handle >> 3
+    lo, hi = storage(w, m.handle)
+    if w[i + DATA] != lo:
+        raise MbufError(f"m_align: mbuf {m.handle} is not a virgin mbuf (m_data moved)")
+    if not 0 <= len <= hi - lo:
+        raise MbufError(f"m_align: len {len} is outside 0..{hi - lo}")
+    w[i + DATA] = lo + ((hi - lo - len) & ~7)
+
+
+# ============================================================================ walking a chain
+def m_getptr(m, loc: int):
+    """``(mbuf, offset)`` of byte ``loc`` of the chain (FreeBSD ``m_getptr``): empty
+    mbufs are skipped; ``loc`` equal to the chain's length gives the last mbuf and
+    its m_len (the end of the data); None past that or for ``loc`` < 0."""
+    c = _c(m, "m_getptr")
+    loc = _int("m_getptr: loc", loc)
+    w, u, h = c.w, c.u32, m.handle
+    while loc >= 0:
+        n = u[(h >> 2) + ULEN]
+        if n > loc:
+            return _wrap(c, h), loc
+        loc -= n
+        nxt = w[(h >> 3) + NEXT]
+        if not nxt:
+            return (_wrap(c, h), n) if loc == 0 else None
+        h = nxt
+    return None
+
+
+def m_apply(m, off: int, len: int, f, arg=None) -> int:
+    """Call ``f(arg, data, count)`` on each piece of bytes [off, off+len) of the chain,
+    ``data`` a memoryview of ``count`` bytes (read-only unless the mbuf is writable),
+    in order -- an empty mbuf inside the range gives a call with count 0, as in
+    FreeBSD's ``m_apply``; the first non-zero return is returned at once, else 0.
+    MbufError (FreeBSD's KASSERTs) for a negative ``off`` or ``len``, or a range
+    past the end of the chain -- before any call."""
+    c = _c(m, "m_apply")
+    off, len = _int("m_apply: off", off), _int("m_apply: len", len)
+    if off < 0 or len < 0:
+        raise MbufError(f"m_apply: negative {'off' if off < 0 else 'len'}")
+    total = _chain_len(c, m.handle)
+    if off + len > total:
+        raise MbufError(f"m_apply: {off}+{len} is past the end of the chain ({total} bytes)")
+    w, u, h = c.w, c.u32, m.handle
+    while off > 0:
+        n = u[(h >> 2) + ULEN]
+        if off < n:
+            break
+        off -= n
+        h = w[(h >> 3) + NEXT]
+    while len > 0:
+        count = min(u[(h >> 2) + ULEN] - off, len)
+        view = mtod(_wrap(c, h))[off:off + count]
+        rval = f(arg, view, count)
+        if rval:
+            return rval
+        len -= count
+        off = 0
+        h = w[(h >> 3) + NEXT]
+    return 0
+
+
+# ============================================================================ m_copyup
+def m_copyup(n, len: int, dstoff: int):
+    """A new first mbuf holding the chain's first ``len`` bytes (at least
+    max_protohdr when there are that many) at offset ``dstoff`` of its packet
+    data, the packet header moved to it (FreeBSD ``m_copyup``); the rest of the
+    chain follows.  None, after freeing the whole chain, when ``len`` exceeds
+    ``MHLEN - dstoff``, the chain is shorter, or no mbuf can be had (FreeBSD
+    counts these in MSFail, not in mbstat)."""
+    c = _c(n, "m_copyup")
+    len, dstoff = _int("m_copyup: len", len), _int("m_copyup: dstoff", dstoff)
+    if len < 0 or dstoff < 0:
+        raise MbufError(f"m_copyup: negative {'len' if len < 0 else 'dstoff'}")
+    hn = n.handle
+    if len > MHLEN - dstoff:
+        _freem(c, hn)
+        return None
+    w, u = c.w, c.u32
+    hm = _mget(c, M_NOWAIT, _arg(_typ(c, hn), 0))
+    if hm is None:
+        _freem(c, hn)
+        return None
+    u[(hm >> 2) + ULEN] = 0
+    if w[(hn >> 3) + FLAGS] & M_PKTHDR:
+        _move_pkthdr(c, hm, hn)
+    w[(hm >> 3) + DATA] += dstoff
+    return _pull(c, hm, hn, len, hm + MSIZE - w[(hm >> 3) + DATA], _copyup_bad)
+
+
+def _copyup_bad(c, h):
+    _freem(c, h)
+    return None
+
+
+# ============================================================================ m_defrag, m_collapse
+def m_defrag(m0, how: int):
+    """The packet copied into as few mbufs as possible -- a cluster (or a plain
+    packet-header mbuf up to MHLEN) first, then clusters for pieces over MLEN,
+    plain mbufs for the rest, at most MCLBYTES each, joined with m_cat; the
+    original is freed and the copy returned (FreeBSD 8+ ``m_defrag``).  A chain
+    without packet header comes back as it is.  m_pkthdr.len is first set to the
+    chain's length (``m_fixhdr``), which stays when the copy fails: then None, and
+    ``m0`` is otherwise untouched.  The copies are MT_DATA."""
+    c = _c(m0, "m_defrag")
+    h0 = m0.handle
+    w, u, mv = c.w, c.u32, c.mv
+    if not w[(h0 >> 3) + FLAGS] & M_PKTHDR:
+        return m0
+    how = _how(c, how)
+    total = _chain_len(c, h0)
+    w[(h0 >> 3) + PH_LEN] = total
+    arg_hdr = _arg(MT_DATA, M_PKTHDR)
+    final = _getcl(c, how, arg_hdr) if total > MHLEN else _mget(c, how, arg_hdr)
+    if final is None:
+        return None
+    if not _dup_pkthdr(c, final, h0, how):
+        _freem(c, final)
+        return None
+    new, progress = final, 0
+    while progress < total:
+        length = min(total - progress, MCLBYTES)
+        if not new:
+            arg = _arg(MT_DATA, 0)
+            new = _getcl(c, how, arg) if length > MLEN else _mget(c, how, arg)
+            if new is None:
+                _freem(c, final)
+                return None
+        _copydata(c, h0, progress, length, mv, w[(new >> 3) + DATA])
+        progress += length
+        u[(new >> 2) + ULEN] = length
+        if new != final:
+            _cat(c, final, new)
+        new = 0
+    _freem(c, h0)
+    return _wrap(c, final)
+
+
+def m_collapse(m0, how: int, maxfrags: int):
+    """Bring the chain down to at most ``maxfrags`` mbufs (FreeBSD 8+ ``m_collapse``):
+    first copy each mbuf into the one before it while it is writable and has room
+    (strictly more than the data), then replace two neighbours after the head by one
+    new cluster when they fit in it (strictly under MCLBYTES) and try the copying
+    again from there.  ``m0`` once at most ``maxfrags`` -- checked only after a
+    merge, so a chain already short enough gives None, as in FreeBSD -- or None when
+    nothing more can be merged or a cluster cannot be had; the chain is never
+    freed, but what was merged stays merged.  MbufError for ``maxfrags`` < 2
+    (FreeBSD's KASSERT), before anything changes."""
+    c = _c(m0, "m_collapse")
+    maxfrags = _int("m_collapse: maxfrags", maxfrags)
+    if maxfrags < 2:
+        raise MbufError(f"m_collapse: maxfrags {maxfrags} < 2")
+    how = _how(c, how)
+    h0 = m0.handle
+    w, u, mv = c.w, c.u32, c.mv
+    curfrags = 0
+    h = h0
+    while h:
+        curfrags += 1
+        h = w[(h >> 3) + NEXT]
+    m = h0
+    while True:
+        while True:                      # copy into the previous mbuf where it fits
+            n = w[(m >> 3) + NEXT]
+            if not n:
+                break
+            if u[(n >> 2) + ULEN] < _trailing(c, m):
+                k = u[(n >> 2) + ULEN]
+                s, d = w[(n >> 3) + DATA], w[(m >> 3) + DATA] + u[(m >> 2) + ULEN]
+                mv[d:d + k] = mv[s:s + k]
+                u[(m >> 2) + ULEN] += k
+                w[(m >> 3) + NEXT] = w[(n >> 3) + NEXT]
+                w[(n >> 3) + NEXT] = 0
+                _free(c, n)
+                curfrags -= 1
+                if curfrags <= maxfrags:
+                    return m0
+            else:
+                m = n
+        prev, n = h0, w[(h0 >> 3) + NEXT]          # two neighbours into one cluster
+        while n:
+            n2 = w[(n >> 3) + NEXT]
+            if n2 and u[(n >> 2) + ULEN] + u[(n2 >> 2) + ULEN] < MCLBYTES:
+                break
+            prev, n = n, n2
+        else:
+            return None
+        new = _getcl(c, how, _arg(MT_DATA, 0))
+        if new is None:
+            return None
+        d = w[(new >> 3) + DATA]
+        for x in (n, n2):
+            k = u[(x >> 2) + ULEN]
+            s = w[(x >> 3) + DATA]
+            mv[d:d + k] = mv[s:s + k]
+            d += k
+        u[(new >> 2) + ULEN] = u[(n >> 2) + ULEN] + u[(n2 >> 2) + ULEN]
+        w[(new >> 3) + NEXT] = w[(n2 >> 3) + NEXT]
+        w[(prev >> 3) + NEXT] = new
+        w[(n >> 3) + NEXT] = w[(n2 >> 3) + NEXT] = 0
+        _free(c, n)
+        _free(c, n2)
+        curfrags -= 1
+        if curfrags <= maxfrags:
+            return m0
+        m = new                          # FreeBSD's "goto again", from the new cluster
+
+
+# ============================================================================ data in
+def m_devget(buf, totlen: int, off: int, ifp: int = 0, copy=None, *, arena):
+    """A packet holding the first ``totlen`` bytes of ``buf`` (a bytes-like object: a
+    device's receive buffer), ``off`` bytes into its first mbuf (FreeBSD 10+
+    ``m_devget``): a cluster when ``totlen + off`` is at least MINCLSIZE, else a
+    packet-header mbuf whose data is moved max_linkhdr bytes in when the packet and
+    that fit in MHLEN (FreeBSD 8 tested MLEN); clusters or plain mbufs after it.
+    m_pkthdr.rcvif is ``ifp``, m_pkthdr.len ``totlen``.  ``copy(src, dst, n)``, if
+    given, copies each piece (memoryviews) instead of a plain copy.  M_NOWAIT:
+    None when an allocation fails (what was made is freed), for ``off`` outside
+    0..MHLEN and for ``totlen`` <= 0 (no mbuf is allocated)."""
+    c = ctx(arena)
+    totlen, off = _int("m_devget: totlen", totlen), _int("m_devget: off", off)
+    ifp = _int("m_devget: ifp", ifp)
+    if off < 0 or off > MHLEN or totlen <= 0:
+        return None
+    src = _src(buf, totlen, "m_devget")
+    w, u, mv = c.w, c.u32, c.mv
+    linkhdr = c.w[_MAX_LINKHDR]
+    top = last = 0
+    pos = 0
+    while totlen > 0:
+        if not top:
+            if totlen + off >= MINCLSIZE:
+                m = _getcl(c, M_NOWAIT, _arg(MT_DATA, M_PKTHDR))
+                room = MCLBYTES
+            else:
+                m = _mget(c, M_NOWAIT, _arg(MT_DATA, M_PKTHDR))
+                room = MHLEN
+                if m is not None and totlen + off + linkhdr <= MHLEN:
+                    w[(m >> 3) + DATA] += linkhdr
+                    room -= linkhdr
+            if m is None:
+                return None
+            w[(m >> 3) + PH_RCVIF] = ifp
+            w[(m >> 3) + PH_LEN] = totlen
+        else:
+            if totlen + off >= MINCLSIZE:
+                m = _getcl(c, M_NOWAIT, _arg(MT_DATA, 0))
+                room = MCLBYTES
+            else:
+                m = _mget(c, M_NOWAIT, _arg(MT_DATA, 0))
+                room = MLEN
+            if m is None:
+                _freem(c, top)
+                return None
+        if off:
+            w[(m >> 3) + DATA] += off
+            room -= off
+            off = 0
+        k = min(totlen, room)
+        u[(m >> 2) + ULEN] = k
+        d = w[(m >> 3) + DATA]
+        if copy is not None:
+            copy(src[pos:pos + k], mv[d:d + k], k)
+        else:
+            mv[d:d + k] = src[pos:pos + k]
+        pos += k
+        if last:
+            w[(last >> 3) + NEXT] = m
+        else:
+            top = m
+        last = m
+        totlen -= k
+    return _wrap(c, top)
+
+
+def m_uiotombuf(uio, how: int, len: int = 0, align: int = 0, flags: int = 0, *, arena,
+                timeout=None):
+    """A chain holding the data of ``uio`` -- a bytes-like object or an iterable of
+    them, Python's stand-in for a ``struct uio`` -- in as few mbufs as ``m_getm2``
+    makes (FreeBSD ``m_uiotombuf``): ``len`` > 0 takes at most that many bytes (an
+    iterable is read until it has them; a piece read past them is not put back),
+    else all; the first mbuf's data starts ``align`` bytes in; ``flags`` may hold
+    M_PKTHDR (m_pkthdr.len is then the length) and M_EOR.  No data gives one empty
+    mbuf.  None when ``align`` >= MHLEN or the chain cannot be allocated (all or
+    nothing)."""
+    c = ctx(arena)
+    len, align = _int("m_uiotombuf: len", len), _int("m_uiotombuf: align", align)
+    flags = _int("m_uiotombuf: flags", flags)
+    if align < 0:
+        raise MbufError(f"m_uiotombuf: align {align} < 0")
+    data = _uio_bytes(uio, len)
+    total = min(data.nbytes, len) if len > 0 else data.nbytes
+    if align >= MHLEN:
+        return None
+    m = m_getm2(None, max(total + align, 1), how, MT_DATA, flags, arena=arena,
+                timeout=timeout)
+    if m is None:
+        return None
+    w, u, mv = c.w, c.u32, c.mv
+    h0 = m.handle
+    w[(h0 >> 3) + DATA] += align
+    progress = 0
+    h = h0
+    while h:
+        k = min(_trailing(c, h), total - progress)
+        d = w[(h >> 3) + DATA]
+        mv[d:d + k] = data[progress:progress + k]
+        u[(h >> 2) + ULEN] = k
+        progress += k
+        if flags & M_PKTHDR:
+            w[(h0 >> 3) + PH_LEN] += k
+        h = w[(h >> 3) + NEXT]
+    return m
+
+
+def _uio_bytes(uio, want) -> memoryview:
+    """The bytes of ``uio`` (bytes-like, or an iterable of bytes-like pieces read
+    until ``want`` bytes when ``want`` > 0), as a flat memoryview."""
+    try:
+        return memoryview(uio).cast("B")
+    except TypeError:
+        pass
+    try:
+        pieces = iter(uio)
+    except TypeError:
+        raise TypeError(f"m_uiotombuf: the data is a bytes-like object or an iterable of "
+                        f"them, not {type(uio).__name__}") from None
+    out = bytearray()
+    for p in pieces:
+        try:
+            out += memoryview(p).cast("B")
+        except TypeError:
+            raise TypeError(f"m_uiotombuf: a piece of the data is not bytes-like: "
+                            f"{type(p).__name__}") from None
+        if 0 < want <= len(out):
+            break
+    return memoryview(out)
+
+
+# ============================================================================ packets
+def m_catpkt(m, n) -> None:
+    """Append packet ``n`` to packet ``m`` (FreeBSD 10+ ``m_catpkt``): m_pkthdr.len
+    grows by n's, n loses its packet header and tags (``m_demote``), then ``m_cat``
+    copies what fits into m's last mbuf and links the rest.  MbufError unless both
+    have a packet header and ``n`` is not queued (m_nextpkt), before any change."""
+    c = _c(m, "m_catpkt")
+    hn = _same(c, n, "m_catpkt")
+    _pkthdr(c, m.handle, "m_catpkt")
+    _pkthdr(c, hn, "m_catpkt")
+    w = c.w
+    if w[(hn >> 3) + NEXTPKT]:
+        raise MbufError(f"m_catpkt: packet {hn} is queued (m_nextpkt set)")
+    h = m.handle
+    while h:
+        if h == hn:
+            raise MbufError(f"m_catpkt: mbuf {hn} is already in the chain")
+        h = w[(h >> 3) + NEXT]
+    w[(m.handle >> 3) + PH_LEN] += w[(hn >> 3) + PH_LEN]
+    _demote(c, hn, 1)
+    _cat(c, m.handle, hn)
+
+
+def m_sanity(m0, sanitize: int = 0, *, file=None) -> int:
+    """Check a chain's pointers and packet headers (FreeBSD 8 ``m_sanity``):
+    m_data and m_len inside the storage, m_pkthdr.header too, no m_nextpkt, tags or
+    packet header on an mbuf after the first, m_pkthdr.len equal to the length
+    (checked only when that is not 0).  Each fault is printed as ``mbuf <handle>:
+    <what>`` to ``file`` (default stderr) -- or raised as MbufError on a debug
+    arena, FreeBSD's INVARIANTS panic -- unless ``sanitize``: then it is repaired
+    (a stray m_nextpkt list freed and cleared, tags deleted, a stray packet header
+    cleared, a wrong m_pkthdr.len set to 0).  Returns 1."""
+    if m0 is None:
+        return 1
+    c = _c(m0, "m_sanity")
+    w, u = c.w, c.u32
+    out = sys.stderr if file is None else file
+    h0 = m0.handle
+
+    def fault(h, what):
+        msg = f"mbuf {_ptr(h)}: {what}"
+        if c.debug:
+            raise MbufError(f"m_sanity: {msg}")
+        print(msg, file=out)
+
+    pktlen = 0
+    h = h0
+    while h:
+        i = h >> 3
+        flags = w[i + FLAGS]
+        a, b = storage(w, h)
+        data = w[i + DATA]
+        if data < a:
+            fault(h, "m_data outside mbuf data range left")
+        if data > b:
+            fault(h, "m_data outside mbuf data range right")
+        if data + u[(h >> 2) + ULEN] > b:
+            fault(h, "m_data + m_len exeeds mbuf space")
+        if flags & M_PKTHDR and w[i + PH + L.PH["HEADER"]]:
+            hdr = w[i + PH + L.PH["HEADER"]]
+            if hdr < a or hdr > b:
+                fault(h, "m_pkthdr.header outside mbuf data range")
+        if h != h0 and w[i + NEXTPKT]:
+            if sanitize:
+                p = w[i + NEXTPKT]
+                w[i + NEXTPKT] = 0
+                while p:
+                    q = w[(p >> 3) + NEXTPKT]
+                    w[(p >> 3) + NEXTPKT] = 0
+                    _freem(c, p)
+                    p = q
+            else:
+                fault(h, "m->m_nextpkt on in-chain mbuf")
+        if w[(h0 >> 3) + FLAGS] & M_PKTHDR:
+            pktlen += u[(h >> 2) + ULEN]
+        if h != h0 and flags & M_PKTHDR and w[i + PH_TAGS]:
+            if sanitize:
+                delete_chain(c, h, 0)
+            else:
+                fault(h, "m_tags on in-chain mbuf")
+        if h != h0 and flags & M_PKTHDR:
+            if sanitize:
+                w[i + FLAGS] &= ~M_PKTHDR
+                c.mv[h + M_DAT:h + M_PKTDAT] = _ZERO_PH
+            else:
+                fault(h, "M_PKTHDR on in-chain mbuf")
+        h = w[i + NEXT]
+    if pktlen and pktlen != w[(h0 >> 3) + PH_LEN]:
+        if sanitize:
+            w[(h0 >> 3) + PH_LEN] = 0
+        else:
+            fault(h0, "m_pkthdr.len != mbuf chain length")
+    return 1
+
+
+def _ptr(h) -> str:
+    """A handle as the kernel's %p prints a pointer: 0x... (0 for NULL)."""
+    return f"{h:#x}" if h else "0"
+
+
+# m_print's %b: FreeBSD 7/8's bit names of m_flags, highest first
+_FLAG_BITS = ((0x8000, "freelist"), (0x4000, "skipfw"), (0x100, "proto5"),
+              (0x80, "proto4"), (0x40, "proto3"), (0x20, "proto2"), (0x10, "proto1"),
+              (0x8, "rdonly"), (0x4, "eor"), (0x2, "pkthdr"), (0x1, "ext"))
+
+
+def _bits(flags) -> str:
+    names = [n for bit, n in _FLAG_BITS if flags & bit]
+    return f"{flags:x}" + (f"<{','.join(names)}>" if names else "")
+
+
+def m_print(m, maxlen: int = -1, *, file=None) -> None:
+    """Print each mbuf of the chain as FreeBSD's ``m_print`` does (8.0; 10+ prints
+    ``mbuf: 0`` for NULL), handles standing for pointers::
+
+        mbuf: 0x1b4000 len: 3, next: 0, 3<pkthdr,ext>, 61-62-63
+
+    the first ``maxlen`` bytes of each (-1: all) in hex; for a packet it stops after
+    m_pkthdr.len bytes and says how many the chain lacks (``2 bytes unaccounted
+    for.``) -- so a packet whose m_pkthdr.len is 0 prints nothing.  To ``file``
+    (default stdout)."""
+    out = sys.stdout if file is None else file
+    if m is None:
+        print("mbuf: 0", file=out)
+        return
+    c = _c(m, "m_print")
+    maxlen = _int("m_print: maxlen", maxlen)
+    w, u, mv = c.w, c.u32, c.mv
+    h = m.handle
+    left = w[(h >> 3) + PH_LEN] if w[(h >> 3) + FLAGS] & M_PKTHDR else -1
+    while h and (left == -1 or left):
+        i = h >> 3
+        n = u[(h >> 2) + ULEN]
+        pdata = n if maxlen == -1 or n <= maxlen else maxlen
+        line = (f"mbuf: {_ptr(h)} len: {n}, next: {_ptr(w[i + NEXT])}, "
+                f"{_bits(w[i + FLAGS] & FLAGS_MASK)}")
+        if pdata:
+            d = w[i + DATA]
+            line += ", " + "-".join(f"{b:02x}" for b in mv[d:d + pdata])
+        print(line, file=out)
+        if left != -1:
+            left -= n
+        h = w[i + NEXT]
+    if left > 0:
+        print(f"{left} bytes unaccounted for.", file=out)

@@ -79,7 +79,9 @@ EXT_MOD_TYPE = 200
 EXT_DISPOSABLE = 300
 EXT_EXTREF = 400
 EXT_CLUSTER_TYPES = (EXT_CLUSTER, EXT_JUMBOP, EXT_JUMBO9, EXT_JUMBO16, EXT_PACKET)
-EXT_EXTADD_TYPES = (EXT_SFBUF, EXT_NET_DRV, EXT_MOD_TYPE, EXT_DISPOSABLE)
+# m_extadd storage counted in an item of mbuf_ext_refcnt, freed by its free routine
+# (EXT_MBUF: FreeBSD 7/8's mb_free_ext has no case for it; here it is freed as these are)
+EXT_EXTADD_TYPES = (EXT_SFBUF, EXT_NET_DRV, EXT_MOD_TYPE, EXT_DISPOSABLE, EXT_MBUF)
 
 # --- dtor argument -------------------------------------------------------------------------------
 MB_NOTAGS = 0x1                  # mb_dtor_mbuf: leave the tags alone

@@ -24,10 +24,13 @@ the step.
 
 from __future__ import annotations
 
+import os
+
 from .. import hooks
 from .. import layout as L
 from .. import recovery as _recovery
-from .constants import EXT_EXTADD_TYPES, EXT_PACKET, M_EXT, M_PKTHDR, M_RDONLY, MSIZE, MT_NOTMBUF
+from .constants import (EXT_EXTADD_TYPES, EXT_EXTREF, EXT_PACKET, M_EXT, M_PKTHDR, M_RDONLY,
+                        MSIZE, MT_NOTMBUF)
 from .errors import MbufError
 from .header import _wrap
 from .tags import delete_chain
@@ -35,6 +38,7 @@ from .zones import (BTYPE, E, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EX
                     EXT_REFCNT, EXT_TYPE, FLAGS, M_PKTDAT, NEXT, NEXTPKT, PACK_VERIFIED, PH_TAGS)
 
 _ZERO_EXT = bytes(MSIZE - M_PKTDAT)
+_MAIN = "__main__@"                      # a free routine of one process's __main__
 
 
 # ============================================================================ drop
@@ -113,9 +117,10 @@ def drop_ref(c, h, i, flags, zidx):
             z.take_over(cl)              # ours before it is forgotten, so that a crash
             w[i + FLAGS] &= ~M_EXT       # from here on leaves a cluster of this CPU's
             z.free(cl)                   # that no mbuf names: recovery frees it (never twice)
-        elif typ in EXT_EXTADD_TYPES:
-            u32[r] = 0
-            c.zextref.free(r << 2)
+        elif typ in EXT_EXTADD_TYPES or typ == EXT_EXTREF:
+            if typ != EXT_EXTREF:        # the caller's counter is left as it is (at 1)
+                u32[r] = 0
+                c.zextref.free(r << 2)
             try:
                 _ext_free(c, h)
             except Exception as e:       # the mbuf still goes; the error is raised after
@@ -133,6 +138,15 @@ def _free_set_aside(c, owner):
 
 def _ext_free(c, h):
     name = L.read_str(c.mv, h + EXT_FREE, L.EXT_FREE_BYTES)
+    if name.startswith(_MAIN):
+        pid, _, qual = name[len(_MAIN):].partition(":")
+        if pid != str(os.getpid()):
+            raise MbufError(f"m_free: mbuf {h}: the free routine {qual!r} of its storage is "
+                            f"a function of the __main__ of process {pid}, which process "
+                            f"{os.getpid()} cannot call: the storage was not freed (free "
+                            f"its last reference in process {pid}, or give m_extadd a "
+                            f"function of an importable module)")
+        name = "__main__:" + qual
     fn = c.ext_free_fns.get(name)
     if fn is None:
         fn = c.ext_free_fns[name] = hooks.resolve(name)
@@ -198,7 +212,7 @@ def _dupcl(c, n, m):
     lk.acquire(owner_id=c.cpu)
     try:
         rc = u32[r]
-        if rc >= _RC_MAX:
+        if rc >= RC_MAX:
             raise MbufError(f"mbuf {m}: its storage has {rc} references (the most)")
         w[c.journal(typ)] = journal(J_DUP, rc + 1, n)
         _claim(c, n, m)
@@ -228,7 +242,7 @@ def _claim(c, n, m):
 J_BIT = 1 << 62
 J_DUP, J_DROP = 1, 2                     # n claims and the count grows; h's goes
 _J_RC_BITS = 20
-_RC_MAX = min(0xFFFFFFFE, (1 << _J_RC_BITS) - 2)   # most references: a u32, and a journal word
+RC_MAX = min(0xFFFFFFFE, (1 << _J_RC_BITS) - 2)    # most references: a u32, and a journal word
 
 
 def journal(kind: int, new_rc: int, h: int) -> int:
