@@ -9,7 +9,7 @@
     shmalloc serve --name ARENA [--size BYTES] [--tunable NAME=VALUE ...] [--adopt]
                    [--idle-exit SECONDS]
     shmalloc sysctl --name ARENA [-n] [-a] [NAME[=VALUE] ...]
-    shmalloc stat -z|-m --name ARENA [-w SECONDS [-c COUNT]]
+    shmalloc stat -z|-m --name ARENA [--format 7|13] [-w SECONDS [-c COUNT]]
     shmalloc check --name ARENA
     shmalloc cleanup --name ARENA [--name ARENA ...] | --all
 
@@ -25,7 +25,7 @@ import time
 from shmalloc import Arena, CorruptionError, ShmallocError, admin
 from shmalloc.ipc import naming
 from shmalloc.workers import manager
-from shmalloc.mbuf import SYSCTLS, SysctlError
+from shmalloc.mbuf import NETSTAT_FORMATS, SYSCTLS, SysctlError
 
 from . import bench, chaos, launch, positive_int, stress
 
@@ -75,6 +75,9 @@ def _parser():
     what.add_argument("-z", action="store_true", help="vmstat -z: per-zone statistics")
     what.add_argument("-m", action="store_true", help="netstat -m: mbuf statistics")
     p.add_argument("--name", required=True, metavar="ARENA")
+    p.add_argument("--format", choices=NETSTAT_FORMATS, default=NETSTAT_FORMATS[0],
+                   help="with -m: the FreeBSD release whose netstat -m to print: 7 (7/8, "
+                   "the seed's; the default) or 13 (11-14, with the delayed lines)")
     p.add_argument("-w", "--wait", type=float, metavar="SECONDS",
                    help="repeat every SECONDS, until Ctrl-C or COUNT")
     p.add_argument("-c", "--count", type=positive_int, metavar="COUNT",
@@ -112,7 +115,7 @@ def _stat(args):
     with Arena.attach(args.name) as arena:
         try:
             for i in itertools.count(1):
-                sys.stdout.write(arena.netstat_m() if args.m else arena.vmstat_z())
+                sys.stdout.write(arena.netstat_m(args.format) if args.m else arena.vmstat_z())
                 sys.stdout.flush()
                 if args.wait is None or i == args.count:
                     break

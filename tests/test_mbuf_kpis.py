@@ -1119,3 +1119,97 @@ def test_chain_functions_keep_the_bytes():
         a.check()
     finally:
         a.destroy()
+
+
+# ============================================================================ 6. netstat -m
+def _slabs(a, zone, n):
+    ipers = a.zone(zone).keg.ipers
+    return -(-n // ipers) * ipers
+
+
+def test_netstat_m_is_freebsd_7s(arena):
+    """FreeBSD 8 usr.bin/netstat/mbuf.c 1.56 (the 7.2/amd64 output): fourteen lines --
+    the sfbuf line (0/0/0 on amd64) and the sendfile and drain lines from mbstat, no
+    "delayed" lines -- with uth_limit as max: the limit rounded up to whole slabs."""
+    a = arena
+    cl, jp, j9, j16 = (_slabs(a, z, a.sysctl(n)) for z, n in (
+        ("mbuf_cluster", "kern.ipc.nmbclusters"), ("mbuf_jumbo_page", "kern.ipc.nmbjumbop"),
+        ("mbuf_jumbo_9k", "kern.ipc.nmbjumbo9"), ("mbuf_jumbo_16k", "kern.ipc.nmbjumbo16")))
+    assert a.netstat_m() == a.netstat_m("7") == (
+        "0/0/0 mbufs in use (current/cache/total)\n"
+        f"0/0/0/{cl} mbuf clusters in use (current/cache/total/max)\n"
+        "0/0 mbuf+clusters out of packet secondary zone in use (current/cache)\n"
+        f"0/0/0/{jp} 4k (page size) jumbo clusters in use (current/cache/total/max)\n"
+        f"0/0/0/{j9} 9k jumbo clusters in use (current/cache/total/max)\n"
+        f"0/0/0/{j16} 16k jumbo clusters in use (current/cache/total/max)\n"
+        "0K/0K/0K bytes allocated to network (current/cache/total)\n"
+        "0/0/0 requests for mbufs denied (mbufs/clusters/mbuf+clusters)\n"
+        "0/0/0 requests for jumbo clusters denied (4k/9k/16k)\n"
+        "0/0/0 sfbufs in use (current/peak/max)\n"
+        "0 requests for sfbufs denied\n"
+        "0 requests for sfbufs delayed\n"
+        "0 requests for I/O initiated by sendfile\n"
+        "0 calls to protocol drain routines\n")
+
+
+def test_netstat_m_of_freebsd_13(arena):
+    """FreeBSD 11-14 usr.bin/netstat/mbuf.c: the "delayed" lines (M_WAITOK requests that
+    slept: counted since issue 11, also in mbstat) and the kern.ipc.sfstat lines, no
+    drain line; an unknown format is refused."""
+    lines = arena.netstat_m("13").splitlines()
+    assert len(lines) == 22
+    assert lines[8] == "0/0/0 requests for mbufs delayed (mbufs/clusters/mbuf+clusters)"
+    assert lines[9] == "0/0/0 requests for jumbo clusters delayed (4k/9k/16k)"
+    assert lines[10] == "0/0/0 requests for jumbo clusters denied (4k/9k/16k)"
+    assert lines[11:] == ["0 sendfile syscalls",
+                          "0 sendfile syscalls completed without I/O request",
+                          "0 requests for I/O initiated by sendfile",
+                          "0 pages read by sendfile as part of a request",
+                          "0 pages were valid at time of a sendfile request",
+                          "0 pages were valid and substituted to bogus page",
+                          "0 pages were requested for read ahead by applications",
+                          "0 pages were read ahead by sendfile",
+                          "0 times sendfile encountered an already busy page",
+                          "0 requests for sfbufs denied", "0 requests for sfbufs delayed"]
+    assert not any("drain" in x for x in lines)
+    st = arena.mbstat()
+    assert (st.mbufs_delayed, st.jumbo_delayed) == ((0, 0, 0), (0, 0, 0))
+    with pytest.raises(mb.MbufError, match="format"):
+        arena.netstat_m("9")
+
+
+def test_netstat_m_total_never_shows_above_max(make):
+    """FreeBSD 7/8 uma_core.c uma_zone_set_max (the limit in whole slabs) and the
+    memstat uth_limit netstat prints: nmbclusters 25601 reads back as 25601 but shows
+    as a whole number of slabs; with every cluster of a limit allocated, current +
+    cache is at most max."""
+    a = make(kern__ipc__nmbclusters=25600)
+    a.sysctl("kern.ipc.nmbclusters", 25601)
+    assert a.sysctl("kern.ipc.nmbclusters") == 25601
+    assert a.netstat_m().splitlines()[1].endswith(
+        f"/{_slabs(a, 'mbuf_cluster', 25601)} mbuf clusters in use (current/cache/total/max)")
+    b = make(kern__ipc__nmbclusters=100)
+    cls = []
+    while (cl := mb.m_cljget(None, NW, mb.MCLBYTES, arena=b)) is not None:
+        cls.append(cl)
+    assert len(cls) == 100
+    cur, cache, total, mx = map(int, b.netstat_m().splitlines()[1].split()[0].split("/"))
+    assert cur == 100 and total <= mx == _slabs(b, "mbuf_cluster", 100)
+    b.zone("mbuf_cluster").free_bulk(cls)
+
+
+def test_stat_m_takes_a_format(arena_name, capsys):
+    """shmalloc stat -m --format 7|13: the era of netstat -m to print (7 by default)."""
+    from shmalloc.scripts import cli
+    a = Arena.create(arena_name, 8 << 20)
+    try:
+        assert cli.main(["stat", "-m", "--name", arena_name]) == 0
+        assert capsys.readouterr().out == a.netstat_m("7")
+        assert cli.main(["stat", "-m", "--format", "13", "--name", arena_name]) == 0
+        assert capsys.readouterr().out == a.netstat_m("13")
+        assert cli.main(["sysctl", "--name", arena_name, "kern.ipc.mbstat"]) == 0
+        raw = a.mbstat().pack()
+        assert capsys.readouterr().out == (f"kern.ipc.mbstat: Format:S,mbstat Length:112 "
+                                           f"Dump:0x{raw[:16].hex()}...\n")
+    finally:
+        a.destroy()

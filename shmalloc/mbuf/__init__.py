@@ -51,7 +51,7 @@ from .header import Ext, Mbuf, MTag, PktHdr
 from .pulldown import m_pulldown
 from .recovery import recover_mbufs  # noqa: F401  (registers its recovery pass)
 from .reclaim import mb_reclaim, pr_drain_deregister, pr_drain_register, vm_lowmem
-from .stats import MbStat, mbstat, netstat_m, stat_m_text
+from .stats import NETSTAT_FORMATS, MbStat, mbstat, netstat_m, stat_m_text
 from .tags import (m_tag_alloc, m_tag_copy, m_tag_copy_chain, m_tag_delete,
                    m_tag_delete_chain, m_tag_delete_nonpersistent, m_tag_find, m_tag_first,
                    m_tag_free, m_tag_get, m_tag_locate, m_tag_next, m_tag_prepend,
@@ -90,7 +90,7 @@ __all__ = [
     "mbuf_init", "ZONE_NAMES", "set_mbuf_label_hook", "sysctl", "SYSCTLS",
     "eventhandler_register", "eventhandler_deregister", "eventhandler_invoke",
     "EVENTHANDLER_PRI_FIRST", "EVENTHANDLER_PRI_ANY", "EVENTHANDLER_PRI_LAST",
-    "mbstat", "netstat_m", "stat_m_text", "vm_lowmem", "mb_reclaim", "pr_drain_register",
+    "mbstat", "netstat_m", "NETSTAT_FORMATS", "stat_m_text", "vm_lowmem", "mb_reclaim", "pr_drain_register",
     "pr_drain_deregister",
 ]
 __all__ += _constants_all
