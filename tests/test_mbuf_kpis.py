@@ -6,15 +6,22 @@ arenas (``Arena.create_local``); every test ends with ``arena.check()`` (fixture
 """
 
 import errno
+import multiprocessing
+import pathlib
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shmalloc import Arena
+import mbuf_mp_workers
+from shmalloc import Arena, Supervisor
 from shmalloc import layout as L
 from shmalloc import mbuf as mb
+from shmalloc.mail import MSG_DRAIN
+from shmalloc.scripts import cli
 
 NW = mb.M_NOWAIT
 PATTERN = bytes(range(251)) * 80          # a prime period: misplaced bytes show
@@ -1015,9 +1022,6 @@ def test_a_free_routine_of_main_runs_in_its_own_process_only(arena_name):
     """FreeBSD calls ext_free through a kernel pointer; here a routine is found by name
     in the process that frees the last reference: one defined in __main__ works when
     that is its own process, and is refused with a clear MbufError in another."""
-    import pathlib
-    import subprocess
-    import sys
     script = pathlib.Path(__file__).with_name("mbuf_main_free.py")
     r = subprocess.run([sys.executable, str(script), arena_name], capture_output=True,
                        text=True, timeout=120)
@@ -1200,7 +1204,6 @@ def test_netstat_m_total_never_shows_above_max(make):
 
 def test_stat_m_takes_a_format(arena_name, capsys):
     """shmalloc stat -m --format 7|13: the era of netstat -m to print (7 by default)."""
-    from shmalloc.scripts import cli
     a = Arena.create(arena_name, 8 << 20)
     try:
         assert cli.main(["stat", "-m", "--name", arena_name]) == 0
@@ -1213,3 +1216,79 @@ def test_stat_m_takes_a_format(arena_name, capsys):
                                            f"Dump:0x{raw[:16].hex()}...\n")
     finally:
         a.destroy()
+
+
+# ============================================================================ 7. low memory
+def test_a_drain_request_runs_the_protocol_drains_at_the_next_poll(arena):
+    """FreeBSD 7 kern_mbuf.c mb_reclaim (the vm_lowmem handler registered first, calling
+    each domain's pr_drain): a CPU asked to drain by the keg manager (MSG_DRAIN) runs
+    this process's vm_lowmem handlers at its next poll -- drains first -- and m_drain
+    counts each drain routine called (issue 14; FreeBSD 7/8 left it at 0)."""
+    b = arena.attach_local()
+    calls, order = [], []
+    held = [mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR, arena=b) for _ in range(4)]
+
+    def first(ar):
+        calls.append(("first", ar))
+        order.append("drain")
+        while held:
+            mb.m_freem(held.pop())
+
+    def second(ar):
+        calls.append(("second", ar))
+
+    tag = mb.eventhandler_register("vm_lowmem", lambda arg, ar: order.append("other"))
+    mb.pr_drain_register(first)
+    mb.pr_drain_register(second)
+    try:
+        assert arena._mail.post(b.cpu_id, MSG_DRAIN, [], L.TAG_FREE)
+        assert calls == []                              # not before b takes its mail
+        b.poll()
+        assert calls == [("first", b), ("second", b)] and order == ["drain", "other"]
+        assert arena.mbstat().m_drain == 2 and held == []
+        b.poll()
+        assert len(calls) == 2                          # one request, one run
+    finally:
+        mb.pr_drain_deregister(first)
+        mb.pr_drain_deregister(second)
+        mb.eventhandler_deregister("vm_lowmem", tag)
+        b.close()
+
+
+def test_low_memory_runs_the_drains_registered_in_a_worker(arena_name):
+    """FreeBSD 7 kern_mbuf.c mb_reclaim walks every domain's drain routines on vm_lowmem;
+    here a protocol's drains live in the process that registered them: when the keg
+    manager finds free pages under vm.v_free_min, its reclaim runs its own drains and
+    asks every CPU by message, and the drain registered in a worker process runs there;
+    m_drain counts both calls."""
+    ctx = multiprocessing.get_context("spawn")
+    sup = Supervisor.create(arena_name, 8 << 20)
+    a = sup.arena
+    mine = []
+    mb.pr_drain_register(mine.append)
+    q = ctx.Queue()
+    p = ctx.Process(target=mbuf_mp_workers.run, args=("drain_worker", q, "w", arena_name))
+    p.start()
+    try:
+        kind, _, msg = q.get(timeout=60)
+        assert (kind, msg[0]) == ("ok", "ready"), msg
+        assert not sup.lowmem(0.0)
+        a.sysctl("vm.v_free_min", a.free_pages + 1)   # free pages now under v_free_min
+        assert sup.lowmem(0.0)
+        sup.reclaim()
+        assert mine == [a]
+        kind, _, msg = q.get(timeout=60)
+        assert (kind, msg) == ("ok", ("drained", 1, 0)), msg
+        p.join(60)
+        assert p.exitcode == 0
+        st = a.mbstat()
+        assert (st.m_drain, st.lowmem) == (2, 1)
+        assert a.netstat_m().splitlines()[-1] == "2 calls to protocol drain routines"
+        a.check()
+    finally:
+        mb.pr_drain_deregister(mine.append)
+        if p.is_alive():
+            p.kill()
+            p.join()
+        q.close()
+        sup.destroy()

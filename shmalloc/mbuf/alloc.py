@@ -27,6 +27,7 @@ import operator
 import os
 
 from .. import hooks
+from .. import layers
 from .. import layout as L
 from ..errors import BadHandleError, DoubleFreeError, HookError, ShmallocError
 from ..zone import M_NOWAIT, M_WAITOK, M_ZERO
@@ -100,9 +101,11 @@ def _int(what, v) -> int:
 
 
 def _retry(c, zone, how, timeout, arg):
-    """An allocation failed: if the arena is low on pages, run vm_lowmem (once a
-    second at most) and try once more."""
-    if lowmem_check(c):
+    """An allocation failed: if the keg manager asked this CPU for a drain, run its
+    protocol drains now (``layers.run_drain_requests``); if the arena is low on
+    pages, run vm_lowmem (once a second at most); after either, try once more."""
+    drained = layers.run_drain_requests(c.arena)
+    if lowmem_check(c) or drained:
         return zone.alloc(how, timeout, arg)
     return None
 
