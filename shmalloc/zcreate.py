@@ -19,8 +19,7 @@ from .zone import BUCKET_MAX, Zone, apply_maxcache, bucket_select
 
 
 _H, _Z, _C, _K = L.HDR, L.ZONE, L.CPU, L.KEG
-DEPOT_CAP = 1024             # depot entries per zone
-_DEPOT_PAGES = -(-DEPOT_CAP * L.DEPOT_ENTRY_BYTES // L.PAGE_SIZE)
+DEPOT_CAP = 1024             # depot entries per zone (4 pages)
 SMALL_DATA_PAGES = 64        # an arena with fewer data pages (256 KiB) gives each zone
 SMALL_DEPOT_CAP = L.PAGE_SIZE // L.DEPOT_ENTRY_BYTES    # a one-page depot (256 entries)
 
