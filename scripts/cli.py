@@ -15,7 +15,7 @@ from shmalloc import Arena, CorruptionError, ShmallocError, admin
 from shmalloc import stats as shm_stats
 from shmalloc.ipc import naming
 from shmalloc.workers import manager
-from shmalloc.mbuf import SYSCTLS, SysctlError
+from shmalloc.mbuf import NETSTAT_FORMATS, SYSCTLS, SysctlError
 
 from . import bench, chaos, launch, positive_int, stress
 
@@ -65,6 +65,9 @@ def _parser():
     what.add_argument("-z", action="store_true", help="vmstat -z: per-zone statistics")
     what.add_argument("-m", action="store_true", help="netstat -m: mbuf statistics")
     p.add_argument("--name", required=True, metavar="ARENA")
+    p.add_argument("--format", choices=NETSTAT_FORMATS, default=NETSTAT_FORMATS[0],
+                   help="with -m: the FreeBSD release whose netstat -m to print: 7 (7/8, "
+                   "the seed's; the default) or 13 (11-14, with the delayed lines)")
     p.add_argument("-w", "--wait", type=float, metavar="SECONDS",
                    help="repeat every SECONDS, until Ctrl-C or COUNT")
     p.add_argument("-c", "--count", type=positive_int, metavar="COUNT",
@@ -118,7 +121,7 @@ def _stat(args):
     with Arena.attach(args.name) as arena:
         try:
             for i in itertools.count(1):
-                sys.stdout.write(arena.netstat_m() if args.m else arena.vmstat_z())
+                sys.stdout.write(arena.netstat_m(args.format) if args.m else arena.vmstat_z())
                 sys.stdout.flush()
                 if args.wait is None or i == args.count:
                     break
@@ -202,7 +205,7 @@ def _sysctl_one(arena, oid, values_only) -> bool:
     prefix = "" if values_only else f"{name}: "
     try:
         if not sep:
-            print(f"{prefix}{arena.sysctl(name)}")
+            print(f"{prefix}{_shown(arena.sysctl(name))}")
             return True
         try:
             value = int(text, 0)
@@ -220,6 +223,17 @@ def _sysctl_one(arena, oid, values_only) -> bool:
         else:
             print(f"shmalloc sysctl: {oid}: {e.strerror}", file=sys.stderr)
         return False
+
+
+def _shown(value) -> str:
+    """A sysctl's value as sysctl(8) prints it: an int as is; an opaque struct
+    (``kern.ipc.mbstat``) as ``sysctl -o`` does -- its format, length and first 16
+    bytes in hex (plain sysctl(8) prints nothing for it)."""
+    if isinstance(value, int):
+        return str(value)
+    raw = value.pack()
+    more = "..." if len(raw) > 16 else ""
+    return f"Format:{value.SYSCTL_FORMAT} Length:{len(raw)} Dump:0x{raw[:16].hex()}{more}"
 
 
 # ------------------------------------------------------------------------ cleanup

@@ -1,5 +1,6 @@
 """The allocator core on the in-memory backend (``Arena.create_local``): one process,
-no OS objects, fast.
+no OS objects, fast.  Its arenas are bare (``bare=True``: no layer's zones, such as
+the mbuf zones every arena is made with), since the counts here are the core's.
 
 Sections follow the search order and the zone's contract: layout, arena full,
 limits, bucket caches and locks, depot, secondary zones, hooks and their failure
@@ -35,7 +36,7 @@ JOIN = 10.0          # seconds: the bound of every thread join and wait-for-cond
 # ============================================================================ helpers
 @pytest.fixture
 def arena():
-    a = Arena.create_local(size=8 * MiB)
+    a = Arena.create_local(size=8 * MiB, bare=True)
     yield a
     a.destroy()
 
@@ -131,7 +132,7 @@ SIZES = [1, 16, 100, 256, 2048, 9216, 16384, 65536, MiB + 1]
 
 @pytest.mark.parametrize("size", SIZES)
 def test_items_of_every_size_hold_their_bytes_and_do_not_overlap(size):
-    with Arena.create_local(size=16 * MiB) as a:
+    with Arena.create_local(size=16 * MiB, bare=True) as a:
         z = a.zcreate(f"s{size}", size)
         n = 2 * z.keg.ipers + 1                 # three slabs (3 items of 1 MiB)
         hs = [z.alloc(M_NOWAIT) for _ in range(n)]
@@ -149,7 +150,7 @@ def test_items_of_every_size_hold_their_bytes_and_do_not_overlap(size):
 
 
 def test_alloc_until_the_arena_is_full_returns_none_and_counts_failures():
-    with Arena.create_local(size=2 * MiB) as a:
+    with Arena.create_local(size=2 * MiB, bare=True) as a:
         z = a.zcreate("big", 2048)
         slabs = a.free_pages // z.keg.ppera
         hs = []
@@ -178,7 +179,7 @@ def test_a_zone_whose_slab_exceeds_the_arena_is_refused(arena):
 
 
 def test_zcreate_without_room_for_a_depot_leaves_no_keg_behind():
-    with Arena.create_local(size=1 * MiB) as a:
+    with Arena.create_local(size=1 * MiB, bare=True) as a:
         z = a.zcreate("z", 3000)
         hs = []
         while (h := z.alloc(M_NOWAIT)) is not None:
@@ -215,6 +216,32 @@ def test_freed_items_can_be_allocated_again_under_the_limit(arena):
     assert z.alloc(M_NOWAIT) is None
     assert z.stats().items == 4
     assert_consistent(arena, z)
+
+
+def test_a_limit_below_the_items_out_caps_further_allocation(arena):
+    """FreeBSD 7/8 uma_core.c uma_zone_set_max: the limit only stops new slabs, so one
+    below the items in use is taken (set_max(below_use=True)); the items out stay, the
+    zone takes none from its keg until frees bring it under, and check() accepts it.
+    Without below_use it is refused, nothing changed."""
+    z = arena.zcreate("lim", 256, bucket_size=0)
+    hs = [z.alloc(M_NOWAIT) for _ in range(10)]
+    with pytest.raises(ValueError, match="below the 10 items"):
+        z.set_max(4)
+    assert z.limit == 0
+    assert z.set_max(4, below_use=True) == 4
+    assert_consistent(arena, z)                     # 10 out, limit 4: sound
+    assert z.alloc(M_NOWAIT) is None
+    for h in hs[6:]:
+        z.free(h)
+    assert z.alloc(M_NOWAIT) is None                # 6 out, still over
+    assert_consistent(arena, z)
+    for h in hs[3:6]:
+        z.free(h)
+    h = z.alloc(M_NOWAIT)                           # 3 out: under the limit again
+    assert h is not None and z.alloc(M_NOWAIT) is None
+    assert z.stats().items == 4
+    assert_consistent(arena, z)
+    z.free_bulk(hs[:3] + [h])
 
 
 def test_raising_the_limit_allows_exactly_the_new_number_of_items(arena):
@@ -959,7 +986,7 @@ def test_raising_the_limit_wakes_a_sleeper(arena, full_zone):
 
 
 def test_waitok_sleeper_on_a_full_arena_is_woken_by_a_free():
-    with Arena.create_local(size=1 * MiB) as a:
+    with Arena.create_local(size=1 * MiB, bare=True) as a:
         z = a.zcreate("nolimit", 2048)
         hs = []
         while (h := z.alloc(M_NOWAIT)) is not None:
@@ -988,7 +1015,7 @@ def test_waitok_times_out_when_nobody_frees(arena, full_zone):
 
 @pytest.mark.parametrize("how", ["destroy", "close"])
 def test_close_from_another_thread_wakes_an_m_waitok_sleeper(how):
-    a = Arena.create_local(size=1 * MiB)
+    a = Arena.create_local(size=1 * MiB, bare=True)
     z = a.zcreate("waitok", 256, max_items=1)
     assert z.alloc(M_NOWAIT) is not None
     sleeper = Worker(lambda: z.alloc(M_WAITOK))             # no timeout
@@ -1001,7 +1028,7 @@ def test_close_from_another_thread_wakes_an_m_waitok_sleeper(how):
 
 
 def test_close_wakes_the_threads_waiting_in_recv_and_in_m_waitok():
-    a = Arena.create_local(size=1 * MiB)
+    a = Arena.create_local(size=1 * MiB, bare=True)
     z = a.zcreate("waitok", 256, max_items=1)
     assert z.alloc(M_NOWAIT) is not None
     receiver = Worker(lambda: a.recv(timeout=None))
