@@ -446,6 +446,7 @@ def test_semlock_exists_and_not_found(arena_name):
     assert ipc.SemLock.unlink(name) is False
 
 
+@pytest.mark.slow
 def test_semlock_contended_by_another_process(arena_name):
     seg_name = ipc.object_name(arena_name, "arena")
     sem_name = ipc.object_name(arena_name, "lock")
@@ -476,6 +477,7 @@ def test_semlock_contended_by_another_process(arena_name):
     assert child.exitcode == 0
 
 
+@pytest.mark.slow
 def test_force_release_after_the_owner_died(arena_name):
     seg_name = ipc.object_name(arena_name, "arena")
     sem_name = ipc.object_name(arena_name, "lock")
@@ -541,6 +543,7 @@ def test_wake_semaphore_wakes_a_waiter(any_wake):
         timer.join()
 
 
+@pytest.mark.slow
 def test_wake_semaphore_across_processes(arena_name):
     name = ipc.object_name(arena_name, "wake")
     sem = ipc.WakeSemaphore.create(name)

@@ -162,6 +162,7 @@ def zone_lock(arena, name):
     return s
 
 
+@pytest.mark.slow
 def test_lockstat_sort_contended_lists_the_contended_zone_lock_first(arena_name, capsys):
     """Three processes hammer zone "hot" (bucket_size=0: every operation takes its
     lock) while this one uses zone "cold" alone, more often than any of them."""
@@ -306,6 +307,7 @@ def test_an_arena_of_another_layout_version_is_held_by_its_creator(arena_name):
         assert [role for role, _, _ in admin.holder_table(arena_name)] == [f"CPU {arena.cpu_id}"]
 
 
+@pytest.mark.slow
 def test_an_arena_of_another_layout_version_is_held_by_the_processes_mapping_it(arena_name):
     """Its creator gone, an arena of another layout is still held by any process that
     maps its segment: cleanup leaves it."""

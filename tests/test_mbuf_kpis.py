@@ -1018,6 +1018,7 @@ def test_m_extaddref_adds_to_the_callers_counter(arena):
     arena.zone("ext_ctr").free(ctr)
 
 
+@pytest.mark.slow
 def test_a_free_routine_of_main_runs_in_its_own_process_only(arena_name):
     """FreeBSD calls ext_free through a kernel pointer; here a routine is found by name
     in the process that frees the last reference: one defined in __main__ works when
@@ -1255,6 +1256,7 @@ def test_a_drain_request_runs_the_protocol_drains_at_the_next_poll(arena):
         b.close()
 
 
+@pytest.mark.slow
 def test_low_memory_runs_the_drains_registered_in_a_worker(arena_name):
     """FreeBSD 7 kern_mbuf.c mb_reclaim walks every domain's drain routines on vm_lowmem;
     here a protocol's drains live in the process that registered them: when the keg

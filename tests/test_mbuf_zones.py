@@ -359,6 +359,7 @@ def test_a_sleeping_m_getcl_gets_a_packet_freed_by_another_cpu(make):
         t.close()
 
 
+@pytest.mark.slow
 def test_m_getcl_waitok_at_nmbclusters_honours_its_timeout(make):
     a = make(**tun(nmbclusters=4))
     ps = [mb.m_getcl(NW, mb.MT_DATA, mb.M_PKTHDR, arena=a) for _ in range(4)]

@@ -14,6 +14,7 @@ KEYS = {"workers", "bucket_size", "workload", "xfree", "ops_per_s",
 RATE = re.compile(r"^workers=(\d+) bucket=(\w+) bulk=(\d+) ops/s=(\d+)$", re.M)
 
 
+@pytest.mark.slow
 def test_bucket_zero_takes_the_zone_lock_on_every_operation(arena_name):
     rec = run_config(1, "0", "churn", "local", 0.3, seed=1, name=arena_name)
     assert rec.ops > 0
@@ -26,6 +27,7 @@ def test_bucket_zero_takes_the_zone_lock_on_every_operation(arena_name):
     assert cached.zone_lock_acquisitions_per_op < 0.05
 
 
+@pytest.mark.slow
 def test_pipeline_with_message_frees_sends_batches_home(arena_name):
     rec = run_config(2, "16", "pipeline", "message", 0.5, seed=2, name=arena_name)
     assert rec.messages > 0 and rec.items_per_message > 1
@@ -33,6 +35,7 @@ def test_pipeline_with_message_frees_sends_batches_home(arena_name):
     assert rate_line(rec) == f"workers=2 bucket=16 bulk=1 ops/s={rec.ops_per_s:.0f}"
 
 
+@pytest.mark.slow
 def test_cli_sweep_prints_a_rate_line_and_a_lock_profile_per_point(tmp_path, capsys,
                                                                    arena_name):
     out = tmp_path / "s.json"
