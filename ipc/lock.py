@@ -3,24 +3,39 @@
 A lock is a binary semaphore plus a record of ``LOCK_WORDS`` signed 64-bit words that the
 caller places in shared memory and passes in as a memoryview cast to 'q':
 
-    word  name              meaning
-    0     L_OWNER_PID       pid of the holder, 0 when free
-    1     L_OWNER_ID        caller-chosen id of the holder (a CPU slot), 0 when free
-    2     L_ACQUISITIONS    times taken
-    3     L_CONTENDED       times taken after the first try failed
-    4     L_WAIT_NS         total nanoseconds waited by contended acquisitions
-    5     L_MAX_WAIT_NS     longest such wait
-    6     L_ACQUIRED_NS     time.monotonic_ns() when last taken
-    7     (spare)
-    8..15 L_WAIT_HIST       contended waits by length: < 4^k microseconds for bucket k
-                            (k = 0..6: 1 us .. 4 ms), bucket 7 for longer; percentiles
-                            of the wait are read from it (``wait_percentile``)
+    word    name              meaning
+    0       L_OWNER_PID       pid of the holder, 0 when free
+    1       L_OWNER_ID        caller-chosen id of the holder (a CPU slot), 0 when free
+    2       L_ACQUISITIONS    times taken
+    3       L_CONTENDED       times taken after the first try failed
+    4       L_WAIT_NS         total nanoseconds waited by contended acquisitions
+    5       L_MAX_WAIT_NS     longest such wait
+    6       L_ACQUIRED_NS     time.monotonic_ns() when last taken
+    7       L_HOLD_NS         total nanoseconds held (acquired to released), over releases
+    8       L_MAX_HOLD_NS     longest hold
+    9..15   (spare)
+    16..39  L_WAIT_HIST       contended waits by length, HIST_BUCKETS log2 buckets
+    40..63  L_HOLD_HIST       holds by length, the same buckets; their sum is the number
+                              of holds recorded (releases; a forced release records none)
 
-Counters are written only by the holder, so the lock itself protects them. POSIX
-semaphores have no owner: one held by a process that dies stays taken. The owner words let
-a supervisor see that and give the lock back (``force_release``). Left uncovered are the
-instants between taking the semaphore and writing the owner pid, and between clearing it
-and posting: a holder that dies there leaves a taken lock with no owner.
+Histogram buckets (``hist_bucket``) are powers of two of nanoseconds, as FreeBSD's
+``lockstat -h`` and bpftrace's ``hist()`` print them: bucket 0 counts [0, 1024) ns (under
+a microsecond), bucket k (1 <= k < HIST_BUCKETS - 1) counts [2**(k+9), 2**(k+10)) ns, the
+last one everything from 2**(HIST_BUCKETS + 8) ns (4.29 s) up.  The bucket is a table
+look-up of the time's ``bit_length()``.  Percentiles are read from them
+(``hist_percentile``).
+
+Counters are written only by the holder, so the lock itself protects them: the wait and
+acquisition counts after the semaphore is taken, the hold counts before it is given back
+(``release``: one clock read and five word operations, about 0.25 us on the machine
+docs/lockstat.md measures; only slow paths take locks). A reader in another process reads
+them without the lock and may see one acquisition half counted.
+
+POSIX semaphores have no owner: one held by a process that dies stays taken. The owner
+words let a supervisor see that and give the lock back (``force_release``). Left
+uncovered are the instants between taking the semaphore and writing the owner pid, and
+between clearing it and posting: a holder that dies there leaves a taken lock with no
+owner.
 """
 
 import os
@@ -32,7 +47,7 @@ import posix_ipc
 from .errors import os_errors
 from .semaphore import open_private, sem_wait, unlink_semaphore
 
-LOCK_WORDS = 16
+LOCK_WORDS = 64
 L_OWNER_PID = 0
 L_OWNER_ID = 1
 L_ACQUISITIONS = 2
@@ -40,14 +55,25 @@ L_CONTENDED = 3
 L_WAIT_NS = 4
 L_MAX_WAIT_NS = 5
 L_ACQUIRED_NS = 6
-L_WAIT_HIST = 8
-WAIT_HIST_BUCKETS = 8
+L_HOLD_NS = 7
+L_MAX_HOLD_NS = 8
+L_WAIT_HIST = 16
+HIST_BUCKETS = 24                 # [0, 1K) ns, [1K, 2K) .. [2G, 4G) ns, >= 4G ns
+L_HOLD_HIST = L_WAIT_HIST + HIST_BUCKETS
+WAIT_HIST_BUCKETS = HOLD_HIST_BUCKETS = HIST_BUCKETS
+HIST_SHIFT = 10                   # bucket 1 starts at 2**HIST_SHIFT ns
+_LAST = HIST_BUCKETS - 1
+# bucket of a time whose bit_length() is b: min(max(b - HIST_SHIFT, 0), _LAST)
+_BUCKET_OF_BITS = tuple(min(max(b - HIST_SHIFT, 0), _LAST) for b in range(65))
+_WAIT_SLOT = tuple(L_WAIT_HIST + k for k in _BUCKET_OF_BITS)   # word to count it in
+_HOLD_SLOT = tuple(L_HOLD_HIST + k for k in _BUCKET_OF_BITS)
 
 MODE = 0o600
 WAIT_SLICE = 1.0  # seconds per timed wait: on_wait runs, and signals land, between slices
 
 # os.getpid() is a system call; acquire and held_by_me read this copy instead.
 _pid = os.getpid()
+_now = time.monotonic_ns          # the clock of every time word (tests may replace it)
 
 
 def _refresh_pid():
@@ -58,19 +84,28 @@ def _refresh_pid():
 os.register_at_fork(after_in_child=_refresh_pid)
 
 
-def wait_bucket(ns):
-    """Histogram bucket of a wait of ``ns`` nanoseconds: k such that it is under
-    4**k microseconds (k <= 6), else 7."""
-    us = ns // 1000
-    k = 0
-    while k < WAIT_HIST_BUCKETS - 1 and us >= 4 ** k:
-        k += 1
-    return k
+def hist_bucket(ns):
+    """Histogram bucket of a wait or hold of ``ns`` nanoseconds (>= 0): 0 under
+    1024 ns, k for [2**(k+9), 2**(k+10)) ns, the last one from 2**(HIST_BUCKETS + 8)
+    ns up."""
+    return _BUCKET_OF_BITS[min(ns.bit_length(), 64)]
 
 
-def wait_percentile(hist, q):
-    """Upper bound in microseconds of the ``q`` quantile (0..1) of the waits
-    counted in ``hist`` (WAIT_HIST_BUCKETS counts); None if there were none."""
+wait_bucket = hist_bucket
+
+
+def hist_bounds_ns(k):
+    """(low, high) in nanoseconds of histogram bucket ``k``; high is inf for the last."""
+    if not 0 <= k < HIST_BUCKETS:
+        raise ValueError(f"histogram bucket {k} is outside 0..{_LAST}")
+    return ((0 if k == 0 else 1 << (k + HIST_SHIFT - 1)),
+            (float("inf") if k == _LAST else 1 << (k + HIST_SHIFT)))
+
+
+def hist_percentile(hist, q):
+    """Upper bound in microseconds of the ``q`` quantile (0..1) of the times counted
+    in ``hist`` (HIST_BUCKETS counts); None if there were none, inf if it falls in
+    the last bucket."""
     total = sum(hist)
     if not total:
         return None
@@ -79,8 +114,11 @@ def wait_percentile(hist, q):
     for k, n in enumerate(hist):
         seen += n
         if seen >= need:
-            return float(4 ** k) if k < WAIT_HIST_BUCKETS - 1 else float("inf")
+            return hist_bounds_ns(k)[1] / 1000
     return float("inf")
+
+
+wait_percentile = hist_percentile
 
 
 def _check_words(words):
@@ -120,19 +158,19 @@ class _CountedLock:
         w = self._words
         w[L_OWNER_PID] = _pid
         w[L_OWNER_ID] = owner_id
-        w[L_ACQUIRED_NS] = time.monotonic_ns()
+        w[L_ACQUIRED_NS] = _now()
         w[L_ACQUISITIONS] += 1
         return True
 
     def _acquire_slow(self, timeout, on_wait):
         """Wait for the lock after a failed try; on success count the contended take."""
-        started = time.monotonic_ns()
+        started = _now()
         deadline = None if timeout is None else started + int(timeout * 1e9)
         while True:
             if deadline is None:
                 step = WAIT_SLICE
             else:
-                left = deadline - time.monotonic_ns()
+                left = deadline - _now()
                 if left <= 0:
                     return False
                 step = min(left / 1e9, WAIT_SLICE)
@@ -140,18 +178,24 @@ class _CountedLock:
                 break
             if on_wait is not None and on_wait():
                 return False
-        waited = time.monotonic_ns() - started
+        waited = _now() - started
         w = self._words
         w[L_CONTENDED] += 1
-        w[L_WAIT_HIST + wait_bucket(waited)] += 1
+        w[_WAIT_SLOT[waited.bit_length()]] += 1
         w[L_WAIT_NS] += waited
         if waited > w[L_MAX_WAIT_NS]:
             w[L_MAX_WAIT_NS] = waited
         return True
 
     def release(self):
-        """Clear the owner words and give the lock back."""
+        """Count the hold (since L_ACQUIRED_NS), clear the owner words and give the
+        lock back.  Lock: held on entry (the counters are the holder's to write)."""
         w = self._words
+        held = _now() - w[L_ACQUIRED_NS]
+        w[L_HOLD_NS] += held
+        if held > w[L_MAX_HOLD_NS]:
+            w[L_MAX_HOLD_NS] = held
+        w[_HOLD_SLOT[held.bit_length()]] += 1        # hist_bucket(held)
         w[L_OWNER_PID] = 0
         w[L_OWNER_ID] = 0
         self._post()

@@ -46,7 +46,7 @@ BATCH = 128                      # handles per message at most (measured: 64 cos
 INFLIGHT_BYTES = 32 << 20        # shmalloc zone limit = faster_fifo buffer
 ARENA_SIZE = 96 << 20
 ZONE = "handoff"
-XFREE = "local"                  # how the consumer's frees go back (measured: README)
+XFREE = "local"                  # how the consumer's frees go back (measured: docs/benchmarks.md)
 BULK = True                      # alloc_bulk a batch and free_bulk what came (else one by one)
 DEADLINE = 120.0                 # a run that takes longer is abandoned (a stuck peer)
 CTX = mp.get_context("fork")

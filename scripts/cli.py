@@ -1,17 +1,6 @@
-"""The ``shmalloc`` command line.
-
-    shmalloc launch [-n N] [--workload churn|pipeline|refcount] [--seconds S]
-                    [--kill-every SECONDS] [--kill-manager] [--size BYTES] [--seed SEED]
-                    [--name ARENA]
-    shmalloc chaos [--seed N] [--workers N] [--kills N] [--manager-kills N]
-                   [--workloads pipeline,refcount] [--killpoints SPEC] [--json FILE]
-    shmalloc bench [--quick] [--json FILE] [--repeat K]
-    shmalloc serve --name ARENA [--size BYTES] [--tunable NAME=VALUE ...] [--adopt]
-                   [--idle-exit SECONDS]
-    shmalloc sysctl --name ARENA [-n] [-a] [NAME[=VALUE] ...]
-    shmalloc stat -z|-m --name ARENA [-w SECONDS [-c COUNT]]
-    shmalloc check --name ARENA
-    shmalloc cleanup --name ARENA [--name ARENA ...] | --all
+"""The ``shmalloc`` command line: ``shmalloc COMMAND --help`` for each command; every
+command and option is in docs/cli.md, which tests/test_docs.py keeps equal to
+this parser.
 
 Exit status: 0 ok, 1 failure, 2 usage.
 """
@@ -23,9 +12,10 @@ import sys
 import time
 
 from shmalloc import Arena, CorruptionError, ShmallocError, admin
+from shmalloc import stats as shm_stats
 from shmalloc.ipc import naming
 from shmalloc.workers import manager
-from shmalloc.mbuf import SYSCTLS, SysctlError
+from shmalloc.mbuf import NETSTAT_FORMATS, SYSCTLS, SysctlError
 
 from . import bench, chaos, launch, positive_int, stress
 
@@ -75,8 +65,27 @@ def _parser():
     what.add_argument("-z", action="store_true", help="vmstat -z: per-zone statistics")
     what.add_argument("-m", action="store_true", help="netstat -m: mbuf statistics")
     p.add_argument("--name", required=True, metavar="ARENA")
+    p.add_argument("--format", choices=NETSTAT_FORMATS, default=NETSTAT_FORMATS[0],
+                   help="with -m: the FreeBSD release whose netstat -m to print: 7 (7/8, "
+                   "the seed's; the default) or 13 (11-14, with the delayed lines)")
     p.add_argument("-w", "--wait", type=float, metavar="SECONDS",
                    help="repeat every SECONDS, until Ctrl-C or COUNT")
+    p.add_argument("-c", "--count", type=positive_int, metavar="COUNT",
+                   help="with -w: stop after COUNT reports")
+
+    p = command("lockstat", _lockstat, "print the lock profile of a running arena: per "
+                "lock, acquisitions, contended ones, total/avg/max wait and hold in "
+                "microseconds, as FreeBSD's LOCK_PROFILING and perf lock contention do")
+    p.add_argument("--name", required=True, metavar="ARENA")
+    p.add_argument("--sort", choices=list(shm_stats.LOCK_SORT_KEYS), default="wait",
+                   help="column to sort by, largest first: total wait (default), total "
+                        "hold, count (acquisitions) or contended (acquisitions)")
+    p.add_argument("--top", type=positive_int, metavar="N", help="list the first N locks only")
+    p.add_argument("--hist", action="store_true",
+                   help="also print each listed lock's log2 histograms of wait and hold")
+    p.add_argument("-w", "--wait", type=float, metavar="SECONDS",
+                   help="repeat every SECONDS, each report counting what happened since "
+                        "the previous one, until Ctrl-C or COUNT")
     p.add_argument("-c", "--count", type=positive_int, metavar="COUNT",
                    help="with -w: stop after COUNT reports")
 
@@ -112,7 +121,7 @@ def _stat(args):
     with Arena.attach(args.name) as arena:
         try:
             for i in itertools.count(1):
-                sys.stdout.write(arena.netstat_m() if args.m else arena.vmstat_z())
+                sys.stdout.write(arena.netstat_m(args.format) if args.m else arena.vmstat_z())
                 sys.stdout.flush()
                 if args.wait is None or i == args.count:
                     break
@@ -120,6 +129,43 @@ def _stat(args):
                 print()
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def _lockstat(args):
+    """Print the lock profile of the arena: since its locks were made, then with
+    ``-w`` every ``args.wait`` seconds what happened since the previous report.
+
+    Reads the lock records without a CPU slot (``Arena._attach_core``): taking one
+    would take the vm lock and add a mailbox lock to what it measures."""
+    if args.wait is not None and args.wait <= 0:
+        print("shmalloc lockstat: -w needs a positive number of seconds", file=sys.stderr)
+        return 2
+    core = Arena._attach_core(args.name)
+    try:
+        prev = None
+        t_prev = time.monotonic()
+        for i in itertools.count(1):
+            now, t_now = shm_stats.lock_stats(core), time.monotonic()
+            if prev is None:
+                rows, when = now, "since its locks were made"
+            else:
+                rows = shm_stats.lock_stats_since(now, prev)
+                when = f"over the last {t_now - t_prev:.2f} s"
+            title = (f"lockstat: arena {args.name}, {when}; times in microseconds, "
+                     f"sorted by {args.sort}")
+            sys.stdout.write(shm_stats.format_lock_profile(rows, args.sort, args.top,
+                                                           args.hist, title))
+            sys.stdout.flush()
+            if args.wait is None or i == args.count:
+                break
+            prev, t_prev = now, t_now
+            time.sleep(args.wait)
+            print()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        core.close()
     return 0
 
 
@@ -159,7 +205,7 @@ def _sysctl_one(arena, oid, values_only) -> bool:
     prefix = "" if values_only else f"{name}: "
     try:
         if not sep:
-            print(f"{prefix}{arena.sysctl(name)}")
+            print(f"{prefix}{_shown(arena.sysctl(name))}")
             return True
         try:
             value = int(text, 0)
@@ -177,6 +223,17 @@ def _sysctl_one(arena, oid, values_only) -> bool:
         else:
             print(f"shmalloc sysctl: {oid}: {e.strerror}", file=sys.stderr)
         return False
+
+
+def _shown(value) -> str:
+    """A sysctl's value as sysctl(8) prints it: an int as is; an opaque struct
+    (``kern.ipc.mbstat``) as ``sysctl -o`` does -- its format, length and first 16
+    bytes in hex (plain sysctl(8) prints nothing for it)."""
+    if isinstance(value, int):
+        return str(value)
+    raw = value.pack()
+    more = "..." if len(raw) > 16 else ""
+    return f"Format:{value.SYSCTL_FORMAT} Length:{len(raw)} Dump:0x{raw[:16].hex()}{more}"
 
 
 # ------------------------------------------------------------------------ cleanup

@@ -5,7 +5,7 @@
 N workers churn over zones of 256, 2048 and 9216 bytes until the total number of
 operations is reached; every second the RSS of each worker and the arena's
 usage (free pages, items out of the slabs) are sampled and printed.  Flat lines
-mean no leak.  Documented in the README; not run in CI (a tiny smoke run is).
+mean no leak.  Documented in docs/operations.md; not run in CI (a tiny smoke run is).
 """
 
 import argparse

@@ -70,6 +70,14 @@ def holder_table(name: str, seg=None) -> list[tuple[str, int, bool]] | None:
         try:
             if w[L.HDR["MAGIC"]] != L.MAGIC:
                 procs = [("creator", w[L.HDR["CREATOR_PID"]], 0)]
+            elif w[L.HDR["VERSION"]] != L.LAYOUT_VERSION:
+                # another shmalloc's layout: its CPU table may lie elsewhere, so the
+                # holders are the header's pids and every process mapping the segment
+                procs = [("creator", w[L.HDR["CREATOR_PID"]], 0),
+                         ("manager", w[L.HDR["MANAGER_PID"]], w[L.HDR["MANAGER_START"]])]
+                procs += [("mapping", pid, 0) for pid in
+                          _mapping_pids(naming.object_path("shm", seg.name))
+                          if pid != os.getpid()]          # (this look maps it too)
             else:
                 procs = [("manager", w[L.HDR["MANAGER_PID"]], w[L.HDR["MANAGER_START"]])]
                 procs += [(f"CPU {c}", w[L.cpu_word(c) + L.CPU["PID"]],
@@ -82,6 +90,22 @@ def holder_table(name: str, seg=None) -> list[tuple[str, int, bool]] | None:
         if own:
             seg.close()
     return [(role, pid, process_alive(pid, start)) for role, pid, start in procs if pid > 0]
+
+
+def _mapping_pids(path: str) -> list[int]:
+    """Pids of the processes that map the file ``path`` (Linux: /proc/PID/maps);
+    a process that ends or hides its maps meanwhile is left out."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/maps") as f:
+                if any(line.rstrip("\n").endswith(" " + path) for line in f):
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
 
 
 def _describe(table) -> str:

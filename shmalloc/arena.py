@@ -82,10 +82,14 @@ class Arena(CpuSlots, ZoneTable, Messages):
     @classmethod
     def create(cls, name: str, size: int = DEFAULT_SIZE, *, debug: int | None = None,
                tunables: dict | None = None, strict: bool = False,
-               replace: bool = False) -> "Arena":
+               replace: bool = False, bare: bool = False) -> "Arena":
         """Create arena ``name`` of ``size`` bytes (rounded up to pages).
         ``tunables``: boot-time sysctls the layers take, e.g. the mbuf layer's
-        ``{"kern.ipc.nmbclusters": 0}`` (``layers.register_tunables``).
+        ``{"kern.ipc.nmbclusters": 0}`` (``layers.register_tunables``).  The
+        layers' on-create setups run last (``layers.register_on_create``: the mbuf
+        layer makes its seven zones, as FreeBSD's ``mbuf_init`` does at boot);
+        ``bare=True`` skips them, for an arena of custom zones only (a layer used
+        on it later sets itself up then).
 
         ``/dev/shm`` backs the arena's pages as they are handed out; a size
         beyond the room it has warns (ArenaSizeWarning), or with ``strict``
@@ -111,7 +115,7 @@ class Arena(CpuSlots, ZoneTable, Messages):
             backend = PosixBackend(name, seg)
             core = Core(backend, size)
             cls._format(core, debug, tunables)
-            return cls(core, name, creator=True)
+            arena = cls(core, name, creator=True)
         except NoSpaceError as e:
             _cleanup_failed_create(name, seg)
             raise ArenaFullError(f"arena {name!r}: /dev/shm has no room for its "
@@ -120,6 +124,18 @@ class Arena(CpuSlots, ZoneTable, Messages):
         except BaseException:
             _cleanup_failed_create(name, seg)
             raise
+        return arena._set_up(bare)
+
+    def _set_up(self, bare: bool) -> "Arena":
+        """Run the layers' on-create setups (unless ``bare``); a failure destroys
+        the new arena."""
+        if not bare:
+            try:
+                layers.run_on_create(self)
+            except BaseException:
+                self.destroy()
+                raise
+        return self
 
     @staticmethod
     def _check_room(name: str, size: int, strict: bool) -> None:
@@ -136,14 +152,15 @@ class Arena(CpuSlots, ZoneTable, Messages):
 
     @classmethod
     def create_local(cls, size: int = 8 << 20, *, debug: int | None = None,
-                     tunables: dict | None = None) -> "Arena":
-        """An arena on a bytearray with in-process locks (tests, one process)."""
+                     tunables: dict | None = None, bare: bool = False) -> "Arena":
+        """An arena on a bytearray with in-process locks (tests, one process);
+        ``bare`` as for ``create``."""
         size = cls._check_size(size)
         tunables = layers.validate_tunables(tunables)
         backend = LocalBackend(size)
         core = Core(backend, size)
         cls._format(core, debug, tunables)
-        return cls(core, backend.name, creator=True)
+        return cls(core, backend.name, creator=True)._set_up(bare)
 
     @classmethod
     def attach(cls, name: str) -> "Arena":
@@ -411,9 +428,10 @@ class Arena(CpuSlots, ZoneTable, Messages):
         state = "closed" if self._closed else f"cpu={self.cpu_id}"
         return f"<Arena {self.name!r} size={self.size} {state}>"
 
-    def sysctl(self, name: str, value: int | None = None) -> int:
+    def sysctl(self, name: str, value: int | None = None):
         """Read sysctl ``name`` (``kern.ipc.nmbclusters`` ...), or set it to ``value``;
-        the names are those the layers registered (``layers.register_sysctl``).
+        the names are those the layers registered (``layers.register_sysctl``).  A
+        value is an int, or a struct for an opaque sysctl (``kern.ipc.mbstat``).
         SysctlError with errno ENOENT for an unknown name."""
         return layers.sysctl(self, name, value)
 

@@ -7,7 +7,8 @@ Per keg, from its slabs:
 Per zone (conservation):
     free in slabs + cached + depot + in flight + allocated + (import, fini under
     way) == total items of the keg, summed over the keg's zones;
-    ITEMS == tags of the zone that are not FREE;  ITEMS <= LIMIT;
+    ITEMS == tags of the zone that are not FREE;  ITEMS <= LIMIT (or, after a limit
+    set below use, ITEMS <= OVER: the items out when it was set);
     DEPOT_N == DEPOT tags, and the depot lists exactly those items once each;
     SLEEPERS == live entries of the sleep queue;
     each live CPU's published CACHED == CACHED tags it holds (level >= 2, or for
@@ -157,8 +158,9 @@ def _check_zone(core, z, zidx, keg, by_zone, cached_by_cpu, live, own_cpus, leve
         states = {L.TAG_STATE_NAMES[st]: n for (zi, st), n in by_zone.items() if zi == zidx}
         problems.append(f"{p}: ITEMS {items} but {held} items are out of the slabs {states}")
     limit = w[zw + _Z["LIMIT"]]
-    if limit and items > limit:
-        problems.append(f"{p}: {items} items exceed the limit {limit}")
+    if limit and items > max(limit, w[zw + _Z["OVER"]]):
+        over = f" (and the {w[zw + _Z['OVER']]} out when it was set)" if w[zw + _Z["OVER"]] else ""
+        problems.append(f"{p}: {items} items exceed the limit {limit}{over}")
     n = w[zw + _Z["DEPOT_N"]]
     cap = w[zw + _Z["DEPOT_CAP"]]
     if not 0 <= n <= cap:

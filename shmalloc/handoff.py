@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+from . import layers
 from . import layout as L
 from .errors import ArenaClosedError, ShmallocError
 from .hooks import DTOR_RECOVER
@@ -69,6 +70,8 @@ class Messages:
             while True:
                 if self._mail.pending():
                     self._mail.collect()
+                if self._mail.drain_requested:
+                    layers.run_drain_requests(self)
                 if self._mail.inbox:
                     out = list(self._mail.inbox)
                     self._mail.inbox.clear()
@@ -86,12 +89,16 @@ class Messages:
 
     def poll(self) -> None:
         """Take this CPU's mail and send its pending remote frees home (call it
-        when idle; recv, sleeping allocations and the slow paths do it too)."""
+        when idle; recv, sleeping allocations and the slow paths do it too); run
+        the layers' drain-request handlers when the keg manager asked for a drain
+        (``layers.register_drain_request``)."""
         self._check_open()
         if (here := self._here()) is not self:
             return here.poll()
         if self._mail.pending():
             self._mail.collect()
+        if self._mail.drain_requested:
+            layers.run_drain_requests(self)
         self._flush_xfree()
 
     def _flush_xfree(self) -> None:

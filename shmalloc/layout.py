@@ -11,7 +11,8 @@ Segment::
     0          +-------------------------------------------+
                | header           HDR_WORDS words          |  magic, version, geometry
     LOCKS      +-------------------------------------------+
-               | lock table       MAX_LOCKS x LOCK_WORDS   |  owner word + counters per lock
+               | lock table       MAX_LOCKS x LOCK_WORDS   |  owner words, wait and hold counters,
+               |                                           |  log2 wait and hold histograms
     CPUS       +-------------------------------------------+
                | CPU table        MAX_CPUS x CPU_WORDS     |  pid, start time, state, grant,
                |                  (+ MAX_ZONES x CS_WORDS  |  published per-zone counters
@@ -47,10 +48,15 @@ other structure from.
 
 from __future__ import annotations
 
+import functools
+
 from .ipc import lock as _ipc_lock
 
 MAGIC = 0x434F4C4C414D4853          # b"SHMALLOC" read as a little-endian word
-LAYOUT_VERSION = 3                  # 3: hook names are module-qualified
+LAYOUT_VERSION = 6                  # 3: hook names are module-qualified; 4: the mbuf
+                                    # header of FreeBSD 10+ amd64 (m_dat at 32, pkthdr 56);
+                                    # 5: lock records of 64 words (hold times, log2
+                                    # histograms); 6: both
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -86,9 +92,22 @@ TUNABLES_WORD = 256                  # words 256..383: tunables of upper layers 
 TUNABLES_WORDS = 128
 
 # --- lock record (field order shared with ipc.lock, checked below) ----------------
+# One per lock, LOCK_WORDS words, written only by the lock's holder (ipc/lock.py):
+#
+#   word  0 OWNER_PID    1 OWNER_ID     2 ACQUISITIONS  3 CONTENDED
+#         4 WAIT_NS      5 MAX_WAIT_NS  6 ACQUIRED_NS   7 HOLD_NS
+#         8 MAX_HOLD_NS  9..15 reserved
+#        16 WAIT_HIST    LOCK_HIST_BUCKETS words: contended waits, log2 buckets
+#        40 HOLD_HIST    LOCK_HIST_BUCKETS words: holds (acquire to release), the same
+#
+# Bucket 0 counts [0, 2**10) ns, bucket k [2**(k+9), 2**(k+10)) ns, the last >= 2**32 ns.
 LOCK = _fields("OWNER_PID", "OWNER_ID", "ACQUISITIONS", "CONTENDED", "WAIT_NS",
-               "MAX_WAIT_NS", "ACQUIRED_NS", "SPARE", "WAIT_HIST")   # WAIT_HIST: 8 words
-LOCK_WORDS = 16
+               "MAX_WAIT_NS", "ACQUIRED_NS", "HOLD_NS", "MAX_HOLD_NS")
+LOCK_FIXED_WORDS = 16
+LOCK_HIST_BUCKETS = 24
+LOCK["WAIT_HIST"] = LOCK_FIXED_WORDS
+LOCK["HOLD_HIST"] = LOCK_FIXED_WORDS + LOCK_HIST_BUCKETS
+LOCK_WORDS = LOCK_FIXED_WORDS + 2 * LOCK_HIST_BUCKETS
 VM_LOCK = 0
 
 
@@ -134,6 +153,7 @@ ZONE = _fields(
     "BUCKET_SIZE", "BUCKET_MIN", "BUCKET_MAX", "IMAX", "IMIN", "WSS",
     "SQ_HEAD", "SQ_TAIL", "XFREE", "GEN", "DEPOT_GETS", "DEPOT_PUTS", "CREATED_NS",
     "XFREES",
+    "OVER",             # ITEMS when a limit below them was set (set_max(below_use=True)), else 0
 )
 ZONE_FIXED_WORDS = 32
 ZONE_NAME_WORD = ZONE_FIXED_WORDS                          # NAME_BYTES
@@ -356,6 +376,7 @@ def slab_header_bytes(ipers: int, refcnt: bool) -> int:
     return SLAB_HDR_BYTES + ipers * 4 * (2 if refcnt else 1)
 
 
+@functools.lru_cache(maxsize=256)
 def keg_layout(rsize: int, refcnt: bool, max_pages: int) -> tuple[int, int, int]:
     """Choose (ppera, ipers, hdroff) for items of ``rsize`` bytes.
 
@@ -363,9 +384,13 @@ def keg_layout(rsize: int, refcnt: bool, max_pages: int) -> tuple[int, int, int]
     most MAX_WASTE wins; failing that, the most efficient up to MAX_SLAB_PAGES (or
     the one-item slab a big item needs).
     """
+    per_item = 4 * (2 if refcnt else 1)
+
     def fit(ppera: int) -> int:
         room = ppera * PAGE_SIZE
-        n = room // rsize
+        # the most n with n items (rounded up to a word) + header + tags in ``room``:
+        # start from the estimate ignoring the rounding, then step down
+        n = min(room // rsize, max(0, (room - SLAB_HDR_BYTES) // (rsize + per_item) + 1))
         while n > 0 and round_up(n * rsize, WORD) + slab_header_bytes(n, refcnt) > room:
             n -= 1
         return n
@@ -387,25 +412,33 @@ def keg_layout(rsize: int, refcnt: bool, max_pages: int) -> tuple[int, int, int]
 
 # --- mbuf (shmalloc.mbuf) ---------------------------------------------------------------------
 # An mbuf is one MSIZE-byte item of the "mbuf" keg, aligned to MSIZE, so the mbuf that
-# holds any address is ``addr & ~(MSIZE - 1)`` (dtom).  Every field is a word; every
+# holds any address is ``addr & ~(MSIZE - 1)`` (dtom).  Its sizes are FreeBSD 10+'s on
+# amd64: m_dat starts at byte 32 and the packet header is 56 bytes, so MLEN is 224,
+# MHLEN 168 (and MINCLSIZE 169).  Every field is a word but one: the fourth word of the
+# header packs m_flags, m_type and m_len as FreeBSD 10's ``m_hdr`` does -- m_flags in
+# its low 24 bits, m_type in the byte above (byte 27 of the mbuf), m_len in its high
+# half (the u32 at byte 28, read through the 32-bit view, like the tags); and one word
+# of the packet header holds tso_segsz (16 bits) and ether_vtag (16 bits).  Every
 # pointer (m_next, m_data, ext_buf, ref_cnt, tags ...) is a handle and 0 is NULL.  As in
 # FreeBSD, the packet header, the external-storage descriptor and the data share the
 # space after the header (a union): m_ext always sits where m_pktdat begins.
 #
 #   byte 0          +--------------------------------------------+
-#                   | m_hdr      MH words                        |  next nextpkt data len flags type
-#   MH_BYTES  (48)  +--------------------------------------------+ <- m_dat    (MLEN bytes)
+#                   | m_hdr      MH words                        |  next nextpkt data
+#                   |                                            |  flags:24 type:8 len:32
+#   MH_BYTES  (32)  +--------------------------------------------+ <- m_dat    (MLEN bytes)
 #                   | m_pkthdr   PH words            (M_PKTHDR)  |  rcvif header len csum_flags
-#                   |                                            |  csum_data tso_segsz ether_vtag tags
-#   PKTDAT   (112)  +--------------------------------------------+ <- m_pktdat (MHLEN bytes)
+#                   |                                            |  csum_data tso:16|vtag:16 tags
+#   PKTDAT    (88)  +--------------------------------------------+ <- m_pktdat (MHLEN bytes)
 #                   | m_ext      EXT words           (M_EXT)     |  buf size type ref_cnt arg1 arg2 owner
-#   EXT_FREE (168)  |   ext_free EXT_FREE_BYTES                  |  name of the m_extadd free routine
+#   EXT_FREE (144)  |   ext_free EXT_FREE_BYTES                  |  name of the m_extadd free routine
 #   MSIZE    (256)  +--------------------------------------------+
 #
 # ref_cnt is the handle of the u32 counting the storage's references: the refcount
-# trailer of a cluster (REFCNT kegs) or an item of "mbuf_ext_refcnt".  owner is the mbuf
-# that attached the storage first: a packet (mbuf_packet) goes back to its zone with its
-# cluster only when the last reference to the cluster goes.
+# trailer of a cluster (REFCNT kegs) or an item of "mbuf_ext_refcnt" (or, for
+# EXT_EXTREF storage, the caller's own u32).  owner is the mbuf that attached the
+# storage first: a packet (mbuf_packet) goes back to its zone with its cluster only
+# when the last reference to the cluster goes.
 #
 # An m_tag is an item of a "mbuf_tag_<size>" zone: MTAG words, then the payload.
 #
@@ -414,9 +447,12 @@ def keg_layout(rsize: int, refcnt: bool, max_pages: int) -> tuple[int, int, int]
 #   +------+-------+--------+----+-----+--------------------------+
 #   owner is the mbuf whose packet header lists the tag, 0 while unlinked.
 MSIZE = 256
-MH = _fields("NEXT", "NEXTPKT", "DATA", "LEN", "FLAGS", "TYPE")
-PH = _fields("RCVIF", "HEADER", "LEN", "CSUM_FLAGS", "CSUM_DATA", "TSO_SEGSZ", "ETHER_VTAG",
-             "TAGS")
+MH = _fields("NEXT", "NEXTPKT", "DATA", "FLAGS")
+MH_FLAGS_MASK = 0xFFFFFF                         # m_flags: the FLAGS word's low 24 bits
+MH_TYPE_BYTE = MH["FLAGS"] * WORD + 3            # m_type: the byte above them
+MH_LEN_U32 = (MH["FLAGS"] * WORD + 4) // 4       # m_len: the word's high u32 (32-bit view)
+PH = _fields("RCVIF", "HEADER", "LEN", "CSUM_FLAGS", "CSUM_DATA", "VTAG", "TAGS")
+PH_VTAG_SHIFT = 16                               # VTAG word: tso_segsz | ether_vtag << 16
 EXT = _fields("BUF", "SIZE", "TYPE", "REFCNT", "ARG1", "ARG2", "OWNER")
 MH_WORDS, PH_WORDS, EXT_WORDS = len(MH), len(PH), len(EXT)
 MH_BYTES = MH_WORDS * WORD                       # offset of m_dat
@@ -439,7 +475,7 @@ TUN_WORD = TUNABLES_WORD
 TUN_WORDS = 16
 MBS = _fields("STATE", "MAXUSERS", "NMBCLUSTERS", "NMBJUMBOP", "NMBJUMBO9", "NMBJUMBO16",
               "NMBUFS", "MAXMBUFMEM", "V_FREE_MIN", "DRAINS", "LOWMEM", "LOWMEM_NS", "MCFAIL",
-              "MPFAIL", "SYSCTL_GEN")
+              "MPFAIL", "SYSCTL_GEN", "MAX_LINKHDR", "MAX_PROTOHDR")
 MBS_WORD = TUN_WORD + TUN_WORDS
 MBS_WORDS = 32
 MBS_UNTUNED, MBS_TUNED, MBS_READY = 0, 1, 2      # STATE: tunables computed, zones made
@@ -447,12 +483,16 @@ MBS_UNTUNED, MBS_TUNED, MBS_READY = 0, 1, 2      # STATE: tunables computed, zon
 
 # --- checks at import -----------------------------------------------------------------------
 assert len(HDR) <= TUNABLES_WORD
-assert len(LOCK) + 7 == LOCK_WORDS
+assert len(LOCK) - 2 <= LOCK_FIXED_WORDS and LOCK_WORDS == 64
+assert LOCK["HOLD_HIST"] + LOCK_HIST_BUCKETS == LOCK_WORDS
 assert (_ipc_lock.LOCK_WORDS, _ipc_lock.L_OWNER_PID, _ipc_lock.L_OWNER_ID,
         _ipc_lock.L_ACQUISITIONS, _ipc_lock.L_CONTENDED, _ipc_lock.L_WAIT_NS,
-        _ipc_lock.L_MAX_WAIT_NS, _ipc_lock.L_ACQUIRED_NS, _ipc_lock.L_WAIT_HIST) == (
+        _ipc_lock.L_MAX_WAIT_NS, _ipc_lock.L_ACQUIRED_NS, _ipc_lock.L_HOLD_NS,
+        _ipc_lock.L_MAX_HOLD_NS, _ipc_lock.L_WAIT_HIST, _ipc_lock.L_HOLD_HIST,
+        _ipc_lock.HIST_BUCKETS) == (
     LOCK_WORDS, LOCK["OWNER_PID"], LOCK["OWNER_ID"], LOCK["ACQUISITIONS"], LOCK["CONTENDED"],
-    LOCK["WAIT_NS"], LOCK["MAX_WAIT_NS"], LOCK["ACQUIRED_NS"], LOCK["WAIT_HIST"])
+    LOCK["WAIT_NS"], LOCK["MAX_WAIT_NS"], LOCK["ACQUIRED_NS"], LOCK["HOLD_NS"],
+    LOCK["MAX_HOLD_NS"], LOCK["WAIT_HIST"], LOCK["HOLD_HIST"], LOCK_HIST_BUCKETS)
 assert len(CPU) <= CPU_FIXED_WORDS
 assert MAX_ZONES <= 64 and zone_bit(MAX_ZONES - 1) & zone_bit(0) == 0
 assert len(CS) <= CS_WORDS
@@ -468,6 +508,8 @@ assert keg_layout(2048, True, 64)[1] * 2048 / (keg_layout(2048, True, 64)[0] * P
 assert MSIZE & (MSIZE - 1) == 0                  # dtom: ((MSIZE - 1) ^ MSIZE) + 1 >> 1 == MSIZE
 assert (((MSIZE - 1) ^ MSIZE) + 1) >> 1 == MSIZE
 assert MLEN == MSIZE - MH_BYTES and MHLEN == MLEN - PH_WORDS * WORD
+assert (MH_BYTES, PH_WORDS * WORD, MLEN, MHLEN) == (32, 56, 224, 168)   # FreeBSD 10+ amd64
+assert MH_TYPE_BYTE == MH_LEN_U32 * 4 - 1 and MH_FLAGS_MASK == (1 << 24) - 1
 assert EXT_FREE + EXT_FREE_BYTES == MSIZE and EXT_FREE_BYTES >= 64
 assert EXT_WORDS * WORD + EXT_FREE_BYTES == MHLEN   # m_ext fills the m_pktdat union exactly
 assert MSIZE <= PAGE_SIZE and PAGE_SIZE % MSIZE == 0

@@ -4,7 +4,7 @@ and requests from the keg manager.
 Every CPU has a mailbox in the arena: an ``ipc.ring.Ring`` of msgpack records
 under the CPU's mailbox lock (``layout.mbox_lock_index``), with the CPU's wake
 semaphore posted after each delivery.  Rings were chosen over POSIX message
-queues after measuring both (README): no per-user queue budget to exhaust, a
+queues after measuring both (docs/operations.md, "Limits"): no per-user queue budget to exhaust, a
 mailbox is visible and removable with the arena's segment, and one record holds
 hundreds of handles.
 
@@ -14,7 +14,10 @@ A message is ``[kind, src_cpu, src_gen, groups]`` with ``groups`` a list of
     MSG_XFREE    items freed by ``src`` that came from this CPU's cache: they go
                  back into it (snmalloc's batched remote frees)
     MSG_HANDOFF  items handed to this CPU (``arena.send``): ownership moves
-    MSG_DRAIN    the keg manager asks for this CPU's caches (low memory)
+    MSG_DRAIN    the keg manager asks for this CPU's caches (low memory): given back
+                 when the mail is taken; the layers' drain-request handlers (the mbuf
+                 layer's protocol drains) run at the CPU's next poll or recv
+                 (``layers.run_drain_requests``)
     MSG_ZDRAIN   a CPU asleep at a zone's limit asks for this CPU's cached items of
                  that zone (groups ``[[zone_id, []]]``); at most one is in a mailbox per
                  zone (the CPU's DRAIN_ASKED bits, under its mailbox lock), and the
@@ -96,6 +99,8 @@ class PostOffice:
         self.received = 0
         self.drains = 0
         self.zdrains = 0                       # drain requests of one zone acted on
+        self.drain_requested = False           # MSG_DRAIN came: the layers' handlers are due
+        self.draining = False                  # they are running (layers.run_drain_requests)
         self._collecting = False
 
     # ------------------------------------------------------------------ sending
@@ -208,6 +213,7 @@ class PostOffice:
             self.arena._zone_by_id(zone_id)._cache.take_home(hs, ts)
         if drain:
             self.drains += 1
+            self.drain_requested = True        # the layers' part: at the next safe point
             self.arena._drain_caches()
         for zone_id in zdrains:
             self.zdrains += 1

@@ -9,10 +9,10 @@ CPU by at most one bucket of operations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import layout as L
-from .ipc.lock import WAIT_HIST_BUCKETS, wait_percentile
+from .ipc.lock import HIST_BUCKETS, hist_bounds_ns, hist_percentile
 
 _Z, _K, _CS, _C, _LK = L.ZONE, L.KEG, L.CS, L.CPU, L.LOCK
 
@@ -43,18 +43,36 @@ class ZoneStats:
 
 @dataclass(frozen=True)
 class LockStats:
+    """One lock's profile, read from its record (``ipc.lock``): what FreeBSD's
+    LOCK_PROFILING and ``perf lock contention`` print per lock.  Times in ns;
+    histograms are HIST_BUCKETS log2 buckets of nanoseconds (``ipc.lock.hist_bucket``).
+    """
     name: str
     acquisitions: int
-    contended: int
-    wait_ns: int
+    contended: int               # taken after a failed first try (FreeBSD's cnt_lock)
+    wait_ns: int                 # waited by the contended acquisitions, in total
     max_wait_ns: int
     owner_pid: int
-    wait_hist: tuple = ()        # contended waits: < 1, 4, 16, 64, 256 us, 1, 4 ms, longer
+    wait_hist: tuple = ()        # contended waits: [0, 1K), [1K, 2K) .. [2G, 4G), >= 4G ns
+    hold_ns: int = 0             # held (acquire to release), in total over ``holds``
+    max_hold_ns: int = 0
+    hold_hist: tuple = ()        # holds, the same buckets; their sum is ``holds``
+
+    @property
+    def holds(self) -> int:
+        """Holds recorded: releases by the holder (a forced release records none,
+        a lock held now is counted in ``acquisitions`` only)."""
+        return sum(self.hold_hist)
 
     @property
     def p99_wait_us(self) -> float | None:
         """Upper bound of the 99th percentile of contended waits (histogram)."""
-        return wait_percentile(self.wait_hist, 0.99)
+        return hist_percentile(self.wait_hist, 0.99)
+
+    @property
+    def p99_hold_us(self) -> float | None:
+        """Upper bound of the 99th percentile of holds (histogram)."""
+        return hist_percentile(self.hold_hist, 0.99)
 
     @property
     def contended_share(self) -> float:
@@ -62,7 +80,48 @@ class LockStats:
 
     @property
     def mean_wait_us(self) -> float:
+        """Average wait of a contended acquisition (perf lock contention's avg wait)."""
         return self.wait_ns / self.contended / 1e3 if self.contended else 0.0
+
+    @property
+    def mean_hold_us(self) -> float:
+        return self.hold_ns / self.holds / 1e3 if self.holds else 0.0
+
+    def since(self, earlier: "LockStats | None") -> "LockStats":
+        """The lock's activity from snapshot ``earlier`` of it to this one
+        (``lockstat -w``, a stress window).  The counts are differences; a max is
+        the interval's when the interval set it (this max exceeds the earlier one),
+        else the upper end of the interval's longest histogram bucket capped at the
+        max since the lock was made (a bound, within a factor of 2), 0 for an
+        interval without waits (holds).  Counts that went back (the lock was made
+        anew) leave this snapshot as it is."""
+        if earlier is None or earlier.acquisitions > self.acquisitions:
+            return self
+        wait_hist = _hist_minus(self.wait_hist, earlier.wait_hist)
+        hold_hist = _hist_minus(self.hold_hist, earlier.hold_hist)
+        return replace(
+            self, acquisitions=self.acquisitions - earlier.acquisitions,
+            contended=self.contended - earlier.contended,
+            wait_ns=self.wait_ns - earlier.wait_ns, hold_ns=self.hold_ns - earlier.hold_ns,
+            max_wait_ns=_interval_max(self.max_wait_ns, earlier.max_wait_ns, wait_hist),
+            max_hold_ns=_interval_max(self.max_hold_ns, earlier.max_hold_ns, hold_hist),
+            wait_hist=wait_hist, hold_hist=hold_hist)
+
+
+def _interval_max(now: int, before: int, hist: tuple) -> int:
+    """The longest time of an interval (see ``LockStats.since``)."""
+    used = [k for k, n in enumerate(hist) if n > 0]
+    if not used:
+        return 0
+    if now > before:
+        return now
+    return int(min(now, hist_bounds_ns(used[-1])[1]))
+
+
+def _hist_minus(a: tuple, b: tuple) -> tuple:
+    n = max(len(a), len(b))
+    a, b = tuple(a) + (0,) * (n - len(a)), tuple(b) + (0,) * (n - len(b))
+    return tuple(x - y for x, y in zip(a, b))
 
 
 @dataclass(frozen=True)
@@ -223,7 +282,10 @@ def lock_owners(core, held_only: bool = True) -> list[LockOwner]:
 
 def lock_stats(core) -> list[LockStats]:
     """The vm lock, each keg's and zone's, then the mailbox lock of every CPU slot
-    in use (or held: a dead holder's shows until it is repaired)."""
+    in use (or held: a dead holder's shows until it is repaired).
+
+    Lock: none.  The records are read as they are: a snapshot in which an acquisition
+    under way may be half counted (its count without its wait, say)."""
     w = core.w
     idxs = [L.VM_LOCK]
     idxs += [L.keg_lock_index(k) for k in range(1, w[L.HDR["NKEGS"]] + 1)
@@ -233,14 +295,103 @@ def lock_stats(core) -> list[LockStats]:
              if w[L.cpu_word(c) + _C["STATE"]] != L.CPU_FREE
              or w[L.lock_word(L.mbox_lock_index(c)) + _LK["OWNER_PID"]]]
     out = []
+    wh, hh = _LK["WAIT_HIST"], _LK["HOLD_HIST"]
     for idx in idxs:
         lw = L.lock_word(idx)
         out.append(LockStats(
             name=lock_name(core, idx), acquisitions=w[lw + _LK["ACQUISITIONS"]],
             contended=w[lw + _LK["CONTENDED"]], wait_ns=w[lw + _LK["WAIT_NS"]],
             max_wait_ns=w[lw + _LK["MAX_WAIT_NS"]], owner_pid=w[lw + _LK["OWNER_PID"]],
-            wait_hist=tuple(w[lw + _LK["WAIT_HIST"]:lw + _LK["WAIT_HIST"] + WAIT_HIST_BUCKETS])))
+            wait_hist=tuple(w[lw + wh:lw + wh + HIST_BUCKETS]),
+            hold_ns=w[lw + _LK["HOLD_NS"]], max_hold_ns=w[lw + _LK["MAX_HOLD_NS"]],
+            hold_hist=tuple(w[lw + hh:lw + hh + HIST_BUCKETS])))
     return out
+
+
+def lock_stats_since(now, earlier) -> list[LockStats]:
+    """``now`` (a list of LockStats) as counts since the snapshot ``earlier`` (a list
+    of LockStats, matched by name); a lock new since then counts from zero."""
+    before = {s.name: s for s in earlier}
+    return [s.since(before.get(s.name)) for s in now]
+
+
+# ---------------------------------------------------------------- lock profile report
+# The columns of ``perf lock contention`` (contended, total wait, max wait, avg wait)
+# with the hold columns of FreeBSD's LOCK_PROFILING (total, avg, max) and its count,
+# all times in microseconds.  Sort keys, descending (``shmalloc lockstat --sort``):
+LOCK_SORT_KEYS = {
+    "wait": lambda s: (s.wait_ns, s.contended, s.acquisitions),
+    "hold": lambda s: (s.hold_ns, s.acquisitions),
+    "count": lambda s: (s.acquisitions, s.contended),
+    "contended": lambda s: (s.contended, s.wait_ns, s.acquisitions),
+}
+LOCK_PROFILE_HEADER = ("%10s %10s %12s %10s %10s %12s %10s %10s  %s"
+                       % ("count", "contended", "total wait", "avg wait", "max wait",
+                          "total hold", "avg hold", "max hold", "name"))
+HIST_WIDTH = 40
+
+
+def sort_lock_stats(rows, key: str = "wait") -> list[LockStats]:
+    """``rows`` sorted by ``key`` (of LOCK_SORT_KEYS), largest first; ties keep
+    their order (vm, kegs, zones, mailboxes)."""
+    try:
+        k = LOCK_SORT_KEYS[key]
+    except KeyError:
+        raise ValueError(f"lock sort key {key!r} is not one of "
+                         f"{', '.join(LOCK_SORT_KEYS)}") from None
+    return sorted(rows, key=k, reverse=True)
+
+
+def format_lock_row(s: LockStats) -> str:
+    return ("%10d %10d %12.1f %10.1f %10.1f %12.1f %10.1f %10.1f  %s"
+            % (s.acquisitions, s.contended, s.wait_ns / 1e3, s.mean_wait_us,
+               s.max_wait_ns / 1e3, s.hold_ns / 1e3, s.mean_hold_us, s.max_hold_ns / 1e3,
+               s.name))
+
+
+def format_lock_profile(rows, sort: str = "wait", top: int | None = None,
+                        hist: bool = False, title: str | None = None) -> str:
+    """The lock profile of ``rows`` (LockStats) as text: an optional title line, the
+    header, a row per lock sorted by ``sort`` (the first ``top`` only, if given),
+    then with ``hist`` each listed lock's log2 histograms of wait and hold."""
+    rows = sort_lock_stats(rows, sort)[:top]
+    out = [] if title is None else [title + "\n"]
+    out.append(LOCK_PROFILE_HEADER + "\n")
+    out += [format_lock_row(s) + "\n" for s in rows]
+    if hist:
+        for s in rows:
+            if s.acquisitions or s.holds:
+                out.append("\n" + format_hist(s.wait_hist, f"{s.name} wait (ns), "
+                                               f"{sum(s.wait_hist)} contended acquisitions"))
+                out.append(format_hist(s.hold_hist, f"{s.name} hold (ns), {s.holds} holds"))
+    return "".join(out)
+
+
+def _ns_label(v) -> str:
+    """A bucket bound as bpftrace prints it: 512, 1K, 2M, 4G."""
+    if v == float("inf"):
+        return "..."          # the last bucket: [4G, ...)
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if v >= 1 << shift and v % (1 << shift) == 0:
+            return f"{v >> shift}{unit}"
+    return str(v)
+
+
+def format_hist(hist, label: str, width: int = HIST_WIDTH) -> str:
+    """A log2 histogram (HIST_BUCKETS counts) as text bars, as bpftrace's ``hist()``
+    prints them: one line per bucket, [low, high) in nanoseconds, from the first to
+    the last one counted."""
+    used = [k for k, n in enumerate(hist) if n]
+    if not used:
+        return f"{label}: none\n"
+    top = max(hist)
+    out = [f"{label}:\n"]
+    for k in range(used[0], used[-1] + 1):
+        lo, hi = hist_bounds_ns(k)
+        rng = f"[{_ns_label(lo)}, {_ns_label(hi)})"
+        bar = "@" * (hist[k] * width // top)
+        out.append(f"  {rng:>16} {hist[k]:>10} |{bar:<{width}}|\n")
+    return "".join(out)
 
 
 # FreeBSD 13/14 vmstat -z (usr.bin/vmstat/vmstat.c:domemstat_zone)

@@ -290,9 +290,13 @@ class Supervisor:
 
     # ------------------------------------------------------------ memory
     def lowmem(self, fraction: float) -> bool:
-        """Free pages under ``fraction`` of the arena's data pages."""
+        """Free pages under ``fraction`` of the arena's data pages, or under a
+        threshold a layer registered (``layers.register_lowmem_pages``: the mbuf
+        layer's ``vm.v_free_min``)."""
         core = self.arena._core
-        return core.w[L.HDR["FREE_PAGES"]] < fraction * core.geometry.data_pages
+        free = core.w[L.HDR["FREE_PAGES"]]
+        return (free < fraction * core.geometry.data_pages
+                or any(free < fn(self.arena) for fn in layers.lowmem_pages))
 
     def trim(self) -> int:
         """Trim each zone's depot to its working-set estimate (UMA's zone_trim:
@@ -312,8 +316,9 @@ class Supervisor:
 
     def reclaim(self) -> int:
         """vm_lowmem: the low-memory handlers the layers registered (the mbuf
-        layer's protocol drains), a drain request to every CPU, then every depot
-        and every free slab.  Returns slabs released."""
+        layer's protocol drains), a drain request to every CPU (each gives its
+        caches back and runs the layers' drain-request handlers: its own protocol
+        drains), then every depot and every free slab.  Returns slabs released."""
         self.log("manager: low memory: reclaiming")
         for fn in layers.lowmem_handlers:
             fn(self.arena)

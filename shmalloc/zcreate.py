@@ -19,8 +19,16 @@ from .zone import BUCKET_MAX, Zone, apply_maxcache, bucket_select
 
 
 _H, _Z, _C, _K = L.HDR, L.ZONE, L.CPU, L.KEG
-DEPOT_CAP = 1024             # depot entries per zone
-_DEPOT_PAGES = -(-DEPOT_CAP * L.DEPOT_ENTRY_BYTES // L.PAGE_SIZE)
+DEPOT_CAP = 1024             # depot entries per zone (4 pages)
+SMALL_DATA_PAGES = 64        # an arena with fewer data pages (256 KiB) gives each zone
+SMALL_DEPOT_CAP = L.PAGE_SIZE // L.DEPOT_ENTRY_BYTES    # a one-page depot (256 entries)
+
+
+def depot_cap(data_pages: int) -> int:
+    """Depot entries of a zone in an arena of ``data_pages``: DEPOT_CAP, or one page
+    of them in a small arena, where the depots of the mbuf layer's seven zones (made
+    with every arena) would otherwise take more pages than the arena has."""
+    return DEPOT_CAP if data_pages >= SMALL_DATA_PAGES else SMALL_DEPOT_CAP
 
 
 
@@ -104,7 +112,9 @@ class ZoneTable:
 
     def _reserve_depot(self, name) -> int:
         """Pages for a new zone's depot.  Lock: vm."""
-        depot = self._core.vm.alloc_run(_DEPOT_PAGES, L.VM_INTERNAL_KEG)
+        cap = depot_cap(self._core.geometry.data_pages)
+        pages = -(-cap * L.DEPOT_ENTRY_BYTES // L.PAGE_SIZE)
+        depot = self._core.vm.alloc_run(pages, L.VM_INTERNAL_KEG)
         if depot < 0:
             raise ZoneError(f"arena {self.name!r} has no room for the depot of zone {name!r}")
         return depot
@@ -130,7 +140,7 @@ class ZoneTable:
         w[zw + _Z["SIZE"]] = size
         w[zw + _Z["LIMIT"]] = max_items
         w[zw + _Z["DEPOT_OFF"]] = depot
-        w[zw + _Z["DEPOT_CAP"]] = DEPOT_CAP
+        w[zw + _Z["DEPOT_CAP"]] = depot_cap(core.geometry.data_pages)
         w[zw + _Z["BUCKET_SIZE"]] = bsize
         w[zw + _Z["BUCKET_MIN"]] = bmin
         w[zw + _Z["BUCKET_MAX"]] = bmax

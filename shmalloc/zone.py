@@ -59,7 +59,11 @@ Limits count items outside the slabs (caches, depot, allocated), as UMA's
 
     ITEMS == items of the zone whose tag is not FREE (cached, depot, allocated,
              in flight, going home, importing, finishing)
-    ITEMS <= LIMIT, when LIMIT > 0
+    ITEMS <= max(LIMIT, OVER), when LIMIT > 0: OVER is 0 but after a limit set below
+             the items already out (``set_max(n, below_use=True)``, FreeBSD 7/8's
+             ``uma_zone_set_max``, which only caps further allocation), when it
+             is ITEMS at that moment: the zone takes no item from its keg until
+             frees bring ITEMS under the limit
 
 Lock: the zone lock guards the zone record (depot, items, sleepers, bucket
 size); the keg lock guards slabs.  Order zone -> keg -> vm.
@@ -194,18 +198,25 @@ class Zone:
         """Free many items; each is checked as ``free`` checks one."""
         self._cache.free_bulk(handles)
 
-    def set_max(self, nitems: int) -> int:
+    def set_max(self, nitems: int, *, below_use: bool = False) -> int:
         """Set the zone's limit in items (0 = none); raises it at once, waking
-        sleepers that now fit.  Returns the limit.  Lock: takes zone."""
+        sleepers that now fit.  Returns the limit.  A limit below the items
+        already out of the slabs is refused (ValueError), unless ``below_use``:
+        then it caps further allocation, as FreeBSD 7/8's ``uma_zone_set_max``
+        does -- the items out stay, and the zone takes none from its keg until
+        frees bring it under the limit.  Lock: takes zone."""
         nitems = operator.index(nitems)
         if nitems < 0:
             raise ValueError(f"zone {self.name!r}: limit {nitems} < 0")
         w, zw = self._core.w, self._zw
         lk = self._cache._zlock()
         try:
-            if nitems and nitems < w[zw + _Z["ITEMS"]]:
+            items = w[zw + _Z["ITEMS"]]
+            over = nitems and nitems < items
+            if over and not below_use:
                 raise ValueError(f"zone {self.name!r}: limit {nitems} is below the "
-                                 f"{w[zw + _Z['ITEMS']]} items already out of the slabs")
+                                 f"{items} items already out of the slabs")
+            w[zw + _Z["OVER"]] = items if over else 0
             w[zw + _Z["LIMIT"]] = nitems
             apply_maxcache(w, zw, nitems)
         finally:

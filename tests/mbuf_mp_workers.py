@@ -61,3 +61,31 @@ def refcount_worker(q, tag, name, idx, seed, rounds, in_q, barrier):
     finally:
         a.close()
     q.put(("ok", tag, (None, idx, "closed")))
+
+
+def drain_worker(q, tag, name):
+    """A process with a protocol drain of its own holding packets: it waits in recv --
+    a safe point, where a drain request from the keg manager runs its drains -- until
+    the drain ran, and reports how often and what it still holds."""
+    a = Arena.attach(name)
+    held = [mb.m_getcl(mb.M_NOWAIT, mb.MT_DATA, mb.M_PKTHDR, arena=a) for _ in range(8)]
+    calls = []
+
+    def drain(arena):
+        calls.append(arena.cpu_id)
+        for m in held:
+            mb.m_freem(m)
+        held.clear()
+
+    mb.pr_drain_register(drain)
+    try:
+        q.put(("ok", tag, ("ready", a.cpu_id)))
+        deadline = time.monotonic() + WAIT
+        while not calls and time.monotonic() < deadline:
+            a.recv(timeout=0.05)
+        q.put(("ok", tag, ("drained", len(calls), len(held))))
+    finally:
+        mb.pr_drain_deregister(drain)
+        for m in held:
+            mb.m_freem(m)
+        a.close()

@@ -27,6 +27,7 @@ def _objects_of(prefix):
             if (naming.arena_of(n) or "").startswith(prefix)]
 
 
+@pytest.mark.slow
 def test_quick_run_has_every_section(arena_name, tmp_path):
     path = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "shmalloc.scripts.bench", "--quick",
@@ -88,6 +89,7 @@ def test_quick_run_has_every_section(arena_name, tmp_path):
     assert _objects_of(arena_name) == []
 
 
+@pytest.mark.slow
 def test_only_runs_the_sections_named(arena_name, tmp_path, capsys):
     path = tmp_path / "mem.json"
     status = cli.main(["bench", "--quick", "--repeat", "1", "--only", "memory",

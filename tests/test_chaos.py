@@ -58,6 +58,7 @@ def _assert_ok(res, arena_prefix):
         arena_prefix)] == [], why
 
 
+@pytest.mark.slow
 def test_short_chaos_loses_nothing(arena_name):
     kills, manager_kills = (100, 3) if LONG else (10, 1)
     lines = []
@@ -74,6 +75,7 @@ def test_short_chaos_loses_nothing(arena_name):
     assert res["seconds"] < TIMEOUT
 
 
+@pytest.mark.slow
 def test_cli_reports_and_writes_json(arena_name, tmp_path):
     path = tmp_path / "chaos.json"
     proc = subprocess.run([sys.executable, "-m", "shmalloc.scripts.cli", "chaos", "--seed",
@@ -95,6 +97,7 @@ def test_cli_reports_and_writes_json(arena_name, tmp_path):
     assert [r["workload"] for r in res["rounds"]] == ["refcount"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--workers", "1"], ["--workloads", "churn"],
                                   ["--killpoints", "nowhere:0.5"], ["--kills", "0"],
                                   ["--manager-kills", "-1"], ["--timeout", "0"]])

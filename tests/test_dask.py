@@ -145,6 +145,7 @@ def settle(cl):
     cl.arena.check()
 
 
+@pytest.mark.slow
 def test_64_mib_from_worker_a_to_b_does_not_cross_the_comm(cl, seed):
     A, B_ = workers(cl)
     c = cl.client
@@ -163,6 +164,7 @@ def test_64_mib_from_worker_a_to_b_does_not_cross_the_comm(cl, seed):
     settle(cl)
 
 
+@pytest.mark.slow
 def test_arena_arrays_and_their_views_go_with_no_copy(cl, seed):
     A, B_ = workers(cl)
     c = cl.client
@@ -188,6 +190,7 @@ def test_arena_arrays_and_their_views_go_with_no_copy(cl, seed):
     settle(cl)
 
 
+@pytest.mark.slow
 def test_many_transfers_both_ways_at_once(cl, seed):
     """Seeded: 24 arrays and Buffers of 64 KiB to 3 MiB, half made on each worker,
     plain or in the arena, each read on the other worker; all at once."""
@@ -210,6 +213,7 @@ def test_many_transfers_both_ways_at_once(cl, seed):
     settle(cl)
 
 
+@pytest.mark.slow
 def test_buffers_go_by_reference_and_count_their_size(cl, seed):
     A, B_ = workers(cl)
     c = cl.client
@@ -224,6 +228,7 @@ def test_buffers_go_by_reference_and_count_their_size(cl, seed):
     settle(cl)
 
 
+@pytest.mark.slow
 def test_spilling_releases_the_reference(cl, seed):
     A, B_ = workers(cl)
     c = cl.client
@@ -251,6 +256,7 @@ def test_spilling_releases_the_reference(cl, seed):
     settle(cl)
 
 
+@pytest.mark.slow
 def test_worker_metrics_show_the_arena_and_dev_shm(cl):
     A, _ = workers(cl)
 
@@ -265,6 +271,7 @@ def test_worker_metrics_show_the_arena_and_dev_shm(cl):
     assert {"pending", "sent_by_reference", "taken", "withdrawn"} <= set(m)
 
 
+@pytest.mark.slow
 def test_a_client_that_is_set_up_gathers_by_reference(cl, seed):
     A, _ = workers(cl)
     c = cl.client
@@ -282,6 +289,7 @@ def test_a_client_that_is_set_up_gathers_by_reference(cl, seed):
     settle(cl)
 
 
+@pytest.mark.slow
 def test_a_receiver_killed_mid_transfer_loses_nothing(cl, seed, tmp_path):
     A, B_ = workers(cl)
     c = cl.client
@@ -309,6 +317,7 @@ def test_a_receiver_killed_mid_transfer_loses_nothing(cl, seed, tmp_path):
     settle(cl)
 
 
+@pytest.mark.slow
 def test_a_sender_killed_mid_transfer_loses_nothing(cl, seed, tmp_path):
     A, B_ = workers(cl)
     c = cl.client
@@ -430,6 +439,7 @@ def test_replayed_foreign_and_forged_frames_are_refused(here):
     here.check()
 
 
+@pytest.mark.slow
 def test_the_worker_plugin_sets_up_a_running_cluster(arena_name, monkeypatch):
     """``client.register_plugin(ShmallocPlugin())`` on a cluster started without the
     preload: transfers go by reference from then on."""
@@ -452,6 +462,7 @@ def test_the_worker_plugin_sets_up_a_running_cluster(arena_name, monkeypatch):
              WAIT + IDLE_EXIT)
 
 
+@pytest.mark.slow
 def test_a_process_that_exits_withdraws_what_nobody_took(here):
     """Handed off, never taken, and the sender exits normally: its exit withdraws the
     reference (before its arenas close), so nothing stays held by nobody."""

@@ -30,6 +30,7 @@ def wait_gone(name, timeout=30.0):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spawn", "fork"])
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_example_runs_and_leaves_nothing(example, method, arena_name):
@@ -75,6 +76,7 @@ def _check_dask_output(r):
     assert len(lines) == 2 and all("bytes crossed the comm" in x for x in lines), r.stdout
 
 
+@pytest.mark.slow
 def test_dask_example_runs_and_leaves_nothing(arena_name):
     pytest.importorskip("distributed", reason="Dask distributed is not installed")
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "dask_cluster.py")],
@@ -83,6 +85,7 @@ def test_dask_example_runs_and_leaves_nothing(arena_name):
     wait_gone(arena_name)
 
 
+@pytest.mark.slow
 def test_dask_example_on_a_cluster_started_with_the_documented_commands(arena_name, tmp_path):
     pytest.importorskip("distributed", reason="Dask distributed is not installed")
     bindir = pathlib.Path(sys.executable).parent

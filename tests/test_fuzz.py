@@ -62,6 +62,7 @@ def test_random_bytes_in_a_mailbox_are_dropped(pair, records):
     a.check()
 
 
+@pytest.mark.slow
 @FUZZ
 @given(values=st.lists(msgpack_values, max_size=4))
 def test_random_msgpack_values_in_a_mailbox_are_dropped(pair, values):
@@ -71,6 +72,7 @@ def test_random_msgpack_values_in_a_mailbox_are_dropped(pair, values):
     a.check()
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_well_shaped_messages_with_hostile_contents_move_nothing(pair, data):

@@ -51,6 +51,7 @@ def in_use(a) -> dict:
             if (z in REF_ZONES or z.startswith("buf_")) and a.zone_stats(z).used}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nbytes", [100, 5000, 100_000])
 def test_a_handoff_is_taken_once_in_another_process(arena, nbytes):
     b = arena.alloc(nbytes)
@@ -127,6 +128,7 @@ def test_forged_and_foreign_handoffs_are_refused(arena, arena_name):
     arena.check()
 
 
+@pytest.mark.slow
 def test_a_dead_senders_handoff_is_recovered(arena_name):
     mgr = Manager(arena_name, size=SIZE)
     q, stop = SPAWN.Queue(), SPAWN.Event()

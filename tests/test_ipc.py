@@ -14,13 +14,21 @@ from shmalloc import ipc
 from shmalloc.ipc import lock as lock_module
 from shmalloc.ipc import naming
 from shmalloc.ipc.lock import (
+    HIST_BUCKETS,
     L_ACQUISITIONS,
     L_CONTENDED,
+    L_HOLD_HIST,
+    L_HOLD_NS,
+    L_MAX_HOLD_NS,
     L_MAX_WAIT_NS,
     L_OWNER_ID,
     L_OWNER_PID,
+    L_WAIT_HIST,
     L_WAIT_NS,
     LOCK_WORDS,
+    hist_bounds_ns,
+    hist_bucket,
+    hist_percentile,
 )
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -316,6 +324,8 @@ def test_lock_contended_by_a_thread(lock_and_words):
     assert lock.contended_last is True
     assert (words[L_ACQUISITIONS], words[L_CONTENDED]) == (2, 1)
     assert words[L_WAIT_NS] == words[L_MAX_WAIT_NS] >= 50_000_000
+    k = hist_bucket(words[L_WAIT_NS])
+    assert k >= 16 and wait_hist(words) == [int(i == k) for i in range(HIST_BUCKETS)]
 
 
 def test_lock_on_wait_can_abandon(lock_and_words, monkeypatch):
@@ -334,6 +344,84 @@ def test_lock_on_wait_can_abandon(lock_and_words, monkeypatch):
         assert words[L_CONTENDED] == 0
     finally:
         lock.release()
+
+
+def hold_hist(words):
+    return words[L_HOLD_HIST:L_HOLD_HIST + HIST_BUCKETS].tolist()
+
+
+def wait_hist(words):
+    return words[L_WAIT_HIST:L_WAIT_HIST + HIST_BUCKETS].tolist()
+
+
+def test_release_records_the_hold(lock_and_words):
+    """A lock held across a 20 ms sleep: one hold of at least 20 ms, in the log2
+    bucket of its length, which is also the max."""
+    lock, words = lock_and_words
+    lock.acquire()
+    time.sleep(0.02)
+    lock.release()
+    held = words[L_MAX_HOLD_NS]
+    assert words[L_HOLD_NS] == held >= 20_000_000
+    k = hist_bucket(held)
+    assert k >= 15                                   # [2**24, 2**25) ns holds 20 ms
+    assert hold_hist(words) == [int(i == k) for i in range(HIST_BUCKETS)]
+    assert wait_hist(words) == [0] * HIST_BUCKETS    # not contended
+    with lock:
+        pass
+    assert sum(hold_hist(words)) == 2 and words[L_MAX_HOLD_NS] == held
+    assert words[L_HOLD_NS] > held
+
+
+def test_hold_accounting_on_an_injected_clock(monkeypatch):
+    """LocalLock on a fake clock: hold totals, max and log2 buckets exactly."""
+    words = lock_words()
+    lock = ipc.LocalLock.create("x", words)
+    now = [1_000_000]
+    monkeypatch.setattr(lock_module, "_now", lambda: now[0])
+    for held in (3_500, 1_023, 1_024, 5_000_000_000, 2_048, 4_095):
+        lock.acquire()
+        now[0] += held
+        lock.release()
+    assert words[L_HOLD_NS] == 3_500 + 1_023 + 1_024 + 5_000_000_000 + 2_048 + 4_095
+    assert words[L_MAX_HOLD_NS] == 5_000_000_000
+    h = hold_hist(words)
+    # 1023 ns: [0, 1K); 1024: [1K, 2K); 2048, 3500 and 4095: [2K, 4K); 5 s: the last (>= 4G)
+    assert (h[0], h[1], h[2], h[HIST_BUCKETS - 1], sum(h)) == (1, 1, 3, 1, 6)
+    assert words[L_ACQUISITIONS] == 6
+
+
+def test_failed_and_forced_releases_record_no_hold(lock_and_words):
+    lock, words = lock_and_words
+    lock.acquire()
+    assert lock.acquire(timeout=0) is False          # a failed try: nothing counted
+    words[L_OWNER_PID] = 12345                        # as if a dead process held it
+    before = words.tolist()
+    assert lock.force_release(12345) is True
+    after = words.tolist()
+    assert after[L_HOLD_NS] == before[L_HOLD_NS] == 0
+    assert hold_hist(words) == [0] * HIST_BUCKETS
+
+
+def test_histogram_buckets_are_powers_of_two_nanoseconds():
+    assert [hist_bucket(ns) for ns in (0, 1, 1_023, 1_024, 2_047, 2_048, 4_095, 4_096)] == \
+        [0, 0, 0, 1, 1, 2, 2, 3]
+    assert hist_bucket((1 << 31) + 5) == HIST_BUCKETS - 2      # [2G, 4G) ns
+    assert hist_bucket(1 << 32) == hist_bucket(1 << 62) == HIST_BUCKETS - 1
+    assert hist_bounds_ns(0) == (0, 1024) and hist_bounds_ns(1) == (1024, 2048)
+    assert hist_bounds_ns(10) == (1 << 19, 1 << 20)
+    assert hist_bounds_ns(HIST_BUCKETS - 1) == (1 << 32, float("inf"))
+    for ns in (0, 1_500, 77_777, 123_456_789, 9 << 33):
+        lo, hi = hist_bounds_ns(hist_bucket(ns))
+        assert lo <= ns < hi
+    with pytest.raises(ValueError):
+        hist_bounds_ns(HIST_BUCKETS)
+    h = [0] * HIST_BUCKETS
+    assert hist_percentile(h, 0.99) is None
+    h[3], h[8] = 99, 1
+    assert hist_percentile(h, 0.99) == 8.192 and hist_percentile(h, 1.0) == 262.144
+    h[HIST_BUCKETS - 1] = 100
+    assert hist_percentile(h, 0.99) == float("inf")
 
 
 def test_lock_needs_a_q_record():
@@ -358,6 +446,7 @@ def test_semlock_exists_and_not_found(arena_name):
     assert ipc.SemLock.unlink(name) is False
 
 
+@pytest.mark.slow
 def test_semlock_contended_by_another_process(arena_name):
     seg_name = ipc.object_name(arena_name, "arena")
     sem_name = ipc.object_name(arena_name, "lock")
@@ -388,6 +477,7 @@ def test_semlock_contended_by_another_process(arena_name):
     assert child.exitcode == 0
 
 
+@pytest.mark.slow
 def test_force_release_after_the_owner_died(arena_name):
     seg_name = ipc.object_name(arena_name, "arena")
     sem_name = ipc.object_name(arena_name, "lock")
@@ -453,6 +543,7 @@ def test_wake_semaphore_wakes_a_waiter(any_wake):
         timer.join()
 
 
+@pytest.mark.slow
 def test_wake_semaphore_across_processes(arena_name):
     name = ipc.object_name(arena_name, "wake")
     sem = ipc.WakeSemaphore.create(name)

@@ -1,10 +1,12 @@
 """keg: the item/tag iterators every tag walk goes through (``Keg.items``,
-``held_by``, ``tags_of``, ``tag_counts``, ``tag_index_of``, ``handle_of``), and the
+``held_by``, ``tags_of``, ``tag_counts``, ``tag_index_of``, ``handle_of``), the
 zone's shared structures the walks rebuild (``depot.Depot``, ``sleepq.SleepQueue``),
-one process, on a local arena."""
+and where a bucket fill starts (two CPUs' tags in different cache lines), one
+process, on a local arena."""
 
 import pytest
 
+from core_helpers import arena
 from shmalloc import M_NOWAIT, Arena
 from shmalloc import layout as L
 from shmalloc.depot import Depot
@@ -84,3 +86,22 @@ def test_the_depot_and_the_sleep_queue_read_back_what_they_hold(pair):
             core.w[L.cpu_word(cpu) + L.CPU["WAIT_ZONE"]] = 0
         assert q.waiting() == [] and core.w[L.zone_word(z.id) + L.ZONE["SLEEPERS"]] == 0
     a.check()
+
+
+def test_two_cpus_bucket_fills_put_their_tags_in_different_cache_lines(arena):
+    from shmalloc.keg import TAG_LINE
+    z = arena.zcreate("lines", 2048, bucket_size=8)
+    other = arena.attach_local()
+    try:
+        zo = other.zone("lines")
+        mine = [z.alloc() for _ in range(8)]
+        theirs = [zo.alloc() for _ in range(8)]
+        lines = [{4 * z._cache._tag_index(h) // TAG_LINE for h in hs} for hs in (mine, theirs)]
+        assert not lines[0] & lines[1]
+        more = [z.alloc() for _ in range(60)]        # the items skipped are still found
+        z.free_bulk(mine + more)
+        zo.free_bulk(theirs)
+        arena.check()
+    finally:
+        other.close()
+    arena.check()

@@ -234,6 +234,7 @@ def _verify_goes_on_and_ends(fleet, workload, why):
 
 
 # ============================================================================ kill tests
+@pytest.mark.slow
 @pytest.mark.parametrize("base", SEEDS)
 @pytest.mark.parametrize("workload,sigkill,killpoints", CASES)
 def test_killed_workers_lose_nothing(arena_name, workload, sigkill, killpoints, base):
@@ -269,6 +270,7 @@ def test_killed_workers_lose_nothing(arena_name, workload, sigkill, killpoints, 
 
 
 # ============================================================================ the manager
+@pytest.mark.slow
 def test_killed_manager_is_adopted_and_nothing_is_lost(arena_name):
     seed = _seed(1)
     why = f"refcount, manager killed, seed {seed}"
@@ -295,6 +297,7 @@ def test_killed_manager_is_adopted_and_nothing_is_lost(arena_name):
         assert naming.list_objects(arena_name) == [], f"{why}: OS objects left"
 
 
+@pytest.mark.slow
 def test_adopting_a_live_managers_arena_is_refused(arena_name):
     with Fleet(arena_name, 1, "churn", size=SIZE) as fleet:
         proc = subprocess.run([sys.executable, "-m", "shmalloc.scripts.cli", "serve", "--name",
@@ -304,6 +307,7 @@ def test_adopting_a_live_managers_arena_is_refused(arena_name):
         assert manager_pid(fleet.observer) == fleet.manager.pid
 
 
+@pytest.mark.slow
 def test_cleanup_after_everything_crashed_leaves_nothing(arena_name):
     with Fleet(arena_name, WORKERS, "pipeline", seed=_seed(2), size=SIZE,
                replace=False) as fleet:
@@ -403,6 +407,7 @@ def forger(q, name, dest, go):
         return {"sent": good}
 
 
+@pytest.mark.slow
 def test_a_full_mailbox_across_processes_keeps_every_item(arena_name):
     a = Arena.create(arena_name, 16 << 20)
     q, go = SPAWN.Queue(), SPAWN.Event()
@@ -438,6 +443,7 @@ def test_a_full_mailbox_across_processes_keeps_every_item(arena_name):
         a.destroy()
 
 
+@pytest.mark.slow
 def test_items_handed_to_a_dead_receiver_come_back(arena_name):
     """Packets and copies sharing clusters (their originals kept here) are handed
     to a process that dies before taking them: the manager gives them back, the
@@ -492,6 +498,7 @@ def test_items_handed_to_a_dead_receiver_come_back(arena_name):
         mgr.shutdown()
 
 
+@pytest.mark.slow
 def test_garbage_in_a_mailbox_from_another_process_is_dropped(arena_name):
     a = Arena.create(arena_name, 16 << 20)
     q, go = SPAWN.Queue(), SPAWN.Event()
@@ -556,6 +563,7 @@ def _wait_recovered(mgr, a):
         assert time.monotonic() < deadline, "not recovered"
 
 
+@pytest.mark.slow
 def test_a_copy_whose_free_was_cut_short_is_not_dropped_twice(arena_name):
     """A CPU killed inside m_freem right after it dropped its copy's reference to a
     shared cluster: recovery must not drop that reference again (m_free clears the
@@ -590,6 +598,7 @@ def test_a_copy_whose_free_was_cut_short_is_not_dropped_twice(arena_name):
         mgr.shutdown()
 
 
+@pytest.mark.slow
 def test_core_recovery_alone_gives_a_dead_cpus_clusters_up(arena_name, monkeypatch):
     """The clusters a dead CPU allocated for the packets it imported are left to the
     mbufs that point at them, held by no CPU (``check`` fails while they name a CPU
@@ -678,6 +687,7 @@ def unlinked_then_die(q, name, dest):
     mb.m_freem(m)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("child", ["set_aside_then_die", "unlinked_then_die"])
 def test_a_packet_set_aside_by_a_dying_cpu_is_freed_by_its_last_copy(arena_name, child):
     """A CPU dies inside m_free of a packet whose cluster a copy shares, after the
@@ -729,6 +739,7 @@ def last_copy_dies_freeing(q, name):
     mb.m_freem(c)
 
 
+@pytest.mark.slow
 def test_a_set_aside_packet_whose_last_copy_died_freeing_it_is_freed(arena_name):
     """The last copy of a set-aside packet drops its reference (the count is the
     packet's own then) and its CPU dies before it frees the packet: recovery frees
@@ -832,6 +843,7 @@ def cluster_held_bare(q, name, _dest):
     _die()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("child", ["cluster_taken_by_init", "cluster_forgotten_by_fini",
                                    "last_reference_dropped", "cluster_held_bare"])
 def test_a_cluster_no_mbuf_names_is_freed_with_its_dead_cpu(arena_name, child):
@@ -888,6 +900,7 @@ def die_holding_the_vm_lock(q, name):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_adoption_repairs_a_vm_lock_left_by_a_dead_process(arena_name):
     """``serve --adopt`` repairs the locks of dead processes before it takes its
     CPU slot (under the vm lock): a process that died holding the vm lock while
@@ -963,6 +976,7 @@ def test_a_free_racing_a_recovery_retag_to_nobody_goes_on(monkeypatch):
         a.destroy()
 
 
+@pytest.mark.slow
 def test_recoveries_and_lock_repairs_show_in_the_stats(arena_name):
     """``arena.stats()`` counts recovered CPUs and repaired locks; ``lock_stats()``
     covers the mailbox lock of every CPU slot in use."""
@@ -1045,6 +1059,7 @@ def test_a_refcount_step_cut_short_is_finished_by_its_lock_repair(step, done):
         a.destroy()
 
 
+@pytest.mark.slow
 def test_a_closing_cpu_does_not_write_back_a_tag_freed_meanwhile(monkeypatch):
     """A CPU closing re-tags the items it still holds as held by nobody.  Another
     CPU freeing one of them at that moment (free-anywhere: a take-over under the

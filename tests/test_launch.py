@@ -44,6 +44,7 @@ def _assert_clean_report(summary, text, arena_name):
     assert naming.list_objects(arena_name) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workload", ["pipeline", "refcount"])
 def test_mbuf_workloads_run_report_netstat_and_mail(arena_name, workload):
     summary, text = _launch(arena_name, n=3, seconds=1.5, workload=workload)
@@ -57,6 +58,7 @@ def test_mbuf_workloads_run_report_netstat_and_mail(arena_name, workload):
     assert summary["ops"] > 0 and summary["kills"] == 0 and summary["deaths"] == 0
 
 
+@pytest.mark.slow
 def test_kill_every_replaces_workers_and_the_manager_recovers_them(arena_name):
     summary, text = _launch(arena_name, n=3, seconds=3.0, workload="churn", kill_every=0.5)
     _assert_clean_report(summary, text, arena_name)
@@ -69,6 +71,7 @@ def test_kill_every_replaces_workers_and_the_manager_recovers_them(arena_name):
         assert re.search(rf"^{zone}:\s+\d+,\s+0,\s+0,", text, re.MULTILINE), text  # USED 0
 
 
+@pytest.mark.slow
 def test_kill_manager_adopts_the_arena_and_loses_nothing(arena_name):
     summary, text = _launch(arena_name, n=2, seconds=2.0, workload="refcount",
                             kill_manager=True)
@@ -88,6 +91,7 @@ def _bad_cpu_main(spec, team, results):
     cpu_main(spec, team, results)
 
 
+@pytest.mark.slow
 def test_failed_workers_are_reported_not_replaced_and_everything_is_cleaned_up(
         arena_name, monkeypatch):
     monkeypatch.setattr(launcher, "cpu_main", _bad_cpu_main)
@@ -101,6 +105,7 @@ def test_failed_workers_are_reported_not_replaced_and_everything_is_cleaned_up(
     assert naming.list_objects(arena_name) == []
 
 
+@pytest.mark.slow
 def test_launch_command_with_workload_and_kills_exits_0(arena_name):
     proc = subprocess.run([sys.executable, "-m", "shmalloc.scripts.cli", "launch", "-n", "3",
                            "--workload", "churn", "--seconds", "2", "--kill-every", "0.6",

@@ -163,6 +163,7 @@ def test_layers_extend_the_arena_but_never_replace_it():
     assert Arena.send.__module__ == "shmalloc.handoff"
 
 
+@pytest.mark.slow
 def test_import_shmalloc_imports_no_engine():
     code = ("import sys, numpy, shmalloc, shmalloc.buffer\n"
             "a = shmalloc.Arena.create_local(4 << 20)\n"
@@ -199,6 +200,7 @@ OPTIONAL = ("numpy", "dask", "distributed", "ray", "matplotlib", "faster_fifo", 
             "hypothesis")
 
 
+@pytest.mark.slow
 def test_the_core_install_needs_no_extra():
     """``pip install shmalloc`` has posix_ipc, msgpack and psutil only: every module but
     the integrations imports, the command line builds, and an arena works, with every

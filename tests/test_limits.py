@@ -96,6 +96,7 @@ def run_python(code: str, timeout: float = WAIT, **kw) -> subprocess.CompletedPr
 
 
 # ============================================================================ close vs sleepers
+@pytest.mark.slow
 def test_destroy_with_a_thread_asleep_in_m_waitok_wakes_it_with_arena_closed_error(arena_name):
     """Before: destroy() unmapped the thread's CPU under it (SIGSEGV)."""
     r = run_python(f"""
@@ -128,6 +129,7 @@ def test_destroy_with_a_thread_asleep_in_m_waitok_wakes_it_with_arena_closed_err
 
 
 # ============================================================================ stranded sleepers
+@pytest.mark.slow
 @pytest.mark.parametrize("size,limit", [(1 * MiB, 32), (2048, 256)], ids=["1MiB-32", "2KiB-256"])
 @pytest.mark.parametrize("bucket", ["adaptive", 1, "half"])
 def test_a_producer_at_the_limit_is_served_from_the_consumers_cache(arena_name, seed, size,
@@ -154,6 +156,7 @@ def test_a_producer_at_the_limit_is_served_from_the_consumers_cache(arena_name, 
         a.check(level=2)
 
 
+@pytest.mark.slow
 def test_a_cache_that_never_answers_is_taken_by_the_manager_for_the_sleeper(arena_name, seed):
     """The consumer (a thread here) caches every item of the zone, then blocks in
     Event.wait and never calls into the arena again: the keg manager takes its
@@ -306,6 +309,7 @@ def _can_mount_tmpfs() -> str:
     return "" if r.returncode == 0 else f"cannot mount a tmpfs here: {r.stderr.strip()}"
 
 
+@pytest.mark.slow
 def test_a_small_real_tmpfs_filling_up_is_arena_full_error_not_sigbus(arena_name):
     """A 6 MiB tmpfs on /dev/shm (a mount namespace of the test's own) under a
     64 MiB arena: allocating until the tmpfs is full raises ArenaFullError (the
@@ -362,6 +366,7 @@ def _crash_holding(arena_name, manager=False) -> int:
     return p.pid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manager", [False, True], ids=["creator", "manager"])
 def test_create_over_a_crashed_arena_says_it_is_stale_and_replace_makes_it_anew(arena_name,
                                                                                 manager):

@@ -51,8 +51,8 @@ def pkt(a, nbytes, cluster=False):
 # ============================================================================ sizes, layout
 def test_sizes_derive_from_the_layout():
     assert mb.MSIZE == 256 and mb.MSIZE & (mb.MSIZE - 1) == 0
-    assert mb.MLEN == mb.MSIZE - L.MH_BYTES == 208
-    assert mb.MHLEN == mb.MLEN - L.PH_WORDS * 8 == 144
+    assert mb.MLEN == mb.MSIZE - L.MH_BYTES == 224
+    assert mb.MHLEN == mb.MLEN - L.PH_WORDS * 8 == 168
     assert mb.MINCLSIZE == mb.MHLEN + 1
     assert (mb.MCLBYTES, mb.MJUM9BYTES, mb.MJUM16BYTES) == (2048, 9216, 16384)
     assert mb.M_COPYALL == 1000000000
@@ -224,7 +224,7 @@ def test_freed_mbufs_come_back_with_no_next_no_tags_refcount_1(arena):
     t = mb.m_tag_alloc(7, 1, 8, NW, arena=arena)
     mb.m_tag_prepend(m, t)
     handles = {x.handle for x in chain(m)}
-    tail = mb.m_split(m, 144, NW)
+    tail = mb.m_split(m, mb.MHLEN, NW)
     mb.m_freem(m)
     mb.m_freem(tail)
     assert used(arena, "mbuf_tag_64") == 0
@@ -461,11 +461,12 @@ def test_m_prepend_and_M_PREPEND(arena):
 
 def test_m_adj_head_and_tail(arena):
     m = pkt(arena, 500)
-    mb.m_adj(m, 150)                                        # head: first mbuf emptied, kept
-    assert m.m_len == 0 and m.m_pkthdr.len == 350 and data(m) == PATTERN[150:500]
+    head = mb.MHLEN + 6                                     # the first mbuf and 6 bytes
+    mb.m_adj(m, head)                                       # head: first mbuf emptied, kept
+    assert m.m_len == 0 and m.m_pkthdr.len == 500 - head and data(m) == PATTERN[head:500]
     n_before = used(arena, "mbuf")
     mb.m_adj(m, -200)                                       # tail: trailing mbufs freed
-    assert m.m_pkthdr.len == 150 and data(m) == PATTERN[150:300]
+    assert m.m_pkthdr.len == 300 - head and data(m) == PATTERN[head:300]
     assert used(arena, "mbuf") == n_before - 1
     mb.m_adj(m, -1000)
     assert m.m_pkthdr.len == 0 and mb.m_length(m) == 0

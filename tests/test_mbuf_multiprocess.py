@@ -17,6 +17,8 @@ from shmalloc import Arena
 from shmalloc import layout as L
 from shmalloc import mbuf as mb
 
+pytestmark = pytest.mark.slow
+
 SPAWN = multiprocessing.get_context("spawn")
 WAIT = 60.0
 NW = mb.M_NOWAIT

@@ -27,6 +27,8 @@ from shmalloc import (
 )
 from tests import hooks_mod
 
+pytestmark = pytest.mark.slow
+
 SIZE = 100                  # item bytes (rsize 104): not a power of two
 LIMIT0 = 5
 ARENA_SIZE = 2 << 20

@@ -17,6 +17,8 @@ import mp_helpers
 from shmalloc import M_NOWAIT, Arena, layout
 from shmalloc.ipc import naming
 
+pytestmark = pytest.mark.slow
+
 SPAWN = multiprocessing.get_context("spawn")
 FORK = multiprocessing.get_context("fork")
 WAIT = 60.0                  # seconds for any join / queue get

@@ -1,7 +1,11 @@
 """A smoke run of the soak (the real one is documented, not run in CI)."""
 
+import pytest
+
 from shmalloc.scripts import soak as soak_script
 from shmalloc.workers.soak import soak
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_short_soak_samples_and_ends_consistent():

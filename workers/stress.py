@@ -13,6 +13,12 @@ only.  Workloads:
     pipeline  allocate batches, hand them to the next CPU of the ring (send);
               free what arrives (recv): every free is a cross-CPU free, so the
               xfree mode decides where items go (home by message, or local)
+
+Each Record carries the lock profile of its timed window (``locks``: LockStats of
+every lock, counts since the window opened, as ``shmalloc lockstat -w`` prints them)
+and the dimensions DPDK's ``mempool_perf_autotest`` names: workers (its cores),
+bucket (its cache size) and bulk (objects per get/put call: BATCH for the bulk
+workload, 1 for churn and the pipeline, which allocate and free one item a call).
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ import traceback
 from dataclasses import asdict, dataclass
 
 from shmalloc import M_NOWAIT, Arena, ShmallocError
-from shmalloc.ipc.lock import WAIT_HIST_BUCKETS, wait_percentile
 from shmalloc.mail import CpuGoneError, MailboxFullError
+from shmalloc.stats import lock_stats_since
 
 from .workloads import Churn
 
@@ -35,6 +41,7 @@ XFREE_MODES = ("message", "local")
 ITEM_SIZE = 256
 ARENA_SIZE = 64 << 20
 BATCH = 32
+BULK = {"churn": 1, "pipeline": 1, "bulk": BATCH}   # objects per alloc/free call
 STEP_OPS = 64               # operations between looks at the clock
 CHURN_WORKING_SET = 64      # live items a churn worker keeps at most
 JOIN_TIMEOUT = 60.0
@@ -61,9 +68,20 @@ class Record:
     items_per_message: float
     fallbacks: int
     seed: int
+    bulk: int = 1            # objects per alloc/free call (DPDK's n_get_bulk)
+    locks: tuple = ()        # LockStats of every lock over the timed window
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def zone_lock(self):
+        """The LockStats of the stress zone's lock over the window (None if absent)."""
+        return next((s for s in self.locks if s.name == "zone:stress"), None)
+
+
+def rate_line(r: Record) -> str:
+    """DPDK mempool_perf's summary of a configuration: ``workers=W bucket=B bulk=K ops/s=R``."""
+    return f"workers={r.workers} bucket={r.bucket_size} bulk={r.bulk} ops/s={r.ops_per_s:.0f}"
 
 
 def _worker(name, workload, seconds, seed, idx, n, ring, barrier, results, progress):
@@ -133,15 +151,16 @@ def _worker(name, workload, seconds, seed, idx, n, ring, barrier, results, progr
 
 
 def _lock_snapshot(arena):
-    return {s.name: s for s in arena.lock_stats()}
+    return arena.lock_stats()
 
 
 def run_config(workers: int, bucket: str, workload: str, xfree: str, seconds: float,
-               seed: int, on_progress=None) -> Record:
-    """Run one configuration on a fresh arena; its Record."""
+               seed: int, on_progress=None, name: str | None = None) -> Record:
+    """Run one configuration on a fresh arena (``name``<hex>: default
+    stress<pid><hex>); its Record."""
     if workload not in WORKLOADS or xfree not in XFREE_MODES:
         raise ValueError(f"unknown workload {workload!r} or xfree mode {xfree!r}")
-    name = f"stress{os.getpid()}{secrets.token_hex(3)}"
+    name = f"{name or f'stress{os.getpid()}'}{secrets.token_hex(3)}"
     ctx = mp.get_context("spawn")
     bucket_arg = None if bucket == "adaptive" else int(bucket)
     with Arena.create(name, ARENA_SIZE) as arena:
@@ -190,11 +209,10 @@ def run_config(workers: int, bucket: str, workload: str, xfree: str, seconds: fl
 def _record(workers, bucket, workload, xfree, seconds, seed, got, before, after) -> Record:
     ops = sum(r["ops"] for r in got.values())
     stats = [r["stats"] for r in got.values()]
-    zb, za = before["zone:stress"], after["zone:stress"]
-    kb, ka = before["keg:stress"], after["keg:stress"]
-    acq = za.acquisitions - zb.acquisitions
-    cont = za.contended - zb.contended
-    hist = [x - y for x, y in zip(za.wait_hist, zb.wait_hist)] or [0] * WAIT_HIST_BUCKETS
+    locks = tuple(lock_stats_since(after, before))
+    zone = next(s for s in locks if s.name == "zone:stress")
+    keg = next(s for s in locks if s.name == "keg:stress")
+    acq, cont = zone.acquisitions, zone.contended
     misses = sum(s["depot_gets"] + s["depot_puts"] + s["keg_imports"] for s in stats)
     msgs = sum(s["msgs_sent"] for s in stats)
     items = sum(s["items_sent"] for s in stats)
@@ -204,19 +222,22 @@ def _record(workers, bucket, workload, xfree, seconds, seed, got, before, after)
         seconds=seconds, ops=ops, ops_per_s=ops / seconds,
         ops_per_s_per_cpu=[round(got[i]["ops"] / seconds) for i in sorted(got)],
         zone_lock_acquisitions_per_op=acq / per,
-        keg_lock_acquisitions_per_op=(ka.acquisitions - kb.acquisitions) / per,
+        keg_lock_acquisitions_per_op=keg.acquisitions / per,
         contended_share=cont / acq if acq else 0.0,
-        mean_wait_us=(za.wait_ns - zb.wait_ns) / cont / 1e3 if cont else 0.0,
-        p99_wait_us=wait_percentile(hist, 0.99),
+        mean_wait_us=zone.mean_wait_us,
+        p99_wait_us=zone.p99_wait_us,
         miss_rate=misses / per,
         depot_ops_per_kop=1000 * sum(s["depot_gets"] + s["depot_puts"] for s in stats) / per,
         messages=msgs, items_per_message=items / msgs if msgs else 0.0,
-        fallbacks=sum(s["fallbacks"] for s in stats), seed=seed)
+        fallbacks=sum(s["fallbacks"] for s in stats), seed=seed, bulk=BULK[workload],
+        locks=locks)
 
 
-def sweep(workers, buckets, workloads, xfrees, seconds, seed, on_record=None, on_progress=None):
+def sweep(workers, buckets, workloads, xfrees, seconds, seed, on_record=None, on_progress=None,
+          name=None):
     """Every configuration of the grid (xfree varies only for the pipeline, the
-    one workload whose frees cross CPUs); the list of Records."""
+    one workload whose frees cross CPUs), on arenas whose names start with ``name``;
+    the list of Records."""
     out = []
     for workload in workloads:
         modes = xfrees if workload == "pipeline" else xfrees[:1]
@@ -227,7 +248,7 @@ def sweep(workers, buckets, workloads, xfrees, seconds, seed, on_record=None, on
                     rec = run_config(n, bucket, workload, xfree, seconds, seed,
                                      on_progress=(lambda t, ops, label=label:
                                                   on_progress(label, t, ops))
-                                     if on_progress else None)
+                                     if on_progress else None, name=name)
                     out.append(rec)
                     if on_record is not None:
                         on_record(rec)

@@ -21,8 +21,10 @@ Modules, lowest first (each imports only those above it in this list)::
     ctors      the zones' ctors, dtors, inits, finis; the label hook   kern_mbuf.c
     tunables   tunables, sysctl(), event handlers             kern_mbuf.c
     reclaim    vm_lowmem, protocol drains (mb_reclaim)        kern_mbuf.c
-    alloc      m_get ... m_extadd, m_free, m_freem             kern_mbuf.c
-    chains     mtod, m_copym ... m_split: chains and their data   uipc_mbuf.c
+    alloc      m_get ... m_getm2, m_extadd, m_extaddref, m_free, m_freem   kern_mbuf.c
+    chains     mtod, m_copym ... m_split, m_unshare, m_defrag, m_collapse, m_devget,
+               m_uiotombuf ...: chains and their data          uipc_mbuf.c
+    pulldown   m_pulldown                                     uipc_mbuf2.c
     stats      mbstat, netstat -m                             usr.bin/netstat/mbuf.c
 
 The byte layout of an mbuf is declared in ``shmalloc.layout`` with the rest of the
@@ -33,20 +35,23 @@ attached) -> the packet zone's depot -> the mbuf keg, where the packet zone's in
 attaches a cluster from the cluster zone (its own cache, depot, keg).
 """
 
-from .alloc import (m_clget, m_cljget, m_cljset, m_extadd, m_free, m_freem, m_get, m_get2,
-                    m_getcl, m_gethdr, m_getjcl, m_getzone, m_init)
-from .chains import (M_ALIGN, M_LEADINGSPACE, M_MOVE_PKTHDR, M_PREPEND, M_TRAILINGSPACE,
-                     M_WRITABLE, MH_ALIGN, m_adj, m_append, m_cat, m_copyback, m_copydata,
-                     m_copym, m_copypacket, m_demote, m_dup, m_dup_pkthdr, m_fixhdr, m_last,
-                     m_length, m_move_pkthdr, m_prepend, m_pullup, m_split, mtod)
+from .alloc import (m_clget, m_cljget, m_cljset, m_extadd, m_extaddref, m_free, m_freem, m_get,
+                    m_get2, m_getcl, m_gethdr, m_getjcl, m_getm, m_getm2, m_getzone, m_init)
+from .chains import (M_ALIGN, M_LEADINGSPACE, M_MOVE_PKTHDR, M_PREPEND, M_SIZE, M_START,
+                     M_TRAILINGSPACE, M_WRITABLE, MH_ALIGN, m_adj, m_align, m_append, m_apply,
+                     m_cat, m_catpkt, m_collapse, m_copyback, m_copydata, m_copym,
+                     m_copypacket, m_copyup, m_defrag, m_demote, m_devget, m_dup, m_dup_pkthdr,
+                     m_fixhdr, m_getptr, m_last, m_length, m_move_pkthdr, m_prepend, m_print,
+                     m_pullup, m_sanity, m_split, m_uiotombuf, m_unshare, mtod)
 from .constants import *  # noqa: F401,F403  (FreeBSD's constants)
 from .constants import __all__ as _constants_all
 from .ctors import set_mbuf_label_hook
 from .errors import MbufError, SysctlError
 from .header import Ext, Mbuf, MTag, PktHdr
+from .pulldown import m_pulldown
 from .recovery import recover_mbufs  # noqa: F401  (registers its recovery pass)
 from .reclaim import mb_reclaim, pr_drain_deregister, pr_drain_register, vm_lowmem
-from .stats import MbStat, mbstat, netstat_m, stat_m_text
+from .stats import NETSTAT_FORMATS, MbStat, mbstat, netstat_m, stat_m_text
 from .tags import (m_tag_alloc, m_tag_copy, m_tag_copy_chain, m_tag_delete,
                    m_tag_delete_chain, m_tag_delete_nonpersistent, m_tag_find, m_tag_first,
                    m_tag_free, m_tag_get, m_tag_locate, m_tag_next, m_tag_prepend,
@@ -68,12 +73,15 @@ __all__ = [
     "Mbuf", "PktHdr", "Ext", "MTag", "MbStat", "MbufError", "SysctlError",
     # allocation and free
     "m_get", "m_gethdr", "m_getcl", "m_getjcl", "m_get2", "m_clget", "m_cljget", "m_cljset",
-    "m_getzone", "m_extadd", "m_init", "m_free", "m_freem",
+    "m_getzone", "m_extadd", "m_extaddref", "m_init", "m_free", "m_freem", "m_getm2",
+    "m_getm",
     # chains and data
     "m_copym", "m_copypacket", "m_dup", "m_copydata", "m_copyback", "m_append", "m_pullup",
     "m_prepend", "M_PREPEND", "m_adj", "m_cat", "m_split", "m_length", "m_last", "m_fixhdr",
     "m_move_pkthdr", "M_MOVE_PKTHDR", "m_dup_pkthdr", "m_demote", "mtod", "dtom",
-    "M_WRITABLE", "M_LEADINGSPACE", "M_TRAILINGSPACE", "M_ALIGN", "MH_ALIGN",
+    "M_WRITABLE", "M_LEADINGSPACE", "M_TRAILINGSPACE", "M_ALIGN", "MH_ALIGN", "m_unshare",
+    "M_SIZE", "M_START", "m_align", "m_defrag", "m_collapse", "m_copyup", "m_pulldown",
+    "m_apply", "m_getptr", "m_devget", "m_uiotombuf", "m_catpkt", "m_sanity", "m_print",
     # tags
     "m_tag_alloc", "m_tag_get", "m_tag_free", "m_tag_prepend", "m_tag_unlink", "m_tag_delete",
     "m_tag_delete_chain", "m_tag_delete_nonpersistent", "m_tag_first", "m_tag_next",
@@ -82,7 +90,7 @@ __all__ = [
     "mbuf_init", "ZONE_NAMES", "set_mbuf_label_hook", "sysctl", "SYSCTLS",
     "eventhandler_register", "eventhandler_deregister", "eventhandler_invoke",
     "EVENTHANDLER_PRI_FIRST", "EVENTHANDLER_PRI_ANY", "EVENTHANDLER_PRI_LAST",
-    "mbstat", "netstat_m", "stat_m_text", "vm_lowmem", "mb_reclaim", "pr_drain_register",
+    "mbstat", "netstat_m", "NETSTAT_FORMATS", "stat_m_text", "vm_lowmem", "mb_reclaim", "pr_drain_register",
     "pr_drain_deregister",
 ]
 __all__ += _constants_all

@@ -24,25 +24,29 @@ from __future__ import annotations
 
 import errno as _errno
 import operator
+import os
 
 from .. import hooks
+from .. import layers
 from .. import layout as L
-from ..errors import BadHandleError, DoubleFreeError, ShmallocError
+from ..errors import BadHandleError, DoubleFreeError, HookError, ShmallocError
 from ..zone import M_NOWAIT, M_WAITOK, M_ZERO
-from .constants import (EXT_EXTADD_TYPES, EXT_NET_DRV, EXT_PACKET, M_EXT, M_NOFREE, M_PKTHDR,
-                        MCLBYTES, MHLEN, MJUMPAGESIZE, MLEN, MSIZE, MT_NOINIT, MT_NOTMBUF)
+from .constants import (EXT_EXTADD_TYPES, EXT_EXTREF, EXT_JUMBO9, EXT_JUMBO16, EXT_JUMBOP,
+                        EXT_NET_DRV, EXT_PACKET, M_EOR, M_EXT, M_FLAGS_MAX, M_NOFREE,
+                        M_PKTHDR, MCLBYTES, MHLEN, MINCLSIZE, MJUMPAGESIZE, MLEN, MSIZE,
+                        MT_NOINIT, MT_NOTMBUF)
 from .ctors import mb_ctor_clust, mb_ctor_mbuf
 from .errors import MbufError
 from .header import Mbuf, _wrap
 from .reclaim import lowmem_check
-from .refs import drop_ref
+from .refs import J_DUP, RC_MAX, drop_ref, journal
 from .tags import delete_chain
-from .zones import (DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_REFCNT, EXT_SIZE,
-                    EXT_TYPE, FLAGS, M_PKTDAT, NEXT, PACK_VERIFIED, PH_TAGS, TYPE, ctx)
+from .zones import (BTYPE, DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_REFCNT,
+                    EXT_SIZE, EXT_TYPE, FLAGS, M_PKTDAT, NEXT, PACK_VERIFIED, PH_TAGS, ctx)
 
 _ZERO_EXT = bytes(MSIZE - M_PKTDAT)
-_FLAGS_OK = 0xFFFFFFFF & ~(M_EXT | M_NOFREE)    # flags an allocation may ask for
-_TAG_ALLOC = L.TAG_ALLOC
+_FLAGS_OK = M_FLAGS_MAX & ~(M_EXT | M_NOFREE)    # flags an allocation may ask for
+_TAG_ALLOC, _TAG_SHIFT = L.TAG_ALLOC, L.PAGE_SHIFT
 _new = object.__new__
 
 
@@ -68,9 +72,9 @@ def _arg(type, flags) -> int:
     return a
 
 
-def _typ(w, i) -> int:
-    """The type to give an mbuf made after mbuf word ``i`` (MT_DATA for none)."""
-    t = w[i + TYPE]
+def _typ(c, h) -> int:
+    """The type to give an mbuf made after mbuf ``h`` (MT_DATA for none)."""
+    t = c.mv[h + BTYPE]
     return t if 0 < t < MT_NOINIT else 1
 
 
@@ -97,9 +101,11 @@ def _int(what, v) -> int:
 
 
 def _retry(c, zone, how, timeout, arg):
-    """An allocation failed: if the arena is low on pages, run vm_lowmem (once a
-    second at most) and try once more."""
-    if lowmem_check(c):
+    """An allocation failed: if the keg manager asked this CPU for a drain, run its
+    protocol drains now (``layers.run_drain_requests``); if the arena is low on
+    pages, run vm_lowmem (once a second at most); after either, try once more."""
+    drained = layers.run_drain_requests(c.arena)
+    if lowmem_check(c) or drained:
         return zone.alloc(how, timeout, arg)
     return None
 
@@ -187,6 +193,81 @@ def m_get2(size: int, how: int, type: int, flags: int, *, arena, timeout=None):
     return m_getjcl(how, type, flags, MJUMPAGESIZE, arena=arena, timeout=timeout)
 
 
+def _getcl(c, how, arg, timeout=None):
+    """A packet-zone handle (mbuf + cluster) for ``arg``, or None (with the retry)."""
+    h = c.zpack.alloc(how, timeout, arg)
+    if h is None:
+        h = _retry(c, c.zpack, how, timeout, arg)
+    return h
+
+
+def m_getm2(m, len: int, how: int, type: int, flags: int, *, arena=None, timeout=None):
+    """A chain of mbufs and clusters with room for ``len`` bytes, appended to chain
+    ``m`` (then ``m`` is returned) or alone (``m`` None: give ``arena=``); FreeBSD 10+
+    ``m_getm2`` (``kern_mbuf.c``; 8.0's ``uipc_mbuf.c`` did not try the jumbo with
+    M_NOWAIT first).  Each step takes a page-size jumbo while more than MCLBYTES
+    remain (tried M_NOWAIT, else a cluster with ``how``), a cluster from MINCLSIZE,
+    else a plain mbuf; ``flags`` keep only M_PKTHDR (first mbuf, and only with no
+    ``m``) and M_EOR (last mbuf; ``m``'s last mbuf loses it).  All or nothing: a
+    failure frees what was made and returns None, ``m`` untouched.  ``len`` 0 with
+    no ``m`` gives None."""
+    if m is None:
+        if arena is None:
+            raise TypeError("m_getm2(None, ...) needs arena=")
+        c = ctx(arena)
+    else:
+        c = _c(m, "m_getm2")
+    len = _int("m_getm2: len", len)
+    flags = _int("m_getm2: flags", flags) & (M_PKTHDR | M_EOR)
+    if len < 0:
+        raise MbufError(f"m_getm2: len {len} < 0")
+    if m is not None:
+        flags &= ~M_PKTHDR
+    if len == 0 and flags & M_EOR:
+        raise MbufError("m_getm2: M_EOR with len 0 marks no mbuf (FreeBSD dereferences a "
+                        "NULL tail)")
+    how = _how(c, how)
+    w = c.w
+    top = tail = 0
+    while len > 0:
+        h = None
+        pk = flags & M_PKTHDR
+        if len > MCLBYTES:
+            j = m_getjcl(M_NOWAIT, type, pk, MJUMPAGESIZE, arena=c.arena)
+            h = j.handle if j is not None else None
+        if h is None:
+            if len >= MINCLSIZE:
+                h = _getcl(c, how, _arg(type, pk), timeout)
+            else:
+                h = _mget(c, how, _arg(type, pk), timeout)
+            if h is None:
+                _freem(c, top)
+                return None
+        i = h >> 3
+        len -= (w[i + EXT_SIZE] if w[i + FLAGS] & M_EXT else MHLEN if pk else MLEN)
+        if tail:
+            w[(tail >> 3) + NEXT] = h
+        else:
+            top = h
+        tail = h
+        flags &= ~M_PKTHDR
+    if flags & M_EOR:
+        w[(tail >> 3) + FLAGS] |= M_EOR
+    if m is None:
+        return _wrap(c, top) if top else None
+    last = m.handle
+    while w[(last >> 3) + NEXT]:
+        last = w[(last >> 3) + NEXT]
+    w[(last >> 3) + NEXT] = top
+    w[(last >> 3) + FLAGS] &= ~M_EOR
+    return m
+
+
+def m_getm(m, len: int, how: int, type: int, *, arena=None, timeout=None):
+    """``m_getm2(m, len, how, type, M_PKTHDR)`` (FreeBSD's macro)."""
+    return m_getm2(m, len, how, type, M_PKTHDR, arena=arena, timeout=timeout)
+
+
 def _cluster_zone(c, size):
     z = c.zone_of_size.get(size)
     if z is None:
@@ -238,77 +319,203 @@ def m_cljset(m, cl: int, type: int) -> None:
     """Attach the bare cluster ``cl`` (from m_cljget(None, ...)) of ext type
     ``type`` (EXT_CLUSTER, EXT_JUMBOP, EXT_JUMBO9, EXT_JUMBO16) to ``m``."""
     c = _c(m, "m_cljset")
+    _cljset(c, m, _int("m_cljset: cluster", cl), type, "m_cljset")
+
+
+def _cljset(c, m, cl, type, what):
     z = c.zone_of_type.get(type)
     if z is None:
-        raise MbufError(f"m_cljset: ext type {type} is not a cluster type")
-    cl = _int("m_cljset: cluster", cl)
+        raise MbufError(f"{what}: ext type {type} is not a cluster type")
     ti = z.keg.tag_index_of(cl)
     if ti < 0 or L.tag_state(c.u32[ti]) != L.TAG_ALLOC:
-        raise BadHandleError(f"m_cljset: {cl} is not an allocated cluster of zone {z.name!r}")
+        raise BadHandleError(f"{what}: {cl} is not an allocated cluster of zone {z.name!r}")
     if c.w[(m.handle >> 3) + FLAGS] & M_EXT:
-        raise MbufError(f"m_cljset: mbuf {m.handle} already has external storage")
+        raise MbufError(f"{what}: mbuf {m.handle} already has external storage")
     r = z.keg.ref_index(cl)
     if c.u32[r] != 1:
-        raise MbufError(f"m_cljset: cluster {cl} already has {c.u32[r]} references")
+        raise MbufError(f"{what}: cluster {cl} already has {c.u32[r]} references")
     mb_ctor_clust(z, cl, m.handle, M_NOWAIT)
 
 
-def m_extadd(mb, buf: int, size: int, freef, arg1: int = 0, arg2: int = 0, flags: int = 0,
-             type: int = None) -> int:
-    """Attach external storage ``[buf, buf + size)`` (handles of this arena) to
-    ``mb``, with free routine ``freef`` (a name, or a module-level function, resolvable
-    in every process) called as ``freef(m, arg1, arg2)`` exactly once, when the
-    last reference goes.  The refcount comes from mbuf_ext_refcnt.  Returns 0, or
-    ENOMEM (no refcount could be had: nothing attached)."""
-    c = _c(mb, "m_extadd")
-    if type is None:
-        type = EXT_NET_DRV
-    if type not in EXT_EXTADD_TYPES:
-        raise MbufError(f"m_extadd: ext type {type} is not one of EXT_SFBUF, EXT_NET_DRV, "
-                        f"EXT_MOD_TYPE, EXT_DISPOSABLE (clusters: m_clget, m_cljset)")
-    buf, size = _int("m_extadd: buf", buf), _int("m_extadd: size", size)
-    arg1, arg2 = _int("m_extadd: arg1", arg1), _int("m_extadd: arg2", arg2)
-    flags = _int("m_extadd: flags", flags)
-    if flags & ~_FLAGS_OK or flags & M_PKTHDR and not c.w[(mb.handle >> 3) + FLAGS] & M_PKTHDR:
-        raise MbufError(f"m_extadd: flags {flags:#x} may not add M_EXT, M_NOFREE or M_PKTHDR")
+# ============================================================================ m_extadd
+# the ext types m_extadd takes (FreeBSD 7/8 sys/mbuf.h): counted in mbuf_ext_refcnt and
+# freed by the free routine; the jumbo clusters (a bare cluster of the zone, attached
+# as m_cljset attaches it: its own count, freed to its zone, as FreeBSD's mb_free_ext
+# frees them); EXT_EXTREF (the caller's counter).  EXT_CLUSTER is refused as FreeBSD
+# KASSERTs it, EXT_PACKET because it is the packet zone's own (an mbuf given to it at
+# the last reference would corrupt that zone).
+_JUMBO_TYPES = (EXT_JUMBOP, EXT_JUMBO9, EXT_JUMBO16)
+_MAIN = "__main__@"                     # a free routine of this process's __main__
+
+
+def _ext_free_name(freef, what) -> str:
+    """The name stored for free routine ``freef``: module-qualified, or, for a function
+    of ``__main__`` (which another process cannot import), ``__main__@<pid>:<name>``:
+    only this process may call it (``refs._ext_free`` refuses it elsewhere)."""
+    if isinstance(freef, str) and freef.startswith("__main__:"):
+        hooks.resolve(freef)
+        name = f"{_MAIN}{os.getpid()}:{freef.partition(':')[2]}"
+    elif (callable(freef) and getattr(freef, "__module__", None) == "__main__"
+          and "<" not in getattr(freef, "__qualname__", "<")):
+        name = f"{_MAIN}{os.getpid()}:{freef.__qualname__}"
+        if hooks.resolve(f"__main__:{freef.__qualname__}") is not freef:
+            raise HookError(f"{what}: free routine {freef!r} is not __main__."
+                            f"{freef.__qualname__}")
+    else:
+        name = hooks.name_of(freef)
+    if not name or len(name.encode()) >= L.EXT_FREE_BYTES:
+        raise MbufError(f"{what}: the free routine's name {name!r} must be 1.."
+                        f"{L.EXT_FREE_BYTES - 1} bytes")
+    return name
+
+
+def _check_storage(c, what, buf, size) -> None:
     g = c.core.geometry
     if size <= 0 or buf < g.data_off or buf + size > g.size:
-        raise MbufError(f"m_extadd: storage {buf}+{size} is not inside the arena's data "
+        raise MbufError(f"{what}: storage {buf}+{size} is not inside the arena's data "
                         f"pages ({g.data_off}..{g.size})")
     fm = g.freemap_off
     if c.core.buf.find(b"\x01", fm + (buf >> L.PAGE_SHIFT),
                        fm + (buf + size - 1 >> L.PAGE_SHIFT) + 1) >= 0:
-        raise MbufError(f"m_extadd: storage {buf}+{size} lies on free pages")
-    name = hooks.name_of(freef)
-    if not name or len(name.encode()) >= L.EXT_FREE_BYTES:
-        raise MbufError(f"m_extadd: the free routine's name {name!r} must be 1.."
-                        f"{L.EXT_FREE_BYTES - 1} bytes")
-    if c.w[(mb.handle >> 3) + FLAGS] & M_EXT:
-        raise MbufError(f"m_extadd: mbuf {mb.handle} already has external storage")
-    r = c.zextref.alloc(M_NOWAIT)
-    if r is None:
-        return _errno.ENOMEM
-    c.u32[r >> 2] = 1
-    # the count, and storage that is an item this CPU holds, belong to the
-    # references from now on: held by no CPU, so that the recovery of this CPU
-    # (should it die) leaves them to the mbufs that still point at them
-    c.arena.disown(r)
-    try:
-        c.arena.disown(buf)
-    except ShmallocError:
-        pass                                # not an item of ours: the caller's business
-    w, i, h = c.w, (mb.handle >> 3), mb.handle
+        raise MbufError(f"{what}: storage {buf}+{size} lies on free pages")
+
+
+def _counter(c, what, ref_cnt) -> int:
+    """The u32 index of the caller's counter at handle ``ref_cnt`` (EXT_EXTREF)."""
+    if ref_cnt is None:
+        raise MbufError(f"{what}: EXT_EXTREF storage needs the caller's counter (ref_cnt=)")
+    ref_cnt = _int(f"{what}: ref_cnt", ref_cnt)
+    if ref_cnt & 3:
+        raise MbufError(f"{what}: ref_cnt {ref_cnt} is not a u32 (4-aligned)")
+    _check_storage(c, what, ref_cnt, 4)
+    return ref_cnt >> 2
+
+
+def _attach(c, h, buf, size, type, r, arg1, arg2, name, flags) -> None:
+    """m_ext of mbuf ``h`` names the storage, then M_EXT (last: the claim)."""
+    w, i = c.w, h >> 3
     w[i + EXT_BUF] = buf
     w[i + EXT_SIZE] = size
     w[i + EXT_TYPE] = type
-    w[i + EXT_REFCNT] = r
+    w[i + EXT_REFCNT] = r << 2
     w[i + EXT_ARG1] = arg1
     w[i + EXT_ARG2] = arg2
     w[i + EXT_OWNER] = h
     L.write_str(c.mv, h + EXT_FREE, L.EXT_FREE_BYTES, name)
     w[i + DATA] = buf
     w[i + FLAGS] |= M_EXT | flags
+
+
+def m_extadd(mb, buf: int, size: int, freef, arg1: int = 0, arg2: int = 0, flags: int = 0,
+             type: int = None, *, ref_cnt: int | None = None) -> int:
+    """Attach external storage ``[buf, buf + size)`` (handles of this arena) to
+    ``mb`` (FreeBSD 7/8 ``m_extadd``), of any ext type of that era:
+
+    - EXT_SFBUF, EXT_NET_DRV (the default), EXT_MOD_TYPE, EXT_DISPOSABLE, EXT_MBUF:
+      the count comes from mbuf_ext_refcnt; the free routine ``freef`` (a name, or
+      a function resolvable in every process -- one of ``__main__`` works when
+      this process frees the last reference, and is refused in any other) is
+      called as ``freef(m, arg1, arg2)`` exactly once, when the last reference goes;
+    - EXT_EXTREF: the count is the caller's u32 at handle ``ref_cnt`` (FreeBSD: the
+      pointer stored in ``m_ext.ref_cnt`` beforehand), set to 1 as FreeBSD 7/8 does
+      (``m_extaddref`` adds a reference to a counter in use instead); at the last
+      reference ``freef`` is called and the counter left as it is;
+    - EXT_JUMBOP, EXT_JUMBO9, EXT_JUMBO16: ``buf`` is a bare cluster of that zone
+      (``m_cljget(None, ...)``), attached as ``m_cljset`` does and freed to its zone
+      at the last reference (``freef`` is not called, as in FreeBSD).
+
+    EXT_CLUSTER is refused (FreeBSD KASSERTs: ``m_clget``/``m_cljset`` attach
+    clusters), and EXT_PACKET (the packet zone's own).  ``flags`` are ORed into
+    m_flags (not M_EXT, M_NOFREE, nor M_PKTHDR on an mbuf without one).  Returns 0,
+    or ENOMEM when no count could be had from mbuf_ext_refcnt (nothing attached:
+    FreeBSD leaves M_EXT clear then)."""
+    c = _c(mb, "m_extadd")
+    if type is None:
+        type = EXT_NET_DRV
+    if type not in EXT_EXTADD_TYPES and type not in _JUMBO_TYPES and type != EXT_EXTREF:
+        raise MbufError(f"m_extadd: ext type {type} is not one of EXT_SFBUF, EXT_NET_DRV, "
+                        f"EXT_MOD_TYPE, EXT_DISPOSABLE, EXT_MBUF, EXT_EXTREF, EXT_JUMBOP, "
+                        f"EXT_JUMBO9, EXT_JUMBO16 (2k clusters: m_clget, m_cljset)")
+    buf, size = _int("m_extadd: buf", buf), _int("m_extadd: size", size)
+    arg1, arg2 = _int("m_extadd: arg1", arg1), _int("m_extadd: arg2", arg2)
+    flags = _int("m_extadd: flags", flags)
+    if flags & ~_FLAGS_OK or flags & M_PKTHDR and not c.w[(mb.handle >> 3) + FLAGS] & M_PKTHDR:
+        raise MbufError(f"m_extadd: flags {flags:#x} may not add M_EXT, M_NOFREE or M_PKTHDR")
+    if type in _JUMBO_TYPES:
+        z = c.zone_of_type[type]
+        if size != z.size:
+            raise MbufError(f"m_extadd: a cluster of zone {z.name!r} is {z.size} bytes, "
+                            f"not {size}")
+        _cljset(c, mb, buf, type, "m_extadd")
+        w, i = c.w, mb.handle >> 3
+        w[i + EXT_ARG1] = arg1
+        w[i + EXT_ARG2] = arg2
+        w[i + FLAGS] |= flags
+        return 0
+    _check_storage(c, "m_extadd", buf, size)
+    name = _ext_free_name(freef, "m_extadd")
+    r = _counter(c, "m_extadd", ref_cnt) if type == EXT_EXTREF else None
+    if c.w[(mb.handle >> 3) + FLAGS] & M_EXT:
+        raise MbufError(f"m_extadd: mbuf {mb.handle} already has external storage")
+    if r is not None:
+        # the caller's counter, set to 1 (FreeBSD 7/8) in a journaled step, as a
+        # reference is counted (``refs``): the mbuf claims, then the count
+        lk = c.extref_lock
+        lk.acquire(owner_id=c.cpu)
+        try:
+            c.w[c.extref_journal] = journal(J_DUP, 1, mb.handle)
+            _attach(c, mb.handle, buf, size, type, r, arg1, arg2, name, flags)
+            c.u32[r] = 1
+        finally:
+            lk.release()
+        _disown_storage(c, buf)
+        return 0
+    h = c.zextref.alloc(M_NOWAIT)
+    if h is None:
+        return _errno.ENOMEM
+    c.u32[h >> 2] = 1
+    # the count, and storage that is an item this CPU holds, belong to the
+    # references from now on: held by no CPU, so that the recovery of this CPU
+    # (should it die) leaves them to the mbufs that still point at them
+    c.arena.disown(h)
+    _disown_storage(c, buf)
+    _attach(c, mb.handle, buf, size, type, h >> 2, arg1, arg2, name, flags)
     return 0
+
+
+def _disown_storage(c, buf):
+    try:
+        c.arena.disown(buf)
+    except ShmallocError:
+        pass                                # not an item of ours: the caller's business
+
+
+def m_extaddref(m, buf: int, size: int, ref_cnt: int, freef, arg1: int = 0,
+                arg2: int = 0) -> None:
+    """Attach ``[buf, buf + size)`` to ``m`` as EXT_EXTREF storage whose count is the
+    caller's u32 at handle ``ref_cnt``, adding one reference to it (FreeBSD 9.3+
+    ``m_extaddref``: the caller may hold references already).  When the last
+    reference goes ``freef(m, arg1, arg2)`` is called and the counter, at 1, left
+    alone.  The storage stays the caller's (not disowned, unlike m_extadd's)."""
+    c = _c(m, "m_extaddref")
+    buf, size = _int("m_extaddref: buf", buf), _int("m_extaddref: size", size)
+    arg1, arg2 = _int("m_extaddref: arg1", arg1), _int("m_extaddref: arg2", arg2)
+    _check_storage(c, "m_extaddref", buf, size)
+    r = _counter(c, "m_extaddref", ref_cnt)
+    name = _ext_free_name(freef, "m_extaddref")
+    if c.w[(m.handle >> 3) + FLAGS] & M_EXT:
+        raise MbufError(f"m_extaddref: mbuf {m.handle} already has external storage")
+    lk = c.extref_lock
+    lk.acquire(owner_id=c.cpu)
+    try:
+        rc = c.u32[r]
+        if rc >= RC_MAX:
+            raise MbufError(f"m_extaddref: the counter at {ref_cnt} is {rc} (the most)")
+        c.w[c.extref_journal] = journal(J_DUP, rc + 1, m.handle)
+        _attach(c, m.handle, buf, size, EXT_EXTREF, r, arg1, arg2, name, 0)
+        c.u32[r] = rc + 1
+    finally:
+        lk.release()
 
 
 def m_init(m, how: int, type: int, flags: int) -> int:
@@ -331,7 +538,7 @@ def _bad(c, h, what):
     """Raise the most precise error for ``h``, which is not a live mbuf."""
     if not isinstance(h, int):
         raise TypeError(f"{what}: expected an mbuf, not {type(h).__name__}")
-    if c.is_mbuf(h) >= 0 and c.w[(h >> 3) + TYPE] == MT_NOTMBUF:
+    if c.is_mbuf(h) >= 0 and c.mv[h + BTYPE] == MT_NOTMBUF:
         raise DoubleFreeError(f"{what}: mbuf {h} was freed already (it waits for the other "
                               f"references to its cluster to go)")
     ti = c.mkeg.tag_index_of(h)
@@ -345,7 +552,7 @@ def _free(c, h: int) -> int:
     """m_free on handle ``h``; returns m_next's handle."""
     w, i = c.w, h >> 3
     try:
-        flags, typ, nxt = w[i + FLAGS], w[i + TYPE], w[i + NEXT]
+        flags, typ, nxt = w[i + FLAGS], c.mv[h + BTYPE], w[i + NEXT]
         sole_packet = (flags & M_EXT and w[i + EXT_TYPE] == EXT_PACKET
                        and w[i + EXT_OWNER] == h and c.u32[w[i + EXT_REFCNT] >> 2] == 1)
     except (IndexError, TypeError):
@@ -384,7 +591,7 @@ def _free_ext(c, h, i, flags, zidx):
 
 def _purge_and_free(c, h, i, flags):
     c.mv[h + M_PKTDAT:h + MSIZE] = _ZERO_EXT
-    c.w[i + FLAGS] = flags & ~M_EXT
+    c.w[i + FLAGS] &= ~M_EXT
     c.zmbuf.free(h)
 
 
@@ -406,7 +613,7 @@ def m_freem(m) -> None:
     w, i = c.w, h >> 3
     # the common case inline: one packet holding the only reference to its cluster
     if (not w[i + NEXT] and w[i + FLAGS] & M_EXT and w[i + EXT_TYPE] == EXT_PACKET
-            and w[i + EXT_OWNER] == h and w[i + TYPE] and c.u32[w[i + EXT_REFCNT] >> 2] == 1):
+            and w[i + EXT_OWNER] == h and c.mv[h + BTYPE] and c.u32[w[i + EXT_REFCNT] >> 2] == 1):
         c.zpack.free(h, PACK_VERIFIED)
         return
     while h:

@@ -13,6 +13,8 @@ MSIZE = L.MSIZE                  # size of an mbuf; a power of two (dtom)
 MLEN = L.MLEN                    # data in an mbuf without packet header
 MHLEN = L.MHLEN                  # data in an mbuf with a packet header
 MINCLSIZE = MHLEN + 1            # smallest amount worth a cluster
+# (FreeBSD 10+ amd64: MLEN 224, MHLEN 168, MINCLSIZE 169; the seed's 7.x had 216/176/177,
+# 8.x and 9.x 216/168/169 -- docs/mbuf-kpis.md)
 MCLSHIFT = 11
 MCLBYTES = 1 << MCLSHIFT         # 2048: a cluster
 MJUMPAGESIZE = L.PAGE_SIZE       # page-sized jumbo cluster
@@ -52,7 +54,7 @@ M_PROTOFLAGS = (M_PROTO1 | M_PROTO2 | M_PROTO3 | M_PROTO4 | M_PROTO5 | M_PROTO6 
                 | M_PROTO8)
 M_COPYFLAGS = (M_PKTHDR | M_EOR | M_RDONLY | M_PROTOFLAGS | M_SKIP_FIREWALL | M_BCAST
                | M_MCAST | M_FRAG | M_FIRSTFRAG | M_LASTFRAG | M_VLANTAG | M_PROMISC)
-M_FLAGS_MAX = 0xFFFFFFFF
+M_FLAGS_MAX = 0xFFFFFF          # m_flags is 24 bits (FreeBSD 10+: m_type:8, m_flags:24)
 
 # --- m_type -----------------------------------------------------------------------------------
 MT_NOTMBUF = 0                   # internal: not an mbuf (a packet waiting for its sharers)
@@ -77,7 +79,9 @@ EXT_MOD_TYPE = 200
 EXT_DISPOSABLE = 300
 EXT_EXTREF = 400
 EXT_CLUSTER_TYPES = (EXT_CLUSTER, EXT_JUMBOP, EXT_JUMBO9, EXT_JUMBO16, EXT_PACKET)
-EXT_EXTADD_TYPES = (EXT_SFBUF, EXT_NET_DRV, EXT_MOD_TYPE, EXT_DISPOSABLE)
+# m_extadd storage counted in an item of mbuf_ext_refcnt, freed by its free routine
+# (EXT_MBUF: FreeBSD 7/8's mb_free_ext has no case for it; here it is freed as these are)
+EXT_EXTADD_TYPES = (EXT_SFBUF, EXT_NET_DRV, EXT_MOD_TYPE, EXT_DISPOSABLE, EXT_MBUF)
 
 # --- dtor argument -------------------------------------------------------------------------------
 MB_NOTAGS = 0x1                  # mb_dtor_mbuf: leave the tags alone

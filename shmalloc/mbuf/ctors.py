@@ -34,9 +34,10 @@ from .errors import MbufError
 from .header import Mbuf
 from .refs import _limbo, drop_ref
 from .tags import delete_chain
-from .zones import (DATA, E, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER,
-                    EXT_REFCNT, EXT_SIZE, EXT_TYPE, EXT_TYPE_OF_SIZE, FLAGS, HDR_END, M_DAT,
-                    M_PKTDAT, NEXT, NEXTPKT, PACK_VERIFIED, PH_TAGS, PKTHDR_END, TYPE, Ctx, ctx)
+from .zones import (BTYPE, DATA, E, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER,
+                    EXT_REFCNT, EXT_SIZE, EXT_TYPE, EXT_TYPE_OF_SIZE, FLAGS, FLAGS_MASK, HDR_END,
+                    M_DAT, M_PKTDAT, NEXT, NEXTPKT, PACK_VERIFIED, PH_TAGS, PKTHDR_END,
+                    TYPE_SHIFT, Ctx, ctx)
 
 _ZERO_MBUF = bytes(MSIZE)
 _ZERO_EXT = bytes(MSIZE - M_PKTDAT)
@@ -95,8 +96,7 @@ def _template(arg: int) -> tuple:
         flags, typ = arg & 0xFFFFFFFF, arg >> 32
         n = PKTHDR_END if flags & M_PKTHDR else HDR_END
         a = array("q", [0]) * n
-        a[FLAGS] = flags
-        a[TYPE] = typ
+        a[FLAGS] = flags | typ << TYPE_SHIFT       # m_len 0
         t = (a, n)
         if len(_tmpl) < 4096:
             _tmpl[arg] = t
@@ -148,7 +148,8 @@ def mb_dtor_mbuf(zone, h, arg):
         if flags & M_EXT:            # a dead CPU's mbuf: give its reference back
             _, error = drop_ref(c, h, i, flags, c.zidx_mbuf)
             c.mv[h + M_PKTDAT:h + MSIZE] = _ZERO_EXT
-        w[i + FLAGS] = flags = flags & ~(M_EXT | M_NOFREE)
+        w[i + FLAGS] &= ~(M_EXT | M_NOFREE)
+        flags = w[i + FLAGS]
     if w[i + PH_TAGS] and flags & M_PKTHDR:
         if arg is not None and arg & MB_NOTAGS:
             w[i + PH_TAGS] = 0
@@ -293,14 +294,14 @@ def _pack_check(c, zone, h, i, arg) -> None:
     w = c.w
     if arg is not None and arg & DTOR_RECOVER and c.u32[w[i + EXT_REFCNT] >> 2] > 1:
         _set_aside(c, zone, h, i, w[i + FLAGS])     # returns when it turned out sole
-    flags = w[i + FLAGS]
-    if not w[i + TYPE]:
+    flags = w[i + FLAGS] & FLAGS_MASK
+    if not c.mv[h + BTYPE]:
         raise MbufError(f"zone {zone.name!r}: packet {h} waits for the copies sharing its "
                         f"cluster; the last of them frees it")
     if (not flags & M_EXT or w[i + EXT_TYPE] != EXT_PACKET
             or c.u32[w[i + EXT_REFCNT] >> 2] != 1 or c.debug and _pack_unclean(c, h)):
         raise MbufError(f"zone {zone.name!r}: packet {h} does not hold a clean cluster of its "
-                        f"own (flags {flags:#x}, type {w[i + TYPE]}, ext type "
+                        f"own (flags {flags:#x}, type {c.mv[h + BTYPE]}, ext type "
                         f"{w[i + EXT_TYPE]}, size {w[i + EXT_SIZE]}, refcount "
                         f"{c.u32[w[i + EXT_REFCNT] >> 2]})")
 
@@ -310,7 +311,7 @@ def _set_aside(c, zone, h, i, flags) -> None:
     its reference; ``refs._limbo``) and refuse the free (MbufError): the last copy
     frees it.  If the copies went meanwhile, return: the free goes on as for a
     sole packet."""
-    if c.w[i + TYPE] == 0:
+    if c.mv[h + BTYPE] == 0:
         raise MbufError(f"zone {zone.name!r}: packet {h} already waits for its copies")
     if _limbo(c, h, i, flags):
         raise MbufError(f"zone {zone.name!r}: packet {h} is set aside until the "

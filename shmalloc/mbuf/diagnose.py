@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .. import layout as L
 from ..layers import views
-from .zones import EXT_BUF, EXT_OWNER, EXT_REFCNT, FLAGS, TYPE
+from .zones import BTYPE, EXT_BUF, EXT_OWNER, EXT_REFCNT, FLAGS, FLAGS_MASK
 
 _USED = (L.TAG_ALLOC, L.TAG_INFLIGHT)
 # a packet in one of these states accounts for its cluster
@@ -34,7 +34,7 @@ def describe_unheld(arena, known, roles, limit: int = 8) -> str:
     are not in ``known``: holder (and its role), tag state, and the mbuf's type,
     flags, refcount and cluster owner; at most ``limit`` lines.  Lock: none."""
     core = views(arena)
-    w, u32 = core.w, core.tags
+    w, u32, mv = core.w, core.tags, core.mv
     out = []
     for zname in ("mbuf_packet", "mbuf"):
         if zname not in arena.zones():
@@ -45,11 +45,11 @@ def describe_unheld(arena, known, roles, limit: int = 8) -> str:
                 continue
             cpu = L.tag_holder(tv)
             i = h >> 3
-            typ = w[i + TYPE]
+            typ = mv[h + BTYPE]
             aside = " (MT_NOTMBUF: set aside for its copies)" if typ == 0 else ""
             out.append(f"{zname} {h}: {L.TAG_STATE_NAMES[L.tag_state(tv)]} held by CPU "
                        f"{cpu} ({roles.get(cpu, 'no live process')}), type {typ}{aside}, "
-                       f"flags {w[i + FLAGS]:#x}, refcount {u32[w[i + EXT_REFCNT] >> 2]}, "
+                       f"flags {w[i + FLAGS] & FLAGS_MASK:#x}, refcount {u32[w[i + EXT_REFCNT] >> 2]}, "
                        f"owner {w[i + EXT_OWNER]}")
             if len(out) >= limit:
                 return "\n".join(out)
@@ -62,7 +62,8 @@ def describe_clusters(arena, roles, limit: int = 8) -> str:
     that points at it, with its state; at most ``limit`` lines.  Lock: none."""
     if not {"mbuf_packet", "mbuf_cluster"} <= set(arena.zones()):
         return ""
-    w = views(arena).w
+    core = views(arena)
+    w, mv = core.w, core.mv
 
     def items(zone):
         keg = zone.keg
@@ -82,7 +83,7 @@ def describe_clusters(arena, roles, limit: int = 8) -> str:
         cpu = L.tag_holder(tv)
         seen = "; ".join(f"packet {h}: {L.TAG_STATE_NAMES[L.tag_state(ptv)]} held by CPU "
                          f"{L.tag_holder(ptv)} ({roles.get(L.tag_holder(ptv), 'no live process')})"
-                         f", type {w[(h >> 3) + TYPE]}, flags {w[(h >> 3) + FLAGS]:#x}, owner "
+                         f", type {mv[h + BTYPE]}, flags {w[(h >> 3) + FLAGS] & FLAGS_MASK:#x}, owner "
                          f"{w[(h >> 3) + EXT_OWNER]}" for h, ptv in packets)
         out.append(f"mbuf_cluster {cl}: alloc held by CPU {cpu} "
                    f"({roles.get(cpu, 'no live process')}); "

@@ -19,10 +19,10 @@ from .. import layout as L
 from ..errors import BadHandleError
 from .constants import EXT_PACKET, M_EXT, M_PKTHDR, M_RDONLY, MSIZE, MT_NOINIT, MT_NOTMBUF
 from .errors import MbufError
-from .zones import (DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_REFCNT,
-                    EXT_SIZE, EXT_TYPE, FLAGS, LEN, M_DAT, M_PKTDAT, NEXT, NEXTPKT, PH_CSUM_DATA,
-                    PH_CSUM_FLAGS, PH_ETHER_VTAG, PH_HEADER, PH_LEN, PH_RCVIF, PH_TAGS,
-                    PH_TSO_SEGSZ, TYPE, ctx)
+from .zones import (BTYPE, DATA, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_FREE, EXT_OWNER, EXT_REFCNT,
+                    EXT_SIZE, EXT_TYPE, FLAGS, FLAGS_MASK, M_DAT, M_PKTDAT, NEXT, NEXTPKT,
+                    PH_CSUM_DATA, PH_CSUM_FLAGS, PH_HEADER, PH_LEN, PH_RCVIF, PH_TAGS, PH_VTAG,
+                    ULEN, VTAG_SHIFT, ctx, set_flags)
 
 _new = object.__new__
 
@@ -68,7 +68,7 @@ class Mbuf:
         c = ctx(arena)
         h = _int("an mbuf handle", handle)
         zidx = c.is_mbuf(h)
-        if zidx < 0 or c.w[(h >> 3) + TYPE] == MT_NOTMBUF:
+        if zidx < 0 or c.mv[h + BTYPE] == MT_NOTMBUF:
             raise BadHandleError(f"arena {arena.name!r}: handle {h} is not an allocated mbuf")
         return _wrap(c, h)
 
@@ -85,14 +85,16 @@ class Mbuf:
         return hash((id(self._c.core), self.handle))
 
     def __repr__(self):
-        w, i = self._c.w, (self.handle >> 3)
-        flags = w[i + FLAGS]
+        c, i = self._c, (self.handle >> 3)
+        w = c.w
+        flags = w[i + FLAGS] & FLAGS_MASK
         what = []
         if flags & M_PKTHDR:
             what.append(f"pkthdr.len={w[i + PH_LEN]}")
         if flags & M_EXT:
             what.append(f"ext={w[i + EXT_BUF]}/{w[i + EXT_SIZE]} refcnt={self.refcnt}")
-        return (f"<Mbuf {self.handle} len={w[i + LEN]} flags={flags:#x} type={w[i + TYPE]}"
+        return (f"<Mbuf {self.handle} len={c.u32[(self.handle >> 2) + ULEN]} flags={flags:#x} "
+                f"type={c.mv[self.handle + BTYPE]}"
                 + "".join(" " + s for s in what) + ">")
 
     # ---------------------------------------------------------------- m_hdr
@@ -139,7 +141,7 @@ class Mbuf:
 
     @property
     def m_len(self) -> int:
-        return self._c.w[(self.handle >> 3) + LEN]
+        return self._c.u32[(self.handle >> 2) + ULEN]
 
     @m_len.setter
     def m_len(self, v):
@@ -149,33 +151,33 @@ class Mbuf:
         if w[i + DATA] + v > hi:
             raise MbufError(f"mbuf {self.handle}: m_len {v} from m_data {w[i + DATA]} runs "
                             f"past the end of its storage ({hi})")
-        w[i + LEN] = v
+        self._c.u32[(self.handle >> 2) + ULEN] = v
 
     @property
     def m_flags(self) -> int:
-        return self._c.w[(self.handle >> 3) + FLAGS]
+        return self._c.w[(self.handle >> 3) + FLAGS] & FLAGS_MASK
 
     @m_flags.setter
     def m_flags(self, v):
         w, i = self._c.w, (self.handle >> 3)
-        v = _int(f"mbuf {self.handle}: m_flags", v, 0, 0xFFFFFFFF)
-        changed = v ^ w[i + FLAGS]
+        v = _int(f"mbuf {self.handle}: m_flags", v, 0, FLAGS_MASK)
+        changed = v ^ (w[i + FLAGS] & FLAGS_MASK)
         if changed & M_EXT:
             raise MbufError(f"mbuf {self.handle}: M_EXT is set by attaching storage (m_clget, "
                             f"m_extadd) and cleared by m_free, not by writing m_flags")
         if changed & M_PKTHDR:
             raise MbufError(f"mbuf {self.handle}: M_PKTHDR moves with the packet header "
                             f"(m_move_pkthdr, m_dup_pkthdr, m_demote), not by writing m_flags")
-        w[i + FLAGS] = v
+        set_flags(w, i, v)
 
     @property
     def m_type(self) -> int:
-        return self._c.w[(self.handle >> 3) + TYPE]
+        return self._c.mv[self.handle + BTYPE]
 
     @m_type.setter
     def m_type(self, v):
         v = _int(f"mbuf {self.handle}: m_type", v, 1, MT_NOINIT - 1)
-        self._c.w[(self.handle >> 3) + TYPE] = v
+        self._c.mv[self.handle + BTYPE] = v
 
     # ---------------------------------------------------------------- unions
     @property
@@ -210,7 +212,7 @@ def refs(c, w, i) -> int:
     n = c.u32[w[i + EXT_REFCNT] >> 2]
     if n > 1 and w[i + EXT_TYPE] == EXT_PACKET:
         owner = w[i + EXT_OWNER]
-        if owner != i << 3 and w[(owner >> 3) + TYPE] == MT_NOTMBUF:
+        if owner != i << 3 and c.mv[owner + BTYPE] == MT_NOTMBUF:
             n -= 1
     return n
 
@@ -254,9 +256,30 @@ class PktHdr:
     csum_flags = property(_get(PH_CSUM_FLAGS), _set(PH_CSUM_FLAGS, "csum_flags", 0,
                                                     0xFFFFFFFF))
     csum_data = property(_get(PH_CSUM_DATA), _set(PH_CSUM_DATA, "csum_data", 0, 0xFFFFFFFF))
-    tso_segsz = property(_get(PH_TSO_SEGSZ), _set(PH_TSO_SEGSZ, "tso_segsz", 0, 0xFFFF))
-    ether_vtag = property(_get(PH_ETHER_VTAG), _set(PH_ETHER_VTAG, "ether_vtag", 0, 0xFFFF))
     del _get, _set
+
+    # tso_segsz and ether_vtag share a word (16 bits each), as in FreeBSD's pkthdr
+    @property
+    def tso_segsz(self) -> int:
+        return self._m._c.w[self._w(PH_VTAG)] & 0xFFFF
+
+    @tso_segsz.setter
+    def tso_segsz(self, v):
+        m = self._m
+        i = self._w(PH_VTAG)
+        v = _int(f"mbuf {m.handle}: m_pkthdr.tso_segsz", v, 0, 0xFFFF)
+        m._c.w[i] = m._c.w[i] & ~0xFFFF | v
+
+    @property
+    def ether_vtag(self) -> int:
+        return self._m._c.w[self._w(PH_VTAG)] >> VTAG_SHIFT & 0xFFFF
+
+    @ether_vtag.setter
+    def ether_vtag(self, v):
+        m = self._m
+        i = self._w(PH_VTAG)
+        v = _int(f"mbuf {m.handle}: m_pkthdr.ether_vtag", v, 0, 0xFFFF)
+        m._c.w[i] = m._c.w[i] & ~(0xFFFF << VTAG_SHIFT) | v << VTAG_SHIFT
 
     @property
     def tags(self):

@@ -30,6 +30,11 @@ from .constants import MSIZE
 _TUN, _MBS = L.TUN, L.MBS
 
 MAXUSERS_MIN, MAXUSERS_MAX = 32, 384
+# max_linkhdr and max_protohdr (uipc_mbuf.c globals, kern.ipc.max_*): FreeBSD's
+# domaininit raises max_linkhdr to 16 and tcp_init max_protohdr to 40 or 60 once a
+# protocol is attached; here no protocol is, so max_protohdr starts at 0 (the sysctl
+# sets it, as the protocol's init would)
+MAX_LINKHDR, MAX_PROTOHDR = 16, 0
 
 
 # ============================================================================ defaults
@@ -68,7 +73,8 @@ def compute(size: int, given: dict[str, int]) -> dict[str, int]:
     return {"MAXUSERS": maxusers, "NMBCLUSTERS": nmbclusters, "NMBJUMBOP": nmbjumbop,
             "NMBJUMBO9": nmbjumbo9, "NMBJUMBO16": nmbjumbo16, "NMBUFS": nmbufs,
             "MAXMBUFMEM": maxmbufmem,
-            "V_FREE_MIN": given.get("V_FREE_MIN", v_free_min_for(size))}
+            "V_FREE_MIN": given.get("V_FREE_MIN", v_free_min_for(size)),
+            "MAX_LINKHDR": MAX_LINKHDR, "MAX_PROTOHDR": MAX_PROTOHDR}
 
 
 # ============================================================================ once per arena

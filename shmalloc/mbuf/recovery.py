@@ -60,8 +60,8 @@ from ..layers import views
 from .alloc import m_free
 from .constants import EXT_CLUSTER, EXT_PACKET, M_EXT, MSIZE, MT_NOTMBUF
 from .header import Mbuf
-from .zones import (EXT_BUF, EXT_OWNER, EXT_REFCNT, EXT_TYPE, FLAGS, M_PKTDAT,
-                    PACK_VERIFIED, TYPE, ctx)
+from .zones import (BTYPE, EXT_BUF, EXT_OWNER, EXT_REFCNT, EXT_TYPE, FLAGS, M_PKTDAT,
+                    PACK_VERIFIED, ctx)
 
 MBUF_ZONES = ("mbuf", "mbuf_packet")
 CLUSTER_ZONES = ("mbuf_cluster", "mbuf_jumbo_page", "mbuf_jumbo_9k", "mbuf_jumbo_16k")
@@ -129,7 +129,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
         """Packet ``p``, set aside, has no copy left (its count is its own) and no
         copy held by a CPU that is not dead points at it (a live last copy frees
         it): it is recovery's to free."""
-        return (w[(p >> 3) + TYPE] == MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1
+        return (mv[p + BTYPE] == MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1
                 and p not in owners)
 
     def stale(h) -> bool:
@@ -158,7 +158,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
                 counts["unfinished"] += 1
                 return (tv & ~L.TAG_STATE_MASK) | L.TAG_FINI
             return None
-        if zone.name == "mbuf_packet" and w[i + TYPE] == MT_NOTMBUF:
+        if zone.name == "mbuf_packet" and mv[h + BTYPE] == MT_NOTMBUF:
             if abandoned(h):                 # its copies are gone: freed here
                 to_free_packets[h] = mine | zone.zidx << 4
                 return mine | zone.zidx << 4
@@ -195,7 +195,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
             errors.append(f"cluster {h}: {e!r}")
     for p in to_free_packets:              # set aside, copies gone: packet and cluster
         try:
-            if w[(p >> 3) + TYPE] == MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1:
+            if mv[p + BTYPE] == MT_NOTMBUF and u32[w[(p >> 3) + EXT_REFCNT] >> 2] == 1:
                 c.zpack.free(p, PACK_VERIFIED)
                 counts["abandoned"] += 1
         except Exception as e:  # noqa: BLE001 - the others are freed all the same

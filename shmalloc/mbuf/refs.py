@@ -24,17 +24,21 @@ the step.
 
 from __future__ import annotations
 
+import os
+
 from .. import hooks
 from .. import layout as L
 from .. import recovery as _recovery
-from .constants import EXT_EXTADD_TYPES, EXT_PACKET, M_EXT, M_PKTHDR, M_RDONLY, MSIZE, MT_NOTMBUF
+from .constants import (EXT_EXTADD_TYPES, EXT_EXTREF, EXT_PACKET, M_EXT, M_PKTHDR, M_RDONLY,
+                        MSIZE, MT_NOTMBUF)
 from .errors import MbufError
 from .header import _wrap
 from .tags import delete_chain
-from .zones import (E, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER, EXT_REFCNT,
-                    EXT_TYPE, FLAGS, M_PKTDAT, NEXT, NEXTPKT, PACK_VERIFIED, PH_TAGS, TYPE)
+from .zones import (BTYPE, E, EXT_ARG1, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER,
+                    EXT_REFCNT, EXT_TYPE, FLAGS, M_PKTDAT, NEXT, NEXTPKT, PACK_VERIFIED, PH_TAGS)
 
 _ZERO_EXT = bytes(MSIZE - M_PKTDAT)
+_MAIN = "__main__@"                      # a free routine of one process's __main__
 
 
 # ============================================================================ drop
@@ -48,7 +52,7 @@ def drop_ref(c, h, i, flags, zidx):
     is dealt with.
 
     A packet (the mbuf of the packet zone that owns its cluster) keeps its own
-    reference while it waits for its copies: setting it aside is one word (its
+    reference while it waits for its copies: setting it aside is one byte (its
     type, MT_NOTMBUF) written under the refcount lock, so that a CPU killed at any
     moment leaves it either set aside or not, never half.  Its count is then its
     own reference plus its copies'; the copy that finds 2 under the lock with the
@@ -72,7 +76,7 @@ def drop_ref(c, h, i, flags, zidx):
             rc = u32[r]
             # (count 1 with the packet set aside: this copy was the last already,
             # and its free of the packet failed -- a free retried)
-            last = 0 < rc <= 2 and w[(owner >> 3) + TYPE] == MT_NOTMBUF
+            last = 0 < rc <= 2 and c.mv[owner + BTYPE] == MT_NOTMBUF
             if last:
                 u32[r] = 1               # the set-aside packet's own is left
             elif rc < 2:
@@ -113,9 +117,10 @@ def drop_ref(c, h, i, flags, zidx):
             z.take_over(cl)              # ours before it is forgotten, so that a crash
             w[i + FLAGS] &= ~M_EXT       # from here on leaves a cluster of this CPU's
             z.free(cl)                   # that no mbuf names: recovery frees it (never twice)
-        elif typ in EXT_EXTADD_TYPES:
-            u32[r] = 0
-            c.zextref.free(r << 2)
+        elif typ in EXT_EXTADD_TYPES or typ == EXT_EXTREF:
+            if typ != EXT_EXTREF:        # the caller's counter is left as it is (at 1)
+                u32[r] = 0
+                c.zextref.free(r << 2)
             try:
                 _ext_free(c, h)
             except Exception as e:       # the mbuf still goes; the error is raised after
@@ -133,6 +138,15 @@ def _free_set_aside(c, owner):
 
 def _ext_free(c, h):
     name = L.read_str(c.mv, h + EXT_FREE, L.EXT_FREE_BYTES)
+    if name.startswith(_MAIN):
+        pid, _, qual = name[len(_MAIN):].partition(":")
+        if pid != str(os.getpid()):
+            raise MbufError(f"m_free: mbuf {h}: the free routine {qual!r} of its storage is "
+                            f"a function of the __main__ of process {pid}, which process "
+                            f"{os.getpid()} cannot call: the storage was not freed (free "
+                            f"its last reference in process {pid}, or give m_extadd a "
+                            f"function of an importable module)")
+        name = "__main__:" + qual
     fn = c.ext_free_fns.get(name)
     if fn is None:
         fn = c.ext_free_fns[name] = hooks.resolve(name)
@@ -145,7 +159,7 @@ def _limbo(c, h, i, flags) -> bool:
     """A packet freed while copies share its cluster: set it aside (True), or
     False when the copies went meanwhile (it is freed whole then).  A packet set
     aside stays allocated, without tags or links, typed MT_NOTMBUF and holding its
-    reference, until the last copy frees it.  The type is the one word that says
+    reference, until the last copy frees it.  The type is the one byte that says
     so, written under the refcount lock (see ``drop_ref``)."""
     _unlink(c, h, i, flags)
     lk = c.reflock(EXT_PACKET)
@@ -153,7 +167,7 @@ def _limbo(c, h, i, flags) -> bool:
     try:
         if c.u32[c.w[i + EXT_REFCNT] >> 2] == 1:
             return False
-        c.w[i + TYPE] = MT_NOTMBUF
+        c.mv[h + BTYPE] = MT_NOTMBUF
         return True
     finally:
         lk.release()
@@ -166,7 +180,7 @@ def _unlink(c, h, i, flags):
     w = c.w
     if flags & M_PKTHDR and w[i + PH_TAGS]:
         delete_chain(c, h, 0)
-    w[i + FLAGS] = flags & ~M_PKTHDR
+    w[i + FLAGS] &= ~M_PKTHDR
     w[i + NEXT] = 0
     w[i + NEXTPKT] = 0
 
@@ -199,7 +213,7 @@ def _dupcl(c, n, m):
     lk.acquire(owner_id=c.cpu)
     try:
         rc = u32[r]
-        if rc >= _RC_MAX:
+        if rc >= RC_MAX:
             raise MbufError(f"mbuf {m}: its storage has {rc} references (the most)")
         w[c.journal(typ)] = journal(J_DUP, rc + 1, n)
         _claim(c, n, m)
@@ -262,7 +276,7 @@ def _claim(c, n, m):
 J_BIT = 1 << 62
 J_DUP, J_DROP = 1, 2                     # n claims and the count grows; h's goes
 _J_RC_BITS = 20
-_RC_MAX = min(0xFFFFFFFE, (1 << _J_RC_BITS) - 2)   # most references: a u32, and a journal word
+RC_MAX = min(0xFFFFFFFE, (1 << _J_RC_BITS) - 2)    # most references: a u32, and a journal word
 
 
 def journal(kind: int, new_rc: int, h: int) -> int:

@@ -7,12 +7,19 @@ uses mbufs on the arena computes the values in force from them (``limits``, wher
 defaults and their formulas are) and writes them to the MBS words, where ``sysctl``
 reads and raises them.
 
-Sysctls (``sysctl(arena, name[, value])``): the limits only rise (a lower value is
-refused with EINVAL; ``0`` is unlimited, so it is the highest value and cannot be
-lowered from); a new limit is applied to its zone at once and ``nmbclusters_change``
-(``nmbufs_change``) is invoked.  ``kern.ipc.maxmbufmem`` and ``kern.maxusers`` are
-read-only at run time (EPERM); ``vm.v_free_min`` (the low-memory threshold in pages)
-takes any value.  Unknown names fail with ENOENT.
+Sysctls (``sysctl(arena, name[, value])``), as the seed's handlers
+(``sysctl_nmbclusters`` ... of FreeBSD 7/8): a limit takes a value strictly greater
+than the one in force; anything else -- the same value, a lower one, 0, a negative
+one -- is refused with EINVAL and changes nothing.  So a limit never falls and is
+never cleared to 0 (unlimited) at run time, while a zone booted unlimited (a tunable
+of 0) takes any positive value, which imposes a limit even below the items already
+in use (``Zone.set_max(below_use=True)``: FreeBSD's ``uma_zone_set_max`` only caps
+further allocation).  A new limit is applied to its zone at once and
+``nmbclusters_change`` (``nmbufs_change``) is invoked.  ``kern.ipc.maxmbufmem`` and
+``kern.maxusers`` are read-only at run time (EPERM); ``vm.v_free_min`` (the
+low-memory threshold in pages) takes any value.  Unknown names fail with ENOENT.
+(The jumbo limits, ``kern.ipc.nmbufs`` and their tunables are FreeBSD 9's; they
+follow the seed's rule too.)
 
 Event handlers are process-local, like FreeBSD's are kernel-local: a handler registered
 in this process runs when this process invokes the event (``fn(arg, arena)``).
@@ -27,7 +34,7 @@ from .. import layout as L
 from .. import layers
 from ..layers import views
 from .constants import (MBUF_CLUSTER_MEM_NAME, MBUF_JUMBO9_MEM_NAME, MBUF_JUMBO16_MEM_NAME,
-                        MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME)
+                        MBUF_JUMBOP_MEM_NAME, MBUF_MEM_NAME, MHLEN)
 from .errors import SysctlError
 from .limits import ensure_tuned
 from .zones import ctx
@@ -46,6 +53,16 @@ SYSCTLS = {
     "vm.v_free_min": ("V_FREE_MIN", "rw", None, None),
 }
 TUNABLE_NAMES = tuple(SYSCTLS)
+
+# the protocol header sizes (uipc_mbuf.c's globals, ``kern.ipc.max_*``): max_linkhdr and
+# max_protohdr are set here as a protocol's init sets them in FreeBSD (whose sysctls are
+# read-only); max_hdr and max_datalen follow from them (``domain_init``)
+HDR_SYSCTLS = {
+    "kern.ipc.max_linkhdr": "MAX_LINKHDR",
+    "kern.ipc.max_protohdr": "MAX_PROTOHDR",
+    "kern.ipc.max_hdr": None,
+    "kern.ipc.max_datalen": None,
+}
 _VALUE_MAX = 1 << 62
 
 
@@ -97,17 +114,14 @@ def current(core) -> dict[str, int]:
     return {name: core.w[L.MBS_WORD + _MBS[spec[0]]] for name, spec in SYSCTLS.items()}
 
 
-def _key(v: int) -> float:
-    """Order of limits: 0 (unlimited) is above every number."""
-    return float("inf") if v == 0 else v
-
-
 def sysctl(arena, name: str, value=None) -> int:
     """Read sysctl ``name``, or set it to ``value`` and return the value in force.
 
-    A limit only rises: a lower value raises SysctlError (EINVAL) and changes
-    nothing; the same value is accepted and changes nothing.  A raise is applied to
-    the zone at once (sleepers that now fit are woken) and fires the sysctl's event.
+    A limit takes only a value strictly greater than the one in force (FreeBSD 7/8
+    ``kern_mbuf.c:sysctl_nmbclusters``): anything else raises SysctlError (EINVAL)
+    and changes nothing.  A new limit is applied to the zone at once -- below the
+    items in use too, when the zone was unlimited -- waking sleepers that now fit,
+    and fires the sysctl's event.
     """
     field, mode, zone_name, event = _spec(name)
     core = views(arena)
@@ -125,10 +139,11 @@ def sysctl(arena, name: str, value=None) -> int:
         ctx(arena)                       # the zones exist before the limit moves
     with core.lock(L.VM_LOCK):
         old = w[word]
-        if mode == "raise" and _key(value) < _key(old):
+        if mode == "raise" and not value > old:
+            why = ("a limit is never cleared to 0 (unlimited) at run time" if value == 0
+                   else f"the limit is {old}: it may only be raised, to a greater value")
             raise SysctlError(errno.EINVAL, f"sysctl {name}={value}: Invalid argument "
-                                            f"(the limit is {old} and may only be raised; "
-                                            f"0 is unlimited)")
+                                            f"({why})")
         changed = value != old
         if changed:
             w[word] = value
@@ -139,12 +154,42 @@ def sysctl(arena, name: str, value=None) -> int:
         zone = arena.zone(zone_name)
         while True:                      # a racing raise may land between: converge
             v = w[word]
-            zone.set_max(v)
+            zone.set_max(v, below_use=True)
             if w[word] == v:
                 break
     if event is not None:
         eventhandler_invoke(event, arena)
     return w[word]
+
+
+def hdr_sysctl(arena, name: str, value=None) -> int:
+    """``kern.ipc.max_linkhdr`` and ``kern.ipc.max_protohdr`` (read, or set to any value
+    that leaves ``max_datalen = MHLEN - max_linkhdr - max_protohdr`` at least 1: FreeBSD
+    panics at boot otherwise, here EINVAL); ``kern.ipc.max_hdr`` (their sum) and
+    ``kern.ipc.max_datalen`` are read-only (EPERM)."""
+    core = views(arena)
+    arena._check_open()
+    ensure_tuned(core)
+    w = core.w
+    lw, pw = L.MBS_WORD + _MBS["MAX_LINKHDR"], L.MBS_WORD + _MBS["MAX_PROTOHDR"]
+    field = HDR_SYSCTLS[name]
+    if value is None:
+        if field is not None:
+            return w[L.MBS_WORD + _MBS[field]]
+        hdr = w[lw] + w[pw]
+        return hdr if name == "kern.ipc.max_hdr" else MHLEN - hdr
+    if field is None:
+        raise SysctlError(errno.EPERM, f"sysctl: oid {name!r} is read only (it follows "
+                                       f"from kern.ipc.max_linkhdr and max_protohdr)")
+    value = _check_value(name, value)
+    with core.lock(L.VM_LOCK):
+        other = w[pw] if field == "MAX_LINKHDR" else w[lw]
+        if MHLEN - (value + other) < 1:
+            raise SysctlError(errno.EINVAL, f"sysctl {name}={value}: Invalid argument "
+                                            f"(max_linkhdr + max_protohdr must stay below "
+                                            f"MHLEN, {MHLEN})")
+        w[L.MBS_WORD + _MBS[field]] = value
+    return value
 
 
 # ============================================================================ event handlers
@@ -189,4 +234,5 @@ def eventhandler_invoke(name: str, arena) -> int:
 # the sysctl names and boot-time tunables of this layer, served through the core's
 # Arena.sysctl and Arena.create(tunables=...)
 layers.register_sysctl(SYSCTLS, sysctl)
+layers.register_sysctl(HDR_SYSCTLS, hdr_sysctl)
 layers.register_tunables(validate, store)

@@ -41,13 +41,19 @@ from .constants import (EXT_CLUSTER, EXT_JUMBO9, EXT_JUMBO16, EXT_JUMBOP, EXT_PA
 from .errors import MbufError
 from .limits import ensure_tuned
 
-# word offsets inside an mbuf (layout's mbuf section)
-NEXT, NEXTPKT, DATA, LEN, FLAGS, TYPE = (L.MH[n] for n in
-                                         ("NEXT", "NEXTPKT", "DATA", "LEN", "FLAGS", "TYPE"))
+# word offsets inside an mbuf (layout's mbuf section).  The FLAGS word packs m_flags
+# (its low 24 bits: test them with a mask, change them with |= and &= ~, write them
+# whole with ``set_flags``), m_type (the byte at BTYPE: ``mv[h + BTYPE]``) and m_len
+# (the u32 at ULEN of the 32-bit view: ``u32[(h >> 2) + ULEN]``).
+NEXT, NEXTPKT, DATA, FLAGS = (L.MH[n] for n in ("NEXT", "NEXTPKT", "DATA", "FLAGS"))
+FLAGS_MASK = L.MH_FLAGS_MASK
+TYPE_SHIFT = 24                         # m_type in the FLAGS word
+ULEN = L.MH_LEN_U32                     # m_len: u32 index from the mbuf's ``h >> 2``
+BTYPE = L.MH_TYPE_BYTE                  # m_type: byte offset from the mbuf's handle
 PH = L.PH_WORD
-PH_RCVIF, PH_HEADER, PH_LEN, PH_CSUM_FLAGS, PH_CSUM_DATA, PH_TSO_SEGSZ, PH_ETHER_VTAG, \
-    PH_TAGS = (PH + L.PH[n] for n in ("RCVIF", "HEADER", "LEN", "CSUM_FLAGS", "CSUM_DATA",
-                                      "TSO_SEGSZ", "ETHER_VTAG", "TAGS"))
+PH_RCVIF, PH_HEADER, PH_LEN, PH_CSUM_FLAGS, PH_CSUM_DATA, PH_VTAG, PH_TAGS = (
+    PH + L.PH[n] for n in ("RCVIF", "HEADER", "LEN", "CSUM_FLAGS", "CSUM_DATA", "VTAG", "TAGS"))
+VTAG_SHIFT = L.PH_VTAG_SHIFT            # the VTAG word: tso_segsz | ether_vtag << 16
 E = L.EXT_WORD
 EXT_BUF, EXT_SIZE, EXT_TYPE, EXT_REFCNT, EXT_ARG1, EXT_ARG2, EXT_OWNER = (
     E + L.EXT[n] for n in ("BUF", "SIZE", "TYPE", "REFCNT", "ARG1", "ARG2", "OWNER"))
@@ -57,6 +63,11 @@ EXT_END = E + L.EXT_WORDS
 M_DAT, M_PKTDAT, EXT_FREE = L.MH_BYTES, L.PKTDAT, L.EXT_FREE
 PACK_VERIFIED = 1 << 61      # a packet dtor's arg from m_free: it checked the packet
 _MBS_STATE = L.MBS_WORD + L.MBS["STATE"]
+
+
+def set_flags(w, i: int, flags: int) -> None:
+    """Write the m_flags of the mbuf at word ``i`` whole (its m_type and m_len stay)."""
+    w[i + FLAGS] = w[i + FLAGS] & ~FLAGS_MASK | flags
 
 # the seed's zones: name -> (size, zcreate keywords, MBS limit field, hook names)
 # hooks by module-qualified name (``shmalloc.hooks``): a process that meets these zones
@@ -271,4 +282,5 @@ def ctx(arena) -> Ctx:
 register_drain_companion(MBUF_CLUSTER_MEM_NAME, MBUF_PACKET_MEM_NAME)
 
 
-layers.register_setup(mbuf_init)          # a keg manager's new arena has the mbuf zones
+layers.register_on_create(mbuf_init)      # every new arena has the mbuf zones (not bare ones),
+layers.register_setup(mbuf_init)          # a keg manager's too
