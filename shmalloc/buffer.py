@@ -80,13 +80,14 @@ from . import mbuf as mb
 from .mbuf import ctors as _ctors
 from .mbuf.constants import (EXT_NET_DRV, EXT_PACKET, M_COPYFLAGS, M_EXT, M_PKTHDR, MCLBYTES,
                              MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE, MSIZE, MT_DATA,
-                             MT_NOINIT)
+                             MT_NOINIT, MT_NOTMBUF)
 from .mbuf.alloc import _free as _mfree
 from .mbuf.header import Mbuf
 from .mbuf.refs import _dupcl, disown_storage
-from .mbuf.zones import (DATA, E, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER, EXT_REFCNT,
-                         EXT_SIZE, EXT_TYPE, FLAGS, LEN, M_PKTDAT, NEXT, PACK_VERIFIED, PH,
-                         PH_HEADER, PH_LEN, PH_TAGS, PKTHDR_END, TYPE)
+from .mbuf.zones import (BTYPE, DATA, E, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER,
+                         EXT_REFCNT, EXT_SIZE, EXT_TYPE, FLAGS, FLAGS_MASK, M_PKTDAT, NEXT,
+                         PACK_VERIFIED, PH, PH_HEADER, PH_LEN, PH_TAGS, PKTHDR_END, TYPE_SHIFT,
+                         ULEN)
 from .mbuf.zones import ctx as _mbctx
 from .zone import M_NOWAIT
 
@@ -201,7 +202,7 @@ class _Class:
         # then the free routine's name; m_data, m_len, m_pkthdr.len, buf, refcnt and
         # owner are patched in per Buffer
         m = array("q", bytes(MSIZE))
-        m[FLAGS], m[TYPE] = M_PKTHDR, MT_DATA
+        m[FLAGS] = _F_CLASS                                     # m_len patched in
         m[E:EXT_END] = array("q", (0, size, EXT_NET_DRV, 0, size, STORAGE_MARK, 0))
         m[EXT_FREE // 8:] = array("q", _FREE_NAME)
         self.mbuf = m
@@ -307,10 +308,11 @@ def _drop(arena, h: int) -> None:
         if not w[i + NEXT]:
             flags = w[i + FLAGS]
             if (flags & M_EXT and w[i + EXT_TYPE] == EXT_PACKET and w[i + EXT_OWNER] == h
-                    and w[i + TYPE] and bc.u32[w[i + EXT_REFCNT] >> 2] == 1):
+                    and flags >> TYPE_SHIFT & 0xFF != MT_NOTMBUF
+                    and bc.u32[w[i + EXT_REFCNT] >> 2] == 1):
                 bc.pack_free(h, PACK_VERIFIED)
                 return
-            if (flags == _F_STORAGE and w[i + EXT_ARG2] == STORAGE_MARK and not w[i + PH_TAGS]
+            if (flags & FLAGS_MASK == _F_STORAGE and w[i + EXT_ARG2] == STORAGE_MARK and not w[i + PH_TAGS]
                     and _drop_class(bc, h, i)):
                 return
             _mfree(bc.c, h)                # m_freem of this one mbuf
@@ -346,7 +348,7 @@ def _drop_class(bc, h: int, i: int) -> bool:
         k.take_over(s)
     if tags[tr] != bc.w_ext:
         bc.ext_take(r)
-    w[i + FLAGS] = M_PKTHDR            # forgotten (M_EXT went last on, goes first off)
+    w[i + FLAGS] &= ~M_EXT             # forgotten (M_EXT went last on, goes first off)
     u32[r >> 2] = 0
     bc.ext_free(r)
     k.free(s)
@@ -405,6 +407,7 @@ default._before_exit.append(_close_all)
 _nonces, _nonce_at = b"", 0
 _ZERO_EXT = bytes(MSIZE - M_PKTDAT)
 _F_STORAGE = M_PKTHDR | M_EXT          # the flags of a Buffer's mbuf
+_F_CLASS = M_PKTHDR | MT_DATA << TYPE_SHIFT    # its FLAGS word but M_EXT and m_len
 _ARG_PKT = MT_DATA << 32 | M_PKTHDR     # the mbuf ctors' argument for it (mb_args)
 _ARG_NOINIT = MT_NOINIT << 32           # ... for one whose header is written here
 _MWORDS = MSIZE // 8
@@ -668,7 +671,8 @@ def _copy_ref(c, h: int) -> int:
     header and data, sharing its storage (``refs._dupcl``).  0 when ``h`` is not
     such an mbuf or no mbuf is at hand (``m_copym`` then)."""
     w, i = c.w, h >> 3
-    if w[i + NEXT] or w[i + PH_TAGS] or w[i + TYPE] != MT_DATA or not w[i + FLAGS] & M_EXT:
+    fi = w[i + FLAGS]
+    if w[i + NEXT] or w[i + PH_TAGS] or fi >> TYPE_SHIFT & 0xFF != MT_DATA or not fi & M_EXT:
         return 0
     n = c.zmbuf.alloc(M_NOWAIT, None, _ARG_PKT)
     if n is None:
@@ -677,8 +681,7 @@ def _copy_ref(c, h: int) -> int:
     try:
         w[j + PH:j + PKTHDR_END] = w[i + PH:i + PKTHDR_END]
         w[j + PH_TAGS] = 0
-        w[j + FLAGS] = w[i + FLAGS] & M_COPYFLAGS
-        w[j + LEN] = w[i + LEN]
+        w[j + FLAGS] = fi & (M_COPYFLAGS | ~FLAGS_MASK)     # m_type and m_len too, M_EXT
         w[j + DATA] = w[i + DATA]
         _dupcl(c, n, h)
     except BaseException:
@@ -717,14 +720,14 @@ def _claim_reference(arena, handle: int, nbytes: int, data: int, nonce: int,
     c = _mbctx(a)
     w, i = c.w, handle >> 3
     try:
-        if c.is_mbuf(handle) < 0 or w[i + TYPE] == mb.MT_NOTMBUF:
+        if c.is_mbuf(handle) < 0 or c.mv[handle + BTYPE] == MT_NOTMBUF:
             return False
     except (IndexError, TypeError):
         return False
 
     def marked() -> bool:                  # Lock: the mbuf's zone lock, held
         if (w[i + FLAGS] & _F_STORAGE == _F_STORAGE and w[i + PH_HEADER] == nonce
-                and w[i + DATA] == data and w[i + LEN] == nbytes):
+                and w[i + DATA] == data and w[i + FLAGS] >> 32 == nbytes):
             w[i + PH_HEADER] = 0
             return True
         return False
@@ -889,12 +892,13 @@ def _alloc_class(bc, k, n: int) -> int:
     bc.u32[r >> 2] = 1
     m = k.mbuf
     m[DATA] = m[EXT_BUF] = s
-    m[LEN] = m[PH_LEN] = n
+    m[FLAGS] = _F_CLASS | n << 32       # m_len
+    m[PH_LEN] = n
     m[EXT_REFCNT] = r
     m[EXT_OWNER] = h
     w, i = bc.w, h >> 3
     w[i:i + _MWORDS] = m
-    w[i + FLAGS] = _F_STORAGE
+    w[i + FLAGS] = _F_CLASS | n << 32 | M_EXT
     return h
 
 
@@ -909,7 +913,7 @@ def alloc(arena, nbytes: int) -> Buffer:
             h = bc.pack_alloc(M_NOWAIT, None, _ARG_PKT)
             if h:
                 w, i = bc.w, h >> 3
-                w[i + LEN] = nbytes
+                bc.u32[(h >> 2) + ULEN] = nbytes
                 w[i + PH_LEN] = nbytes
                 return _new(arena, bc.mv, h, nbytes, w[i + DATA])
         elif MJUM16BYTES < nbytes <= bc.largest:
