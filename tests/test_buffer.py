@@ -25,6 +25,7 @@ import buffer_workers as bw
 import shmalloc
 from shmalloc import (Arena, ArenaFullError, Buffer, BufferClosedError, ShmallocError,
                       admin, default)
+from shmalloc import buffer as B
 from shmalloc import layout as L
 from shmalloc.ipc import naming
 from shmalloc.workers.manager import Manager
@@ -298,6 +299,78 @@ def test_pickled_in_another_thread(arena):
     t.join(WAIT)
     b.close()
     assert all_free(arena)
+    arena.check()
+
+
+def _holder_of(arena, zone_name, h):
+    """(holder CPU, home CPU) of item ``h`` of zone ``zone_name``, from its tag."""
+    keg = arena.zone(zone_name).keg
+    t = arena._core.tags[keg.tag_index_of(h)]
+    return L.tag_holder(t), L.tag_home(t)
+
+
+@pytest.mark.parametrize("how", ["pickle", "handoff", "detach"])
+def test_a_sole_references_storage_is_its_cpus_until_shared(arena, how):
+    """Issue 13's fast paths: a size class's storage and its count are held by the
+    CPU that made them while its one reference names them (so that close is a
+    fast-path free, and a killed maker's recovery frees them); the first copy or a
+    detach gives them to the references (held by no CPU), so that recovering the
+    maker never frees storage another holder shares."""
+    b = arena.alloc(100_000)
+    s = shmalloc.mbuf.Mbuf.from_handle(arena, b.handle).m_ext.ext_buf
+    zone = B.class_name(B.class_size(100_000))
+    assert _holder_of(arena, zone, s) == (arena.cpu_id, arena.cpu_id)
+    if how == "pickle":
+        other = pickle.loads(pickle.dumps(b))
+    elif how == "handoff":
+        other = B.take(b.handoff())
+    else:
+        h = b.detach()
+        other = Buffer.from_handle(arena, h)
+    assert _holder_of(arena, zone, s)[0] == L.NO_CPU
+    other.close()
+    if how != "detach":
+        b.close()
+    assert all_free(arena), in_use(arena)
+    arena.check()
+
+
+@pytest.mark.parametrize("nbytes", [100, 5000, 100_000])
+def test_two_threads_closing_one_buffer_free_it_once(arena, nbytes):
+    """A Buffer's reference is freed by whoever takes its token (its entry in the
+    open table): two threads that both get past ``close``'s first check free it
+    once.  The interleaving is forced: the first thread waits inside close (in the
+    view's release) until the second has closed the Buffer."""
+    b = arena.alloc(nbytes)
+    second_done = threading.Event()
+    entered = []
+
+    class View:                                  # stands in for the Buffer's memoryview
+        def release(self):
+            entered.append(threading.current_thread())
+            if len(entered) == 1:                # the first thread waits for the second
+                assert second_done.wait(WAIT)
+
+    b._view_obj = View()
+    errors = []
+
+    def first():
+        try:
+            b.close()
+        except Exception as e:                  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=first)
+    t.start()
+    deadline = time.monotonic() + WAIT
+    while not entered:
+        assert time.monotonic() < deadline, "the first close did not start"
+        time.sleep(0.001)
+    b.close()                                    # the second: it frees the reference
+    second_done.set()
+    t.join(WAIT)
+    assert not t.is_alive() and not errors, errors
+    assert b.closed and all_free(arena), in_use(arena)
     arena.check()
 
 
