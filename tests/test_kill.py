@@ -900,6 +900,7 @@ def test_a_cluster_no_mbuf_names_is_freed_with_its_dead_cpu(arena_name, child):
 # left allocated) once the CPU is recovered.  Dead after the mark and before the
 # routine took the storage, the storage is leaked (the routine runs at most once:
 # recovery cannot tell whether it ran, and a leak is preferred to a double free).
+# The last point is one of m_extadd, whose mbuf names its count before it lets go.
 EXT_DEATHS = {
     "before_count_taken_over": (1, 0),   # nothing changed yet: recovery drops it
     "count_taken_over": (1, 0),          # the count held by the dead CPU, still named
@@ -910,6 +911,7 @@ EXT_DEATHS = {
     "m_ext_zeroed": (1, 0),              # m_ext zeroed, M_EXT still set
     "extref_forgotten": (0, 1),          # EXT_EXTREF: the mark written, before the routine
     "extref_routine_done": (1, 0),       # EXT_EXTREF: before M_EXT is cleared
+    "extadd_count_disowned": (1, 0),     # in m_extadd, the count disowned, not the storage
 }
 
 
@@ -929,7 +931,7 @@ def ext_last_drop_dies(q, name, point, ctr):
     """Attach storage of zone ``mw.EXT_STORE`` to an mbuf with m_extadd (freed by
     ``mw.count_and_free``, which counts its calls in the u32 at ``ctr``; an
     EXT_EXTREF point counts the references in the u32 after it), then free that only
-    reference; die at ``point`` (``EXT_DEATHS``) of the last drop."""
+    reference; die at ``point`` (``EXT_DEATHS``) of the last drop, or of m_extadd."""
     from shmalloc import mbuf as mb
     from shmalloc.mbuf import alloc, refs
     a, c = _attached_ctx(name)
@@ -938,6 +940,8 @@ def ext_last_drop_dies(q, name, point, ctr):
     typ, kw = ((mb.EXT_EXTREF, {"ref_cnt": ctr + 4}) if point.startswith("extref")
                else (mb.EXT_NET_DRV, {}))
     _report_then(q, a.cpu_id)
+    if point == "extadd_count_disowned":
+        _die_at(c.arena, "disown", after=True)
     assert mb.m_extadd(m, buf, 4096, mw.count_and_free, ctr, int(point == "in_routine"), 0,
                        typ, **kw) == 0
     if point == "before_count_taken_over":
@@ -970,7 +974,8 @@ def test_a_cpu_killed_in_the_last_drop_of_m_extadd_storage_frees_it_at_most_once
     its count made recovery's m_free raise "the refcount of its storage is 0" (the
     mbuf, its count and the storage leaked -- or, the count item reused meanwhile,
     another storage's reference dropped), and one dead after the routine had it
-    called again."""
+    called again.  Also a death inside m_extadd after it disowned the count, before
+    the storage (the count was disowned before the mbuf named it: leaked)."""
     from shmalloc.workers.chaos import used_problems
     from shmalloc.workers.manager import Manager
     logs = []

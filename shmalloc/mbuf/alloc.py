@@ -478,10 +478,14 @@ def m_extadd(mb, buf: int, size: int, freef, arg1: int = 0, arg2: int = 0, flags
     c.u32[h >> 2] = 1
     # the count, and storage that is an item this CPU holds, belong to the
     # references from now on: held by no CPU, so that the recovery of this CPU
-    # (should it die) leaves them to the mbufs that still point at them
+    # (should it die) leaves them to the mbufs that still point at them.  Named
+    # by the mbuf first: a crash before M_EXT leaves them held by this CPU, which
+    # recovery frees; after, the mbuf's recovery drops its reference, taking them
+    # over from wherever they are held (disowned first, a crash in between left
+    # the count held by nobody and named by no mbuf: leaked)
+    _attach(c, mb.handle, buf, size, type, h >> 2, arg1, arg2, name, flags)
     c.arena.disown(h)
     _disown_storage(c, buf)
-    _attach(c, mb.handle, buf, size, type, h >> 2, arg1, arg2, name, flags)
     return 0
 
 
