@@ -261,8 +261,17 @@ def _storage_zone(arena, size: int):
 def free_storage(m, size: int, _arg2: int) -> None:
     """The ``m_extadd`` free routine of Buffers: the last reference went, the
     storage goes back to its size-class zone (in whichever process drops it, the
-    keg manager included)."""
-    _storage_zone(m.arena, size).free(m.m_ext.ext_buf)
+    keg manager included).
+
+    The storage is held by no CPU (``m_extadd`` disowned it) and the mbuf dropping
+    it has forgotten its count already (``mbuf.refs.drop_ref``: recovery will not
+    call this routine again): taken over first, a crash from there on leaves an
+    item held by the dying CPU that the core's recovery frees; a crash before
+    leaks it (the routine runs at most once)."""
+    z = _storage_zone(m.arena, size)
+    h = m.m_ext.ext_buf
+    z.take_over(h)
+    z.free(h)
 
 
 # ============================================================================ bookkeeping
