@@ -28,6 +28,13 @@ Sections (``--only SECTION[,SECTION]`` runs a subset):
                   shmalloc's references (integrations.dask), a plain numpy array
                   (one copy into the arena) and an arena array (no copy); skipped,
                   with a note, where Dask distributed is not installed  (bench_dask)
+    app       (n) where applications meet shmalloc (issue 13), every peer in the same
+                  run: arena.alloc(n)+close at 2 KiB .. 64 MiB against a SharedMemory
+                  segment; a Buffer pickled here and loaded+closed in another process
+                  against a SharedMemory passed by name; ProcessPoolExecutor.map over
+                  64 arrays of 8 MiB (pickled, SharedMemory by name, arena arrays);
+                  the per-item hand-off (alloc(M_WAITOK), send by 64, recv, free)
+                  against mp.Queue and mp.Pipe; the pair against mp.heap (bench_app)
 
 Times are the best of ``--repeat`` runs, for shmalloc and peers alike.
 ``python -m shmalloc.scripts.bench ARGS`` is ``shmalloc bench ARGS``.
@@ -45,8 +52,8 @@ import timeit
 
 from shmalloc import Arena
 
-from . import (bench_dask, bench_debug, bench_handoff, bench_mbuf, bench_memory, bench_scale,
-               positive_int)
+from . import (bench_app, bench_dask, bench_debug, bench_handoff, bench_mbuf, bench_memory,
+               bench_scale, positive_int)
 
 ITEM = 2048
 BURST = 64
@@ -74,7 +81,7 @@ TARGET_MEM_OVERHEAD = 0.03          # per 2 KiB cluster, all metadata included
 TARGET_RSS_MB = 40.0
 TARGET_SCALING = 1.7                # two workers' pairs/s over one's
 TARGET_DASK = 5.0                   # Dask's transfer time over shmalloc's, 64 MiB and above
-SECTIONS = ("pair", "mbuf", "handoff", "growth", "memory", "scaling", "debug", "dask")
+SECTIONS = ("pair", "mbuf", "handoff", "growth", "memory", "scaling", "debug", "dask", "app")
 
 
 def add_arguments(parser):
@@ -350,9 +357,55 @@ def _size_key(size):
     return f"{size >> 20}m" if size >= 1 << 20 else f"{size >> 10}k"
 
 
+def _section_app(rows, ctx):
+    res = bench_app.run(ctx["quick"], ctx["repeat"], ctx["base"])
+    ctx["raw"]["app"] = res
+    ba = bench_app
+    for r in res["alloc"]:
+        ratio = r["shm_us"] / r["us"]
+        rows.add(f"app_alloc_{_size_key(r['size'])}",
+                 f"(n) arena.alloc+close, {_size_label(r['size'])}", r["us"], "us",
+                 "SharedMemory create+close+unlink", r["shm_us"],
+                 f"<= {ba.TARGET_ALLOC_US:g} us, >= {ba.TARGET_ALLOC_VS_SHM:g}x",
+                 r["us"] <= ba.TARGET_ALLOC_US and ratio >= ba.TARGET_ALLOC_VS_SHM)
+    p = res["pickle"]
+    rows.add("app_pickle", "(n) Buffer pickle here, load+close there", p["us"], "us",
+             "SharedMemory by name", p["shm_us"],
+             f"<= {ba.TARGET_PICKLE_US:g} us, >= {ba.TARGET_PICKLE_VS_SHM:g}x",
+             p["us"] <= ba.TARGET_PICKLE_US and p["shm_us"] / p["us"] >= ba.TARGET_PICKLE_VS_SHM,
+             dump_us=p["dump_us"], load_close_us=p["load_close_us"],
+             peer_dump_us=p["shm_dump_us"], peer_load_close_us=p["shm_load_close_us"])
+    pool = res["pool"]
+    if pool is None:
+        ctx["notes"].append("numpy not installed: the ProcessPoolExecutor rows are skipped")
+    else:
+        sec = pool["seconds"]
+        what = f"{pool['arrays']} x {_size_label(pool['bytes'])}"
+        for key, peer, label, need in (
+                ("pickle", "pickled arrays", "pickle", ba.TARGET_POOL_VS_PICKLE),
+                ("shm", "SharedMemory by name", "shm", ba.TARGET_POOL_VS_SHM)):
+            rows.add(f"app_pool_{label}", f"(n) ProcessPoolExecutor.map, {what}, read",
+                     1e3 * sec["shmalloc"], "ms", peer, 1e3 * sec[key], f">= {need:g}x",
+                     sec[key] / sec["shmalloc"] >= need)
+    h = res["handoff"]
+    ips = h["items_per_s"]
+    for key, need in (("mp.Queue", ba.TARGET_PLAIN_VS_QUEUE), ("mp.Pipe", 1.0)):
+        ratio = ips["shmalloc"] / ips[key]
+        rows.add(f"app_handoff_{key[3:].lower()}", "(n) hand-off 2 KiB, per-item API, items/s",
+                 ips["shmalloc"], "items/s", key, ips[key],
+                 f">= {need:g}x" if key == "mp.Queue" else "> 1x (ahead)",
+                 ratio >= need if key == "mp.Queue" else ratio > need, better="higher",
+                 bucket=h["bucket"], limit=h["limit"], batch=h["batch"])
+    pr = res["pair"]
+    rows.add("app_pair", "(n) pair alloc+free, cache hit (2 KiB zone)", pr["us"], "us",
+             "mp.heap BufferWrapper", pr["heap_us"],
+             f"<= {ba.TARGET_PAIR_US:g} us, >= {ba.TARGET_PAIR_VS_HEAP:g}x",
+             pr["us"] <= ba.TARGET_PAIR_US and pr["heap_us"] / pr["us"] >= ba.TARGET_PAIR_VS_HEAP)
+
+
 _SECTION_RUNS = {"pair": _section_pair, "mbuf": _section_mbuf, "handoff": _section_handoff,
                  "growth": _section_growth, "memory": _section_memory, "dask": _section_dask,
-                 "scaling": _section_scaling, "debug": _section_debug}
+                 "scaling": _section_scaling, "debug": _section_debug, "app": _section_app}
 
 
 def _count_key(count):
@@ -571,6 +624,33 @@ def print_dask(res, out=None):
     out.flush()
 
 
+def print_app(res, out=None):
+    """The app section's details: the pickle split, the pool's three setups, the
+    per-item hand-off's zone."""
+    out = out or sys.stdout
+    if not res:
+        return
+    out.write("\nwhere applications meet it (best of the rounds)\n")
+    for r in res["alloc"]:
+        out.write(f"  alloc+close {_size_label(r['size']):>7}: {r['us']:7.2f} us   SharedMemory "
+                  f"{r['shm_us']:7.2f} us   {r['shm_us'] / r['us']:5.1f}x\n")
+    p = res["pickle"]
+    out.write(f"  pickle, {_size_label(p['size'])} Buffer: dumps {p['dump_us']:.2f} + loads+close "
+              f"{p['load_close_us']:.2f} = {p['us']:.2f} us; SharedMemory by name: dumps "
+              f"{p['shm_dump_us']:.2f} + loads+close {p['shm_load_close_us']:.2f} = "
+              f"{p['shm_us']:.2f} us\n")
+    if res["pool"]:
+        sec = res["pool"]["seconds"]
+        out.write(f"  ProcessPoolExecutor(2).map, {res['pool']['arrays']} arrays of "
+                  f"{_size_label(res['pool']['bytes'])}: "
+                  + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in sec.items()) + "\n")
+    h = res["handoff"]
+    out.write(f"  per-item hand-off, {_size_label(h['size'])}, batches of {h['batch']}, limit "
+              f"{h['limit']}, bucket {h['bucket']}: "
+              + ", ".join(f"{k} {v:,.0f}/s" for k, v in h["items_per_s"].items()) + "\n")
+    out.flush()
+
+
 def print_report(report, out=None):
     """The table, the hand-off matrix, then the run's environment and notes."""
     out = out or sys.stdout
@@ -578,6 +658,7 @@ def print_report(report, out=None):
     print_handoff(report.get("handoff"), out)
     bench_debug.print_table(report.get("debug"), out)
     print_dask(report.get("dask"), out)
+    print_app(report.get("app"), out)
     env = report["env"]
     out.write(f"\n{report['params']['command']}: CPython {env['python']}, "
               f"{env['cpu_count']} CPUs ({env['cpu']}), git {env['git']}, "

@@ -14,10 +14,19 @@ Storage, by size (``alloc``), the smallest zone that fits:
     ≤ 16 KiB    an mbuf and a 4, 9 or 16 KiB jumbo cluster (``m_getjcl``)
     larger      an mbuf and an item of a size-class zone ``buf_32k``, ``buf_64k`` ...
                 (powers of two, made on first use by whichever process needs one),
-                attached with ``m_extadd``; its free routine ``free_storage`` gives
+                attached as ``m_extadd`` attaches storage (``_alloc_class``), with a
+                count from mbuf_ext_refcnt; its free routine ``free_storage`` gives
                 the item back when the last reference goes
 
 ``m_data`` is the first byte and ``m_len`` (= ``m_pkthdr.len``) the length.
+
+The fast paths (``alloc``, ``close`` through ``_drop``, ``__reduce__`` through
+``_copy_ref``) call the zones' own fast paths and write the mbuf's words directly,
+in the thread that owns the arena's CPU; anything else (another thread, a forked
+child, a full zone, an mbuf that is not a Buffer's plain one) takes the mbuf API
+(``m_getcl``, ``m_freem``, ``m_copym``).  A Buffer's bookkeeping is one entry in
+``_open`` (a weak reference by ``id``): whoever pops it frees the reference, so
+two threads closing one Buffer free it once.
 
 Lifetime, reference by reference:
 
@@ -39,9 +48,13 @@ Lifetime, reference by reference:
   ``withdraw``.  ``take`` and ``withdraw`` check and clear the nonce under the
   mbuf's zone lock (``Arena.claim(check=...)``): exactly one of them succeeds.
 - A process that dies holding references: the keg manager frees its mbufs
-  (recovery), which drops their references.  Storage items and ``m_extadd``
-  refcounts are disowned at allocation -- owned through the mbufs, not by a CPU --
-  so recovering a dead CPU never frees storage that others share.
+  (recovery), which drops their references.  A size class's storage and its count
+  are held by the CPU that made them while its one reference names them (their
+  free is a fast-path free; killed, that CPU's recovery frees them, through the
+  mbuf or, unnamed yet, as items of its own); the first copy of the reference
+  (pickle, hand-off, ``m_copym``) or ``detach`` disowns them first
+  (``refs.disown_storage``) -- owned through the mbufs from then on, not by a CPU
+  -- so recovering a dead CPU never frees storage that others share.
 - A process that exits closes its Buffers (``default._exit``).
 - A Buffer inherited through ``fork`` is the parent's reference: the child may read
   and write the memory; ``close()`` there forgets the object and frees nothing.
@@ -53,6 +66,8 @@ import math
 import os
 import threading
 import weakref
+from array import array
+from threading import get_ident
 from typing import NamedTuple
 
 from . import default
@@ -62,8 +77,17 @@ from . import layout as L
 from ._export import Exporter
 from .errors import ArenaClosedError, ArenaFullError, ArenaNotFoundError, ShmallocError, ZoneError
 from . import mbuf as mb
-from .mbuf.constants import M_EXT, M_PKTHDR, MCLBYTES, MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE
+from .mbuf import ctors as _ctors
+from .mbuf.constants import (EXT_NET_DRV, EXT_PACKET, M_COPYFLAGS, M_EXT, M_PKTHDR, MCLBYTES,
+                             MJUM9BYTES, MJUM16BYTES, MJUMPAGESIZE, MSIZE, MT_DATA,
+                             MT_NOINIT, MT_NOTMBUF)
+from .mbuf.alloc import _free as _mfree
 from .mbuf.header import Mbuf
+from .mbuf.refs import _dupcl, disown_storage
+from .mbuf.zones import (BTYPE, DATA, E, EXT_ARG2, EXT_BUF, EXT_END, EXT_FREE, EXT_OWNER,
+                         EXT_REFCNT, EXT_SIZE, EXT_TYPE, FLAGS, FLAGS_MASK, M_PKTDAT, NEXT,
+                         PACK_VERIFIED, PH, PH_HEADER, PH_LEN, PH_TAGS, PKTHDR_END, TYPE_SHIFT,
+                         ULEN)
 from .mbuf.zones import ctx as _mbctx
 from .zone import M_NOWAIT
 
@@ -73,8 +97,11 @@ __all__ = ["Buffer", "BufferClosedError", "ArenaFullError", "HandoffRefusedError
            "class_size", "class_name", "free_storage"]
 
 CLASS_MIN = 32 << 10                  # the smallest size class (above the 16 KiB clusters)
-BUCKETLESS = 1 << 20                  # size classes this big are not cached per CPU
+BUCKETLESS = 1 << 20                  # size classes from here on: a fixed bucket of one item,
+CACHE_SHARE = 8                       # if two items take at most 1/CACHE_SHARE of the arena;
+                                      # larger ones are not cached per CPU
 FREE_STORAGE = "shmalloc.buffer:free_storage"      # m_extadd free routine, by name
+STORAGE_MARK = 0x5348_4D42_5546_0001  # ext_arg2 of a Buffer's size-class storage ("SHMBUF")
 _CLUSTERS = (MCLBYTES, MJUMPAGESIZE, MJUM9BYTES, MJUM16BYTES)
 _CLUSTER_ZONES = {MCLBYTES: "mbuf_cluster", MJUMPAGESIZE: "mbuf_jumbo_page",
                   MJUM9BYTES: "mbuf_jumbo_9k", MJUM16BYTES: "mbuf_jumbo_16k"}
@@ -127,10 +154,16 @@ def class_name(size: int) -> str:
 
 
 class _Ctx:
-    """What Buffers need of one Arena object: views, storage zones, the largest
-    size class the arena can hold, the address of its byte 0 (numpy)."""
+    """What Buffers need of one Arena object (one CPU): views, storage zones, the
+    largest size class the arena can hold, the address of its byte 0 (numpy), and
+    what the fast paths of ``alloc``, ``close`` and pickling use -- the fast paths
+    of the mbuf zones (the packet zone for Buffers up to 2 KiB, the mbuf and
+    ``mbuf_ext_refcnt`` zones for the size classes), this CPU's tag words and the
+    page table (``Keg.tag_index_of``, inlined)."""
 
-    __slots__ = ("mv", "zones", "largest", "base")
+    __slots__ = ("mv", "zones", "largest", "base", "c", "w", "u32", "pt", "classes",
+                 "reg_pid", "pack_alloc", "pack_free", "mbuf_alloc", "mbuf_free", "mkid",
+                 "moff", "mzidx", "ext_alloc", "ext_free", "ext_take", "xkid", "xoff", "w_ext")
 
     def __init__(self, arena):
         core = views(arena)
@@ -139,6 +172,40 @@ class _Ctx:
         room = (core.geometry.data_pages - 1) * L.PAGE_SIZE    # one slab: items + a header page
         self.largest = max(MJUM16BYTES, 1 << (room.bit_length() - 1)) if room > 0 else 0
         self.base = 0
+        self.w, self.u32, self.pt = core.w, core.tags, core.pt
+        self.classes: dict = {}        # size -> _Class, the size classes this CPU used
+        self.reg_pid = 0               # the pid that registered the arena (default.register)
+        self.c = c = _mbctx(arena)
+        self.pack_alloc, self.pack_free = c.zpack.alloc, c.zpack.free
+        self.mbuf_alloc, self.mbuf_free = c.zmbuf.alloc, c.zmbuf.free
+        self.mkid, self.moff, self.mzidx = c.mkid_bits, c.moffmap, c.zidx_mbuf
+        x = c.zextref
+        self.ext_alloc, self.ext_free, self.ext_take = x.alloc, x.free, x.take_over
+        self.xkid, self.xoff, self.w_ext = x.keg.kid_bits, x.keg.offmap, x._cache.w_alloc
+
+
+class _Class:
+    """A size class as one CPU's fast paths use it: the zone's fast paths, its
+    keg's page-table bits and offset map, this CPU's tag of an allocated item, and
+    the m_ext words of a Buffer's storage (patched per allocation)."""
+
+    __slots__ = ("zone", "alloc", "free", "take_over", "kid", "off", "w_alloc", "mbuf")
+
+    def __init__(self, zone, size: int):
+        self.zone = zone
+        self.alloc, self.free, self.take_over = zone.alloc, zone.free, zone.take_over
+        self.kid, self.off = zone.keg.kid_bits, zone.keg.offmap
+        self.w_alloc = zone._cache.w_alloc
+        # the whole mbuf of a Buffer of this class, as mb_ctor_mbuf (M_PKTHDR, MT_DATA)
+        # and m_extadd write it, but M_EXT (set last, on its own): m_ext is buf, size,
+        # type, refcnt, arg1 (the size, for free_storage), arg2 (STORAGE_MARK), owner,
+        # then the free routine's name; m_data, m_len, m_pkthdr.len, buf, refcnt and
+        # owner are patched in per Buffer
+        m = array("q", bytes(MSIZE))
+        m[FLAGS] = _F_CLASS                                     # m_len patched in
+        m[E:EXT_END] = array("q", (0, size, EXT_NET_DRV, 0, size, STORAGE_MARK, 0))
+        m[EXT_FREE // 8:] = array("q", _FREE_NAME)
+        self.mbuf = m
 
 
 def _ctx(arena) -> _Ctx:
@@ -147,6 +214,25 @@ def _ctx(arena) -> _Ctx:
         arena._check_open()
         c = arena._bufctx = _Ctx(arena)
     return c
+
+
+def _class(arena, size: int) -> _Class:
+    """This CPU's view of the size class of ``size`` bytes (its zone made if need be)."""
+    bc = _ctx(arena)
+    k = bc.classes.get(size)
+    if k is None:
+        k = bc.classes[size] = _Class(_storage_zone(arena, size), size)
+    return k
+
+
+def _bucket_of_class(arena, size: int):
+    """The bucket size a new size-class zone gets: UMA's adaptive choice below
+    BUCKETLESS; above, a fixed bucket of one item while two items take at most
+    1/CACHE_SHARE of the arena (a CPU caches at most two), else none (every
+    allocation and free takes the zone and keg locks)."""
+    if size < BUCKETLESS:
+        return None
+    return 1 if 2 * size * CACHE_SHARE <= views(arena).geometry.size else 0
 
 
 def _storage_zone(arena, size: int):
@@ -161,7 +247,7 @@ def _storage_zone(arena, size: int):
     except ZoneError:
         try:
             z = arena.zcreate(name, size, align=L.PAGE_SIZE,
-                              bucket_size=0 if size >= BUCKETLESS else None)
+                              bucket_size=_bucket_of_class(arena, size))
         except ZoneError as e:
             try:
                 z = arena.zone(name)           # another process made it meanwhile
@@ -175,21 +261,35 @@ def _storage_zone(arena, size: int):
 def free_storage(m, size: int, _arg2: int) -> None:
     """The ``m_extadd`` free routine of Buffers: the last reference went, the
     storage goes back to its size-class zone (in whichever process drops it, the
-    keg manager included)."""
-    _storage_zone(m.arena, size).free(m.m_ext.ext_buf)
+    keg manager included).
+
+    The storage is held by no CPU (``m_extadd`` disowned it) and the mbuf dropping
+    it has forgotten its count already (``mbuf.refs.drop_ref``: recovery will not
+    call this routine again): taken over first, a crash from there on leaves an
+    item held by the dying CPU that the core's recovery frees; a crash before
+    leaks it (the routine runs at most once)."""
+    z = _storage_zone(m.arena, size)
+    h = m.m_ext.ext_buf
+    z.take_over(h)
+    z.free(h)
 
 
 # ============================================================================ bookkeeping
 _lock = threading.RLock()        # re-entrant: a collection inside may run __del__
-_live: "weakref.WeakSet[Buffer]" = weakref.WeakSet()   # this process's open Buffers
+_open: dict = {}           # id(buf) -> weakref: this process's open Buffers.  The entry is
+                           # the reference's token: whoever pops it frees the reference
 _zombies: list = []        # (view, arena, handle): collected while views of them lived
+_PID = os.getpid()
+_ref = weakref.ref
 
 
 def _after_fork_in_child():
-    global _lock
+    global _lock, _PID, _nonces, _nonce_at
     _lock = threading.RLock()
-    _live.clear()                      # the parent's references, not ours
+    _PID = os.getpid()
+    _open.clear()                      # the parent's references, not ours
     _zombies.clear()
+    _nonces, _nonce_at = b"", 0        # never the parent's
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -202,6 +302,68 @@ def _free_ref(arena, h: int) -> None:
         return
     a = arena._here()
     mb.m_freem(Mbuf._wrap(_mbctx(a), h))
+
+
+def _drop(arena, h: int) -> None:
+    """Free reference ``h``: ``m_freem``, with the cases of a Buffer's own mbuf
+    inline when the calling thread owns the arena's CPU -- a packet holding the
+    only reference to its cluster goes back to the packet zone (as ``m_freem``
+    does), and the only reference to a size class's storage gives the storage and
+    its count back through the zones' fast paths (``_drop_class``)."""
+    bc = arena.__dict__.get("_bufctx")
+    if bc is not None and arena._owner_tid == get_ident() and arena._pid == _PID \
+            and not arena._closed:
+        w, i = bc.w, h >> 3
+        if not w[i + NEXT]:
+            flags = w[i + FLAGS]
+            if (flags & M_EXT and w[i + EXT_TYPE] == EXT_PACKET and w[i + EXT_OWNER] == h
+                    and flags >> TYPE_SHIFT & 0xFF != MT_NOTMBUF
+                    and bc.u32[w[i + EXT_REFCNT] >> 2] == 1):
+                bc.pack_free(h, PACK_VERIFIED)
+                return
+            if (flags & FLAGS_MASK == _F_STORAGE and w[i + EXT_ARG2] == STORAGE_MARK and not w[i + PH_TAGS]
+                    and _drop_class(bc, h, i)):
+                return
+            _mfree(bc.c, h)                # m_freem of this one mbuf
+            return
+    _free_ref(arena, h)
+
+
+def _drop_class(bc, h: int, i: int) -> bool:
+    """The last reference to a size class's storage goes (mbuf ``h``, word ``i``):
+    the storage and its count are taken over if this CPU does not hold them (they
+    were shared: ``refs.disown_storage``), forgotten by the mbuf, then freed, and the
+    mbuf with them.  A CPU killed after the mbuf forgot them leaves two items it
+    holds that no mbuf names (recovery frees them), before, an mbuf that names
+    them (recovery frees it, and them through it).  False, with nothing changed,
+    when this is not the last reference or not a size class of this CPU."""
+    w, u32 = bc.w, bc.u32
+    r = w[i + EXT_REFCNT]
+    if u32[r >> 2] != 1:
+        return False
+    k = bc.classes.get(w[i + EXT_SIZE])
+    if k is None:
+        return False
+    s = w[i + EXT_BUF]
+    pt, tags = bc.pt, bc.u32
+    try:
+        b = pt[s >> 12] ^ k.kid
+        ts = (b >> 2) + k.off[s - b]
+        b = pt[r >> 12] ^ bc.xkid
+        tr = (b >> 2) + bc.xoff[r - b]
+    except (IndexError, KeyError, TypeError):
+        return False
+    if tags[ts] != k.w_alloc:
+        k.take_over(s)
+    if tags[tr] != bc.w_ext:
+        bc.ext_take(r)
+    w[i + FLAGS] &= ~M_EXT             # forgotten (M_EXT went last on, goes first off)
+    u32[r >> 2] = 0
+    bc.ext_free(r)
+    k.free(s)
+    bc.mv[h + M_PKTDAT:h + MSIZE] = _ZERO_EXT
+    bc.mbuf_free(h)
+    return True
 
 
 def _reap() -> None:
@@ -226,16 +388,18 @@ def _reap() -> None:
 
 def _close_all() -> None:
     """At exit: every reference this process holds goes back, views or not."""
-    pid = os.getpid()
-    for b in list(_live):
-        if b._pid == pid and b._h:
-            try:
-                b.close()
-            except BufferError:            # views outlive the reference: the process ends
+    for key, r in list(_open.items()):
+        b = r()
+        if b is None or not b._h or b._pid != _PID:
+            continue
+        try:
+            b.close()
+        except BufferError:                # views outlive the reference: the process ends
+            if _open.pop(key, None) is not None:
                 h, b._h = b._h, 0
                 _free_ref(b._arena, h)
-            except Exception:
-                pass
+        except Exception:
+            pass
     with _lock:
         items = _zombies[:]
         _zombies.clear()
@@ -249,8 +413,26 @@ def _close_all() -> None:
 default._before_exit.append(_close_all)
 
 
+_nonces, _nonce_at = b"", 0
+_ZERO_EXT = bytes(MSIZE - M_PKTDAT)
+_F_STORAGE = M_PKTHDR | M_EXT          # the flags of a Buffer's mbuf
+_F_CLASS = M_PKTHDR | MT_DATA << TYPE_SHIFT    # its FLAGS word but M_EXT and m_len
+_ARG_PKT = MT_DATA << 32 | M_PKTHDR     # the mbuf ctors' argument for it (mb_args)
+_ARG_NOINIT = MT_NOINIT << 32           # ... for one whose header is written here
+_MWORDS = MSIZE // 8
+_FREE_NAME = FREE_STORAGE.encode().ljust(MSIZE - EXT_FREE, b"\0")   # m_ext's ext_free
+_exp_new = Exporter.__new__
+
+
 def _nonce() -> int:
-    return int.from_bytes(os.urandom(8), "little") >> 1 | 1
+    """A fresh odd 63-bit number from the OS's random source (read 4 KiB at a time;
+    a forked child reads its own)."""
+    global _nonces, _nonce_at
+    at = _nonce_at
+    if at >= len(_nonces):
+        _nonces, at = os.urandom(4096), 0
+    _nonce_at = at + 8
+    return int.from_bytes(_nonces[at:at + 8], "little") >> 1 | 1
 
 
 # ============================================================================ Buffer
@@ -275,16 +457,7 @@ class Buffer(Exporter):
 
     @classmethod
     def _make(cls, arena, h: int, nbytes: int, data: int) -> "Buffer":
-        b = Exporter.__new__(cls)
-        b._arena = arena
-        b._h = h
-        b._nbytes = nbytes
-        b._data = data
-        b._pid = os.getpid()
-        b._view_buf = None
-        b._view_obj = _ctx(arena).mv[data:data + nbytes]
-        _live.add(b)
-        return b
+        return _new(arena, _ctx(arena).mv, h, nbytes, data)
 
     @classmethod
     def from_handle(cls, arena, handle: int) -> "Buffer":
@@ -378,37 +551,43 @@ class Buffer(Exporter):
     def close(self) -> None:
         """Drop this reference (the storage goes when the last one does).  Idempotent.
         BufferError while memoryviews or numpy arrays of it exist."""
-        with _lock:
-            h = self._h
-            if not h:
-                return
-            try:
-                self._view_obj.release()
-            except BufferError:
-                if self._pid == os.getpid():
-                    raise BufferError(
-                        f"Buffer {h} cannot be closed while memoryviews or numpy arrays "
-                        f"of it exist: release them first (or drop the Buffer: it then "
-                        f"closes when the last view goes)") from None
-            self._h = 0
-        _live.discard(self)
-        if self._pid == os.getpid():       # else: inherited through fork, the parent's
-            _free_ref(self._arena, h)
-        _reap()
+        h = self._h
+        if not h:
+            return
+        try:
+            self._view_obj.release()           # refused while views exist; then no new ones
+        except BufferError:
+            if self._pid == _PID:
+                raise BufferError(
+                    f"Buffer {h} cannot be closed while memoryviews or numpy arrays "
+                    f"of it exist: release them first (or drop the Buffer: it then "
+                    f"closes when the last view goes)") from None
+        if _open.pop(id(self), None) is None:  # closed meanwhile by another thread, or
+            if self._pid != _PID:              # inherited through fork: the parent's
+                self._h = 0
+            return
+        self._h = 0
+        _drop(self._arena, h)
+        if _zombies:
+            _reap()
 
     def detach(self) -> int:
         """Stop managing this reference without dropping it and return its handle
         (after ``arena.send(cpu, [buf.handle])`` the reference is the receiver's).
         The Buffer is closed afterwards."""
-        with _lock:
-            h = self._open()
-            try:
-                self._view_obj.release()
-            except BufferError:
-                raise BufferError(f"Buffer {h} cannot be detached while memoryviews or "
-                                  f"numpy arrays of it exist") from None
+        h = self._open()
+        try:
+            self._view_obj.release()
+        except BufferError:
+            raise BufferError(f"Buffer {h} cannot be detached while memoryviews or "
+                              f"numpy arrays of it exist") from None
+        if _open.pop(id(self), None) is None:
             self._h = 0
-        _live.discard(self)
+            raise BufferClosedError("the Buffer is closed")
+        self._h = 0
+        arena = self._arena
+        if not arena._closed:          # it may go anywhere now: its storage is the references'
+            disown_storage(_mbctx(arena._here()), h)
         return h
 
     def __enter__(self) -> "Buffer":
@@ -421,25 +600,28 @@ class Buffer(Exporter):
     def __del__(self):
         try:
             h = self._h
-            if not h or self._pid != os.getpid():
+            if not h or self._pid != _PID:
                 return
             try:
                 self._view_obj.release()
             except BufferError:              # views live on: free when they are gone
-                with _lock:
-                    _zombies.append((self._view_obj, self._arena, h))
+                if _open.pop(id(self), None) is not None:
+                    with _lock:
+                        _zombies.append((self._view_obj, self._arena, h))
                 self._h = 0
                 return
+            if _open.pop(id(self), None) is None:
+                return
             self._h = 0
-            _free_ref(self._arena, h)
+            _drop(self._arena, h)
         except Exception:
             pass
 
     # ---------------------------------------------------------------- pickling, hand-off
     def _new_reference(self, what: str):
         """A new reference to the storage (``m_copym``: refcount + 1), held by the
-        calling thread's CPU and marked with a fresh nonce: (that CPU's arena, the
-        new mbuf, the nonce)."""
+        calling thread's CPU and marked with a fresh nonce: (that CPU's arena, its
+        mbuf context, the new mbuf's handle, the nonce)."""
         h = self._h
         if not h:
             raise BufferClosedError(
@@ -451,19 +633,22 @@ class Buffer(Exporter):
             raise TypeError(f"a Buffer of a local arena (Arena.create_local) cannot be "
                             f"{what}: no other process can attach that arena")
         a = arena._here()
-        m = Mbuf._wrap(_mbctx(a), h)
-        n = mb.m_copym(m, 0, mb.M_COPYALL, M_NOWAIT)
-        if n is None:
-            raise ArenaFullError(f"arena {arena.name!r}: no mbuf for the new reference a "
-                                 f"{what} Buffer carries (kern.ipc.nmbufs reached?)")
+        c = a.__dict__.get("_mb") or _mbctx(a)
+        n = _copy_ref(c, h)
+        if not n:
+            m = mb.m_copym(Mbuf._wrap(c, h), 0, mb.M_COPYALL, M_NOWAIT)
+            if m is None:
+                raise ArenaFullError(f"arena {arena.name!r}: no mbuf for the new reference a "
+                                     f"{what} Buffer carries (kern.ipc.nmbufs reached?)")
+            n = m.handle
         nonce = _nonce()
-        n.m_pkthdr.header = nonce
-        return a, n, nonce
+        c.w[(n >> 3) + PH_HEADER] = nonce
+        return a, c, n, nonce
 
     def __reduce__(self):
-        a, n, nonce = self._new_reference("pickled")
-        a.disown(n.handle)
-        return _rebuild, (self._arena.name, n.handle, self._nbytes, n.m_data, nonce)
+        a, c, n, nonce = self._new_reference("pickled")
+        _disown_mbuf(a, c, n)
+        return _rebuild, (self._arena.name, n, self._nbytes, c.w[(n >> 3) + DATA], nonce)
 
     def handoff(self) -> Handoff:
         """A new reference for another process, which takes it once with ``take``.
@@ -471,9 +656,64 @@ class Buffer(Exporter):
         the keg manager frees it with the rest of this process's references (and
         ``take`` refuses); if the receiver never takes it, ``withdraw`` gives it
         back.  Whoever takes it owns it, like the receiver of a pickle."""
-        a, n, nonce = self._new_reference("handed off")
-        return Handoff(self._arena.name, arena_token(self._arena), n.handle, self._nbytes,
-                       n.m_data, nonce, a.cpu_id)
+        a, c, n, nonce = self._new_reference("handed off")
+        return Handoff(self._arena.name, arena_token(self._arena), n, self._nbytes,
+                       c.w[(n >> 3) + DATA], nonce, a.cpu_id)
+
+
+def _new(arena, mv, h: int, nbytes: int, data: int) -> Buffer:
+    """The Buffer of reference ``h`` (``nbytes`` at ``data``), open in this process."""
+    b = _exp_new(Buffer)
+    b._arena = arena
+    b._h = h
+    b._nbytes = nbytes
+    b._data = data
+    b._pid = _PID
+    b._view_obj = mv[data:data + nbytes]
+    _open[id(b)] = _ref(b)
+    return b
+
+
+def _copy_ref(c, h: int) -> int:
+    """``m_copym(h, 0, M_COPYALL)`` of a Buffer's mbuf (one mbuf, a packet header
+    without tags, external storage), done here: a new mbuf with ``h``'s packet
+    header and data, sharing its storage (``refs._dupcl``).  0 when ``h`` is not
+    such an mbuf or no mbuf is at hand (``m_copym`` then)."""
+    w, i = c.w, h >> 3
+    fi = w[i + FLAGS]
+    if w[i + NEXT] or w[i + PH_TAGS] or fi >> TYPE_SHIFT & 0xFF != MT_DATA or not fi & M_EXT:
+        return 0
+    n = c.zmbuf.alloc(M_NOWAIT, None, _ARG_PKT)
+    if n is None:
+        return 0
+    j = n >> 3
+    try:
+        w[j + PH:j + PKTHDR_END] = w[i + PH:i + PKTHDR_END]
+        w[j + PH_TAGS] = 0
+        w[j + FLAGS] = fi & (M_COPYFLAGS | ~FLAGS_MASK)     # m_type and m_len too, M_EXT
+        w[j + DATA] = w[i + DATA]
+        _dupcl(c, n, h)
+    except BaseException:
+        if not w[j + FLAGS] & M_EXT:
+            c.zmbuf.free(n)
+        raise
+    return n
+
+
+def _disown_mbuf(a, c, n: int) -> None:
+    """``a.disown(n)`` for mbuf ``n`` this CPU just made (its tag: allocated, held
+    here): held by no CPU from now on, until a process claims it."""
+    try:
+        b = c.core.pt[n >> 12] ^ c.mkid_bits           # Keg.tag_index_of, inlined
+        t = (b >> 2) + c.moffmap[n - b]
+    except (IndexError, KeyError, TypeError):
+        a.disown(n)
+        return
+    tv = c.u32[t]
+    if tv & 0xFF0F == L.TAG_ALLOC | c.cpu << 8:
+        c.u32[t] = tv | L.NO_CPU << 8
+    else:
+        a.disown(n)                        # raises, naming what it is
 
 
 def _claim_reference(arena, handle: int, nbytes: int, data: int, nonce: int,
@@ -483,18 +723,21 @@ def _claim_reference(arena, handle: int, nbytes: int, data: int, nonce: int,
     more) such a reference.  ``holder``: the CPU that may still hold it (a
     hand-off), None for a reference held by none (a pickle).  The mark is checked
     and cleared under the mbuf's zone lock, inside ``Arena.claim``."""
-    if nonce <= 0:                         # 0 marks every reference nobody handed off
+    if nonce <= 0 or handle.__class__ is not int:    # 0: every reference nobody handed off
         return False
     a = arena._here()
+    c = _mbctx(a)
+    w, i = c.w, handle >> 3
     try:
-        m = Mbuf.from_handle(a, handle)
-    except ShmallocError:
+        if c.is_mbuf(handle) < 0 or c.mv[handle + BTYPE] == MT_NOTMBUF:
+            return False
+    except (IndexError, TypeError):
         return False
 
     def marked() -> bool:                  # Lock: the mbuf's zone lock, held
-        if (m.m_flags & M_EXT and m.m_flags & M_PKTHDR and m.m_pkthdr.header == nonce
-                and m.m_data == data and m.m_len == nbytes):
-            m.m_pkthdr.header = 0
+        if (w[i + FLAGS] & _F_STORAGE == _F_STORAGE and w[i + PH_HEADER] == nonce
+                and w[i + DATA] == data and w[i + FLAGS] >> 32 == nbytes):
+            w[i + PH_HEADER] = 0
             return True
         return False
 
@@ -507,16 +750,19 @@ def _claim_reference(arena, handle: int, nbytes: int, data: int, nonce: int,
 
 def _rebuild(name: str, handle: int, nbytes: int, data: int, nonce: int) -> Buffer:
     """Unpickle: claim the reference the pickle carries, in this process's CPU."""
-    try:
-        arena = default.attachment(name)
-    except ArenaNotFoundError:
-        raise ArenaNotFoundError(f"cannot load a pickled Buffer of arena {name!r}: the arena "
-                                 f"does not exist (any more)") from None
-    _reap()
+    arena = default._arenas.get(name)
+    if arena is None or arena._closed:
+        try:
+            arena = default.attachment(name)
+        except ArenaNotFoundError:
+            raise ArenaNotFoundError(f"cannot load a pickled Buffer of arena {name!r}: the "
+                                     f"arena does not exist (any more)") from None
+    if _zombies:
+        _reap()
     if not _claim_reference(arena, handle, nbytes, data, nonce, None):
         raise ShmallocError(f"pickled Buffer (arena {name!r}, reference {handle}) was loaded "
                             f"already: a pickle carries one reference and loads once")
-    return Buffer._make(arena, handle, nbytes, data)
+    return _new(arena, _ctx(arena).mv, handle, nbytes, data)
 
 
 # ============================================================================ hand-off
@@ -620,35 +866,84 @@ def _alloc_mbuf(a, size: int):
         return mb.m_getcl(M_NOWAIT, mb.MT_DATA, M_PKTHDR, arena=a)
     if size <= MJUM16BYTES:
         return mb.m_getjcl(M_NOWAIT, mb.MT_DATA, M_PKTHDR, size, arena=a)
-    z = _storage_zone(a, size)
-    s = z.alloc(M_NOWAIT)
-    if s is None:
-        return None
-    m = None
+    h = _alloc_class(_ctx(a), _class(a, size), 0)
+    return Mbuf._wrap(_mbctx(a), h) if h else None
+
+
+def _alloc_class(bc, k, n: int) -> int:
+    """An mbuf with a new item of size class ``k`` attached as its storage (what
+    ``m_extadd(m, item, size, FREE_STORAGE, size, STORAGE_MARK)`` attaches, with a
+    count from mbuf_ext_refcnt), ``m_len`` ``n``; 0 when an item is missing (what
+    was taken goes back).  The storage and its count stay this CPU's while this
+    one reference names them: its free is a fast-path free.  The first copy
+    (``refs._dupcl``), or ``detach``, gives them to the references
+    (``refs.disown_storage``), as ``m_extadd`` does at once.  M_EXT is set last: a
+    CPU killed before leaves two items it holds that no mbuf names, which recovery
+    frees."""
+    s = r = h = None
     try:
-        m = mb.m_gethdr(M_NOWAIT, mb.MT_DATA, arena=a)
-        if m is None or mb.m_extadd(m, s, size, FREE_STORAGE, size, 0) != 0:
-            if m is not None:
-                mb.m_free(m)
-            z.free(s)
-            return None
-    except BaseException:
-        if m is not None and not m.m_flags & M_EXT:
-            mb.m_free(m)
-            z.free(s)
-        raise
-    return m                           # m_extadd disowned the storage and its count:
-                                       # owned through the references, not by this CPU
+        s = k.alloc(M_NOWAIT)
+        if s is not None:
+            r = bc.ext_alloc(M_NOWAIT)
+            if r is not None:           # MT_NOINIT: the header is written below, whole
+                h = bc.mbuf_alloc(M_NOWAIT, None, _ARG_NOINIT if _ctors._label_hook is None
+                                  else _ARG_PKT)
+    except ArenaFullError:             # /dev/shm cannot back a new slab: as if none
+        pass
+    finally:
+        if h is None:
+            if r is not None:
+                bc.ext_free(r)
+            if s is not None:
+                k.free(s)
+    if h is None:
+        return 0
+    bc.u32[r >> 2] = 1
+    m = k.mbuf
+    m[DATA] = m[EXT_BUF] = s
+    m[FLAGS] = _F_CLASS | n << 32       # m_len
+    m[PH_LEN] = n
+    m[EXT_REFCNT] = r
+    m[EXT_OWNER] = h
+    w, i = bc.w, h >> 3
+    w[i:i + _MWORDS] = m
+    w[i + FLAGS] = _F_CLASS | n << 32 | M_EXT
+    return h
 
 
 def alloc(arena, nbytes: int) -> Buffer:
     """A Buffer of ``nbytes`` bytes (``arena.alloc``); ArenaFullError when there is
     no room now, ValueError for a size the arena can never hold."""
+    bc = arena.__dict__.get("_bufctx")
+    if (bc is not None and nbytes.__class__ is int and bc.reg_pid == _PID and not _zombies
+            and not arena._closed):
+        # the fast path: a packet (up to 2 KiB), or a size class this CPU has used
+        if 0 <= nbytes <= MCLBYTES:
+            h = bc.pack_alloc(M_NOWAIT, None, _ARG_PKT)
+            if h:
+                w, i = bc.w, h >> 3
+                bc.u32[(h >> 2) + ULEN] = nbytes
+                w[i + PH_LEN] = nbytes
+                return _new(arena, bc.mv, h, nbytes, w[i + DATA])
+        elif MJUM16BYTES < nbytes <= bc.largest:
+            k = bc.classes.get(1 << (nbytes - 1).bit_length())
+            if k is not None:
+                h = _alloc_class(bc, k, nbytes)
+                if h:
+                    return _new(arena, bc.mv, h, nbytes, bc.w[(h >> 3) + DATA])
+    return _alloc_slow(arena, nbytes)
+
+
+def _alloc_slow(arena, nbytes) -> Buffer:
+    """``alloc`` the long way: checks, registration, a zone made on first use,
+    reclaim when the arena is full, the jumbo clusters."""
     arena._check_open()
     n = _check_nbytes(arena, nbytes)
     _reap()
     a = arena._here()
     size = class_size(n)
+    if size > MJUM16BYTES:
+        _class(a, size)
     try:
         m = _alloc_mbuf(a, size)
     except ArenaFullError:             # /dev/shm could not back new pages: pages given
@@ -661,7 +956,10 @@ def alloc(arena, nbytes: int) -> Buffer:
     m.m_len = n
     m.m_pkthdr.len = n
     default.register(arena)
-    return Buffer._make(arena, m.handle, n, m.m_data)
+    bc = _ctx(arena)
+    if a is arena:
+        bc.reg_pid = _PID
+    return _new(arena, bc.mv, m.handle, n, m.m_data)
 
 
 def _full_message(a, n: int, size: int) -> str:

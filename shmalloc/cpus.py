@@ -42,7 +42,13 @@ def live_attachments(name: str) -> set[int]:
             if a.name == name and not a._closed and not a._forked()}
 
 
+_PID = os.getpid()              # this process's pid (getpid is a system call: kept
+                                # here, and set anew in a forked child first thing)
+
+
 def _after_fork_in_child():
+    global _PID
+    _PID = os.getpid()
     for a in list(_live_arenas):
         a._on_fork()
 
@@ -141,7 +147,7 @@ class CpuSlots:
 
     # ------------------------------------------------------------ threads and fork
     def _forked(self) -> bool:
-        return self._pid != os.getpid()
+        return self._pid != _PID
 
     def _on_fork(self):
         """In a forked child: the parent's caches are the parent's.  Route every
@@ -159,7 +165,7 @@ class CpuSlots:
         """This arena as the calling thread's own CPU: ``self`` in the thread that
         attached it, else the CPU of the calling thread (or forked child), attached
         on first use."""
-        if self._owner_tid == get_ident() and self._pid == os.getpid():
+        if self._owner_tid == get_ident() and self._pid == _PID:
             return self
         if self._closed or self._closing:
             raise ArenaClosedError(f"arena {self.name!r} is closed in this process")

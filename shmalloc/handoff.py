@@ -182,7 +182,9 @@ class Messages:
 
     def claim(self, h, *, holder: int | None = None, check=None) -> None:
         """Make item ``h``, allocated and held by no CPU, this CPU's (the other
-        half of ``disown``).  ShmallocError if it is not such an item.
+        half of ``disown``); in an xfree="local" zone it also becomes this CPU's
+        own (its home moves here, as a hand-off's does in ``recv``).  ShmallocError
+        if it is not such an item.
 
         ``holder``: an item still held by that CPU is taken as well (a hand-off whose
         sender keeps it until it is taken, so that the sender's recovery frees it if
@@ -192,25 +194,31 @@ class Messages:
         withdrawal, of the same item never both succeed).  Lock: takes zone."""
         if (here := self._here()) is not self:
             return here.claim(h, holder=holder, check=check)
-        h = as_handle(h, "?")
+        if h.__class__ is not int:
+            h = as_handle(h, "?")
         core = self._core
-        kid = core.pt[h >> L.PAGE_SHIFT] >> L.KEG_ID_SHIFT if 0 <= h < core.geometry.size else 0
-        keg = core.keg(kid) if 1 <= kid <= L.MAX_KEGS else None
-        t = keg.tag_index_of(h) if keg is not None else -1
-        if t < 0:
-            raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item")
-        zid = next((z for z in core.zones_of_keg(kid)
-                    if core.w[L.zone_word(z) + _Z["ZIDX"]] == L.tag_zidx(core.tags[t])), None)
-        if zid is None:
+        try:                                    # Keg.tag_index_of, inlined (every unpickle)
+            e = core.pt[h >> L.PAGE_SHIFT] if h >= 0 else 0
+            keg = core._kegs.get(e >> L.KEG_ID_SHIFT)
+            if keg is None:
+                keg = core.keg(e >> L.KEG_ID_SHIFT) if 1 <= e >> L.KEG_ID_SHIFT <= L.MAX_KEGS \
+                    else None
+            b = e ^ keg.kid_bits
+            t = (b >> 2) + keg.offmap[h - b]
+        except (IndexError, TypeError, AttributeError, KeyError):
+            raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item") \
+                from None
+        tags = core.tags
+        zone = self._zone_of(keg.id, tags[t] >> 4 & 0xF)
+        if zone is None:
             raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item of "
                                 f"a zone")
-        zone = self._zone_by_id(zid)
         lk = core.lock(zone._lock_index)           # against a racing free (take-over)
         lk.acquire(owner_id=self.cpu_id)
         try:
-            tv = core.tags[t]
-            held = L.tag_holder(tv)
-            if L.tag_state(tv) != L.TAG_ALLOC or (held != L.NO_CPU and held != holder):
+            tv = tags[t]
+            held = tv >> 8 & 0xFF
+            if tv & 0xF != L.TAG_ALLOC or (held != L.NO_CPU and held != holder):
                 whom = "none" if holder is None else f"none or CPU {holder}"
                 raise ShmallocError(f"zone {zone.name!r}: claim of handle {h}: it is "
                                     f"{L.TAG_STATE_NAMES[L.tag_state(tv)]}, held by "
@@ -218,7 +226,13 @@ class Messages:
             if check is not None and not check():
                 raise ShmallocError(f"zone {zone.name!r}: claim of handle {h}: refused by "
                                     f"the caller's check")
-            core.tags[t] = L.tag(L.TAG_ALLOC, zone.zidx, self.cpu_id, L.tag_home(tv))
+            # as a hand-off received (mail._take_group): in an xfree="local" zone the
+            # item becomes this CPU's own (home := here), its free a fast-path free
+            me = self.cpu_id
+            if zone._cache.xfree_message:
+                tags[t] = tv & 0xFF0000 | L.TAG_ALLOC | zone.zidx << 4 | me << 8
+            else:
+                tags[t] = L.TAG_ALLOC | zone.zidx << 4 | me << 8 | me << 16
         finally:
             lk.release()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from . import layout as L
+from .admin import process_alive
 from .ipc.lock import HIST_BUCKETS, hist_bounds_ns, hist_percentile
 
 _Z, _K, _CS, _C, _LK = L.ZONE, L.KEG, L.CS, L.CPU, L.LOCK
@@ -174,14 +175,29 @@ _CACHED_STATES = (L.TAG_CACHED, L.TAG_XFREE, L.TAG_IMPORT, L.TAG_FINI)
 
 def _held_from_tags(core, keg_id: int, zidx: int) -> tuple[int, int]:
     """(allocated, cached) items of a zone, counted from the tags: exact even
-    when a CPU died before publishing its last counts.  Lock: takes the keg's."""
+    when a CPU died before publishing its last counts.  Lock: takes the keg's --
+    unless a dead process holds it (killed inside the keg, no manager yet to
+    repair the lock): the tags are counted without it then, which is as exact,
+    since no one else changes them while the lock stays taken; so statistics of
+    an arena in that state (``shmalloc stat``, a test waiting for recovery)
+    never hang."""
     keg = core.keg(keg_id)
     lk = core.lock(keg.lock_index)
-    lk.acquire()
+
+    def holder_dead() -> bool:
+        pid = lk.owner_pid()
+        return bool(pid) and not process_alive(pid)
+
+    if not lk.acquire(on_wait=holder_dead):
+        return _count_used_cached(keg.tag_counts(keg.slab_bases()), zidx)
     try:
         counts = keg.tag_counts()
     finally:
         lk.release()
+    return _count_used_cached(counts, zidx)
+
+
+def _count_used_cached(counts, zidx: int) -> tuple[int, int]:
     used = cached = 0
     for tv, n in counts.items():
         if tv and L.tag_zidx(tv) == zidx:

@@ -7,6 +7,7 @@ any exception comes back as ``("err", tag, traceback)``.
 
 from __future__ import annotations
 
+import random
 import time
 import traceback
 
@@ -115,3 +116,29 @@ def write_and_close(buf, data):
     """fork target: an inherited Buffer, written and closed in the child."""
     buf[:len(data)] = data
     buf.close()
+
+
+def churn_until_killed(name, seed, ops):
+    """Buffers of every kind made, shared and dropped in a loop until SIGKILLed
+    (issue 13's fast paths: a size class's storage held by this CPU until its first
+    copy, dropped through the zones' fast paths; a copy claimed and closed), with a
+    few kept across iterations so that a kill also finds references shared with
+    ones still held.  ``ops`` (a shared counter) says how far it got."""
+    rng = random.Random(seed)
+    arena = shmalloc.connect(name)
+    sizes = [100, 2048, 3000, 10_000, 40_000, 100_000, 1 << 20, 3 << 20]
+    kept = []
+    while True:
+        b = arena.alloc(rng.choice(sizes))
+        b[:8] = b"churning"
+        r = rng.random()
+        if r < 0.3:                  # a second reference, claimed here: a hand-off, which
+            c = shmalloc.buffer.take(b.handoff())   # this CPU holds until taken (a pickle
+                                     # in flight is held by nobody: a kill would leak it)
+            (c if rng.random() < 0.5 else b).close()
+            b = c if b.closed else b
+        if r < 0.5 or len(kept) > 6:
+            if kept:
+                kept.pop(rng.randrange(len(kept))).close()
+        kept.append(b)
+        ops.value += 1

@@ -1,10 +1,14 @@
 """Worker processes for tests/test_mbuf_multiprocess.py ('spawn' children import
 them by name).  Every worker runs under ``run``: it reports ``("ok", tag, payload)``
-and any exception comes back as ``("err", tag, traceback)``."""
+and any exception comes back as ``("err", tag, traceback)``.  Also the m_extadd free
+routines of tests/test_kill.py (module-level: the keg manager resolves them by name
+when it frees a dead CPU's last reference)."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 import traceback
 
@@ -27,6 +31,23 @@ def count_ext_free(m, arg1, arg2):
     core = m.arena._core
     with core.lock(L.VM_LOCK):
         core.tags[arg1 >> 2] += 1
+
+
+EXT_STORE = "ext_store"         # the zone whose items count_and_free gives back
+
+
+def count_and_free(m, arg1, arg2):
+    """m_extadd free routine: count the call in the u32 at handle ``arg1``, then give
+    the storage back to zone ``EXT_STORE``, taken over first as
+    ``shmalloc.buffer.free_storage`` does (its zone's free does it first).  ``arg2``
+    1: SIGKILL this process right after the take-over -- the storage is then held by
+    the dying CPU, and the core's recovery frees it."""
+    count_ext_free(m, arg1, arg2)
+    z = m.arena.zone(EXT_STORE)
+    z.take_over(m.m_ext.ext_buf)
+    if arg2 == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    z.free(m.m_ext.ext_buf)
 
 
 def refcount_worker(q, tag, name, idx, seed, rounds, in_q, barrier):

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from shmalloc.ipc import naming
-from shmalloc.scripts import bench, bench_handoff, cli
+from shmalloc.scripts import bench, bench_app, bench_handoff, cli
 
 TIMEOUT = 120
 HAS_FASTER_FIFO = importlib.util.find_spec("faster_fifo") is not None
@@ -49,7 +49,9 @@ def test_quick_run_has_every_section(arena_name, tmp_path):
                 "handoff_2k_queue", "handoff_2k_pipe", "handoff_1m_queue", "handoff_1m_pipe",
                 "growth_live_1k", "growth_live_10k", "growth_arena_small", "mem_total",
                 "mem_rss_worker", "scaling_two_workers", "debug0_pair", "debug1_pair",
-                "debug3_m_getcl", "debug2_burst"):
+                "debug3_m_getcl", "debug2_burst", "app_alloc_2k", "app_alloc_64k",
+                "app_alloc_1m", "app_pickle", "app_pool_pickle", "app_pool_shm",
+                "app_handoff_queue", "app_handoff_pipe", "app_pair"):
         assert key in results, key
     assert ("handoff_2k_faster_fifo" in results) == HAS_FASTER_FIFO
     assert results["handoff_2k_queue"]["target"] and results["handoff_64k_queue"]["target"] is None
@@ -63,6 +65,12 @@ def test_quick_run_has_every_section(arena_name, tmp_path):
         assert report["scaling"][setup]["one"] > 0
         assert len(report["scaling"][setup]["two_each"]) == 2
     assert [r["level"] for r in report["debug"]] == [0, 1, 2, 3]
+    app = report["app"]
+    assert [r["size"] for r in app["alloc"]] == list(bench_app.ALLOC_SIZES_QUICK)
+    assert app["pickle"]["dump_us"] > 0 and app["pickle"]["shm_load_close_us"] > 0
+    assert set(app["pool"]["seconds"]) == {"pickle", "shm", "shmalloc"}
+    assert app["handoff"]["limit"] == bench_app.PLAIN_LIMIT and app["handoff"]["bucket"] > 0
+    assert "where applications meet it" in proc.stdout
     if HAS_DASK:
         for key in ("dask_1m_copy", "dask_1m_arena", "dask_4m_copy", "dask_4m_arena"):
             assert key in results, key

@@ -38,6 +38,7 @@ import traceback
 
 import pytest
 
+import mbuf_mp_workers as mw
 from shmalloc import Arena, M_NOWAIT, admin, recovery
 from shmalloc import layout as L
 from shmalloc.ipc import codec, naming
@@ -59,6 +60,7 @@ LOCK_WAIT_LIMIT = 2.5                    # seconds any acquisition may have wait
 STALL_LIMIT = {"churn": 3.0, "pipeline": 5.0, "refcount": 5.0}
 WAIT = 30.0
 SPAWN = multiprocessing.get_context("spawn")
+FORK = multiprocessing.get_context("fork")
 
 # Kill points per workload, each probability tuned so that the points a workload
 # passes often do not kill it at once.
@@ -883,6 +885,126 @@ def test_a_cluster_no_mbuf_names_is_freed_with_its_dead_cpu(arena_name, child):
         try:
             problems, lost = used_problems(a, {})
             assert not problems and not lost, "; ".join(problems)
+            a.check()
+        finally:
+            a.close()
+    finally:
+        _reap(p)
+        mgr.shutdown()
+
+
+# The last reference to m_extadd storage, dropped (refs.drop_ref): its count item taken
+# over, the mbuf's name of it cleared (EXT_REFCNT 0 with M_EXT: the mark), the count
+# freed, the free routine called, then the mbuf's m_ext zeroed, M_EXT cleared and the
+# mbuf freed.  A point of death in there: (calls of the free routine, storage items
+# left allocated) once the CPU is recovered.  Dead after the mark and before the
+# routine took the storage, the storage is leaked (the routine runs at most once:
+# recovery cannot tell whether it ran, and a leak is preferred to a double free).
+# The last point is one of m_extadd, whose mbuf names its count before it lets go.
+EXT_DEATHS = {
+    "before_count_taken_over": (1, 0),   # nothing changed yet: recovery drops it
+    "count_taken_over": (1, 0),          # the count held by the dead CPU, still named
+    "count_forgotten": (0, 1),           # the mark written, before the count is freed
+    "count_freed": (0, 1),               # before the routine
+    "in_routine": (1, 0),                # the routine took the storage over: freed
+    "routine_done": (1, 0),              # before M_EXT is cleared
+    "m_ext_zeroed": (1, 0),              # m_ext zeroed, M_EXT still set
+    "extref_forgotten": (0, 1),          # EXT_EXTREF: the mark written, before the routine
+    "extref_routine_done": (1, 0),       # EXT_EXTREF: before M_EXT is cleared
+    "extadd_count_disowned": (1, 0),     # in m_extadd, the count disowned, not the storage
+}
+
+
+def _die_at(obj, attr, after: bool) -> None:
+    """Make ``obj.attr`` (a function) SIGKILL this process before it runs, or right
+    after it returns."""
+    fn = getattr(obj, attr)
+
+    def die(*args, **kwargs):
+        if after:
+            fn(*args, **kwargs)
+        _die()
+    setattr(obj, attr, die)
+
+
+def ext_last_drop_dies(q, name, point, ctr):
+    """Attach storage of zone ``mw.EXT_STORE`` to an mbuf with m_extadd (freed by
+    ``mw.count_and_free``, which counts its calls in the u32 at ``ctr``; an
+    EXT_EXTREF point counts the references in the u32 after it), then free that only
+    reference; die at ``point`` (``EXT_DEATHS``) of the last drop, or of m_extadd."""
+    from shmalloc import mbuf as mb
+    from shmalloc.mbuf import alloc, refs
+    a, c = _attached_ctx(name)
+    buf = a.zone(mw.EXT_STORE).alloc(M_NOWAIT)
+    m = mb.m_gethdr(M_NOWAIT, mb.MT_DATA, arena=a)
+    typ, kw = ((mb.EXT_EXTREF, {"ref_cnt": ctr + 4}) if point.startswith("extref")
+               else (mb.EXT_NET_DRV, {}))
+    _report_then(q, a.cpu_id)
+    if point == "extadd_count_disowned":
+        _die_at(c.arena, "disown", after=True)
+    assert mb.m_extadd(m, buf, 4096, mw.count_and_free, ctr, int(point == "in_routine"), 0,
+                       typ, **kw) == 0
+    if point == "before_count_taken_over":
+        _die_at(c.zextref, "take_over", after=False)
+    elif point == "count_taken_over":
+        _die_at(c.zextref, "take_over", after=True)
+    elif point == "count_forgotten":
+        _die_at(c.zextref, "free", after=False)
+    elif point in ("count_freed", "extref_forgotten"):
+        _die_at(refs, "_ext_free", after=False)
+    elif point in ("routine_done", "extref_routine_done"):
+        _die_at(refs, "_ext_free", after=True)
+    elif point == "m_ext_zeroed":
+        def zeroed_then_die(c, h, i, flags):     # _purge_and_free's first line
+            c.mv[h + alloc.M_PKTDAT:h + alloc.MSIZE] = alloc._ZERO_EXT
+            _die()
+        alloc._purge_and_free = zeroed_then_die
+    mb.m_freem(m)
+    return "survived"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(EXT_DEATHS))
+def test_a_cpu_killed_in_the_last_drop_of_m_extadd_storage_frees_it_at_most_once(
+        arena_name, point):
+    """A CPU dies at ``point`` of the last drop of m_extadd storage: recovery calls
+    the free routine at most once (exactly once when the CPU died before the mark),
+    frees the mbuf and the count, and leaks nothing but the storage of the window
+    between the mark and the routine's take-over.  Before, an mbuf that had freed
+    its count made recovery's m_free raise "the refcount of its storage is 0" (the
+    mbuf, its count and the storage leaked -- or, the count item reused meanwhile,
+    another storage's reference dropped), and one dead after the routine had it
+    called again.  Also a death inside m_extadd after it disowned the count, before
+    the storage (the count was disowned before the mbuf named it: leaked)."""
+    from shmalloc.workers.chaos import used_problems
+    from shmalloc.workers.manager import Manager
+    logs = []
+    mgr = Manager(arena_name, size=16 << 20, log=logs.append)
+    q = FORK.Queue()
+    p = None
+    try:
+        a = Arena.attach(arena_name)
+        a.zcreate(mw.EXT_STORE, 4096)
+        words = a.zcreate("ext_words", 64)
+        ctr = words.alloc(M_NOWAIT)
+        a._core.tags[ctr >> 2] = a._core.tags[(ctr >> 2) + 1] = 0
+        p = FORK.Process(target=_child, args=("ext_last_drop_dies", q, arena_name, point, ctr),
+                         daemon=True)
+        p.start()
+        dead = _get(q, [p], "the child")
+        p.join(WAIT)
+        assert p.exitcode == -signal.SIGKILL, f"the child did not die at {point}"
+        _wait_recovered(mgr, a)
+        mgr.step()
+        try:
+            calls, left = EXT_DEATHS[point]
+            recovered = [line for line in logs if f"recovered CPU {dead} " in line]
+            assert recovered and not [line for line in logs if "error" in line], logs
+            assert a._core.tags[ctr >> 2] == calls, "calls of the free routine"
+            if point.startswith("extref"):
+                assert a._core.tags[(ctr >> 2) + 1] == 1, "the caller's counter is left"
+            problems, _ = used_problems(a, {"ext_words": 1, mw.EXT_STORE: left})
+            assert not problems, "; ".join(problems)
             a.check()
         finally:
             a.close()

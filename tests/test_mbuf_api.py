@@ -652,6 +652,44 @@ def test_m_extadd_free_routine_runs_once_when_the_last_reference_goes(arena):
     store.free(buf)
 
 
+def ext_free_interrupted(m, arg1, arg2):
+    """A free routine interrupted after it started (a KeyboardInterrupt, which
+    m_free does not catch: it is no error of the routine's)."""
+    _ext_calls.append((m.m_ext.ext_buf, m.m_ext.ext_size, arg1, arg2))
+    raise KeyboardInterrupt
+
+
+def test_an_m_free_cut_short_in_the_free_routine_frees_the_mbuf_when_called_again(arena):
+    """The last drop of m_extadd storage interrupted in its free routine leaves the
+    mbuf marked (M_EXT, its count forgotten: refcnt 0) while its count serves other
+    storage: copying it is refused, and m_free again frees the mbuf without calling
+    the routine a second time (before, the copy counted itself into the other
+    storage's count)."""
+    _ext_calls.clear()
+    store = arena.zcreate("ext_store", 3000)
+    bufs = [store.alloc(NW) for _ in range(2)]
+    m = mb.m_gethdr(NW, mb.MT_DATA, arena=arena)
+    assert mb.m_extadd(m, bufs[0], 3000, ext_free_interrupted, 1, 2) == 0
+    with pytest.raises(KeyboardInterrupt):
+        mb.m_freem(m)
+    assert _ext_calls == [(bufs[0], 3000, 1, 2)]
+    assert m.m_flags & mb.M_EXT and m.refcnt == 0 and not m.writable
+    n = mb.m_gethdr(NW, mb.MT_DATA, arena=arena)      # its count, reused
+    assert mb.m_extadd(n, bufs[1], 3000, ext_free_counter, 3, 4) == 0
+    assert used(arena, "mbuf_ext_refcnt") == 1 and n.refcnt == 1
+    with pytest.raises(mb.MbufError, match="last reference"):
+        mb.m_copym(m, 0, mb.M_COPYALL, NW)
+    with pytest.raises(mb.MbufError, match="last reference"):
+        mb.m_copypacket(m, NW)
+    assert n.refcnt == 1 and used(arena, "mbuf") == 2      # the copies went
+    mb.m_freem(m)
+    assert len(_ext_calls) == 1 and used(arena, "mbuf") == 1
+    mb.m_freem(n)
+    assert _ext_calls[1:] == [(bufs[1], 3000, 3, 4)]
+    assert used(arena, "mbuf_ext_refcnt") == 0 and used(arena, "mbuf") == 0
+    store.free_bulk(bufs)
+
+
 def test_m_extadd_refuses_bad_storage_and_types(arena):
     m = mb.m_get(NW, mb.MT_DATA, arena=arena)
     with pytest.raises(mb.MbufError, match="not one of"):

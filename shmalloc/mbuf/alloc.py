@@ -415,7 +415,9 @@ def m_extadd(mb, buf: int, size: int, freef, arg1: int = 0, arg2: int = 0, flags
       the count comes from mbuf_ext_refcnt; the free routine ``freef`` (a name, or
       a function resolvable in every process -- one of ``__main__`` works when
       this process frees the last reference, and is refused in any other) is
-      called as ``freef(m, arg1, arg2)`` exactly once, when the last reference goes;
+      called as ``freef(m, arg1, arg2)`` once, when the last reference goes -- at
+      most once if the CPU dropping it dies (``refs.drop_ref``: then the storage
+      may be leaked, never freed twice);
     - EXT_EXTREF: the count is the caller's u32 at handle ``ref_cnt`` (FreeBSD: the
       pointer stored in ``m_ext.ref_cnt`` beforehand), set to 1 as FreeBSD 7/8 does
       (``m_extaddref`` adds a reference to a counter in use instead); at the last
@@ -476,10 +478,14 @@ def m_extadd(mb, buf: int, size: int, freef, arg1: int = 0, arg2: int = 0, flags
     c.u32[h >> 2] = 1
     # the count, and storage that is an item this CPU holds, belong to the
     # references from now on: held by no CPU, so that the recovery of this CPU
-    # (should it die) leaves them to the mbufs that still point at them
+    # (should it die) leaves them to the mbufs that still point at them.  Named
+    # by the mbuf first: a crash before M_EXT leaves them held by this CPU, which
+    # recovery frees; after, the mbuf's recovery drops its reference, taking them
+    # over from wherever they are held (disowned first, a crash in between left
+    # the count held by nobody and named by no mbuf: leaked)
+    _attach(c, mb.handle, buf, size, type, h >> 2, arg1, arg2, name, flags)
     c.arena.disown(h)
     _disown_storage(c, buf)
-    _attach(c, mb.handle, buf, size, type, h >> 2, arg1, arg2, name, flags)
     return 0
 
 
@@ -590,6 +596,8 @@ def _free_ext(c, h, i, flags, zidx):
 
 
 def _purge_and_free(c, h, i, flags):
+    # m_ext zeroed before M_EXT goes: a crash in between leaves an mbuf with M_EXT
+    # and no count, which recovery frees without a drop (``refs._forgotten``)
     c.mv[h + M_PKTDAT:h + MSIZE] = _ZERO_EXT
     c.w[i + FLAGS] &= ~M_EXT
     c.zmbuf.free(h)

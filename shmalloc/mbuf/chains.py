@@ -441,30 +441,34 @@ def m_copym(m, off0: int, len: int, wait: int):
     copyhdr = off0 == 0 and w[(m.handle >> 3) + FLAGS] & M_PKTHDR
     h, off = _seek(c, h, off0)
     top = prev = 0
-    while len > 0 and h:
-        i = h >> 3
-        n = _mget(c, how, _arg(_typ(c, h), M_PKTHDR if copyhdr else 0))
-        if n is None:
-            return _nospace(c, top)
-        if prev:
-            w[(prev >> 3) + NEXT] = n
-        else:
-            top = n
-        prev = n
-        if copyhdr:
-            if not _dup_pkthdr(c, n, h, how):
+    try:
+        while len > 0 and h:
+            i = h >> 3
+            n = _mget(c, how, _arg(_typ(c, h), M_PKTHDR if copyhdr else 0))
+            if n is None:
                 return _nospace(c, top)
-            if len == M_COPYALL:
-                w[(n >> 3) + PH_LEN] = w[i + PH_LEN] - off0
+            if prev:
+                w[(prev >> 3) + NEXT] = n
             else:
-                w[(n >> 3) + PH_LEN] = len
-            copyhdr = 0
-        k = min(len, u[(h >> 2) + ULEN] - off)
-        _copy_into(c, n, h, off, k)
-        if len != M_COPYALL:
-            len -= k
-        off = 0
-        h = w[i + NEXT]
+                top = n
+            prev = n
+            if copyhdr:
+                if not _dup_pkthdr(c, n, h, how):
+                    return _nospace(c, top)
+                if len == M_COPYALL:
+                    w[(n >> 3) + PH_LEN] = w[i + PH_LEN] - off0
+                else:
+                    w[(n >> 3) + PH_LEN] = len
+                copyhdr = 0
+            k = min(len, u[(h >> 2) + ULEN] - off)
+            _copy_into(c, n, h, off, k)
+            if len != M_COPYALL:
+                len -= k
+            off = 0
+            h = w[i + NEXT]
+    except MbufError:                    # storage that cannot be shared (_dupcl refuses
+        _freem(c, top)                   # before it changes anything): the copy goes
+        raise
     if not top:
         c.count("MCFAIL")
         return None
@@ -495,7 +499,11 @@ def m_copypacket(m, how: int):
     if w[i + FLAGS] & M_EXT:
         u[(n >> 2) + ULEN] = u[(h >> 2) + ULEN]
         w[(n >> 3) + DATA] = w[i + DATA]
-        _dupcl(c, n, h)
+        try:
+            _dupcl(c, n, h)
+        except MbufError:                # refused before anything changed (as m_copym)
+            _freem(c, top)
+            raise
     else:
         w[(n >> 3) + DATA] = n + M_PKTDAT + (w[i + DATA] - (h + M_PKTDAT))
         _copy_into(c, n, h, 0, u[(h >> 2) + ULEN])

@@ -208,8 +208,12 @@ class Mbuf:
 def refs(c, w, i) -> int:
     """References to the external storage of the mbuf at word ``i`` (M_EXT): its
     count, less the one a packet set aside for its copies still holds (that
-    packet is nobody's any more: see ``refs.drop_ref``)."""
-    n = c.u32[w[i + EXT_REFCNT] >> 2]
+    packet is nobody's any more: see ``refs.drop_ref``); 0 for an mbuf whose last
+    reference is being dropped, or whose drop was cut short (``refs._forgotten``)."""
+    r = w[i + EXT_REFCNT]
+    if not r:
+        return 0
+    n = c.u32[r >> 2]
     if n > 1 and w[i + EXT_TYPE] == EXT_PACKET:
         owner = w[i + EXT_OWNER]
         if owner != i << 3 and c.mv[owner + BTYPE] == MT_NOTMBUF:

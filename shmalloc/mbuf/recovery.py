@@ -28,6 +28,13 @@ What ``recover_cpu`` leaves wrong for mbufs, and what this pass does about it:
                                            -> taken over, freed without dropping
                                               the reference a second time (and
                                               the packet it was freeing with it)
+       an mbuf whose last reference to m_extadd storage was being dropped
+           (M_EXT with its count forgotten: the mark ``refs.drop_ref`` writes
+           first; or its m_ext zeroed by m_free before M_EXT was cleared)
+                                           -> taken over, its m_ext cleared, freed
+                                              without a drop and without calling
+                                              the free routine (it may have run:
+                                              at most once, see below)
        any other packet, any mbuf          -> taken over by the manager, m_free
        packet importing (IMPORT) with a cluster attached (the CPU died inside
            mb_zinit_pack after the cluster came: m_ext names the packet as owner
@@ -44,7 +51,11 @@ What this pass cannot tell: a copy whose CPU died inside m_free between the
 decrement that was not the last and the clearing of its M_EXT (two words of one
 locked step: the count still looks right), or a copy whose packet was freed and
 already made and copied anew before the pass.  Its reference is dropped a second
-time.  An mbuf whose m_free fails here stays allocated and held by the manager;
+time.  An mbuf whose CPU died between the mark of a last m_extadd drop and the free
+routine taking its storage (``shmalloc.buffer.free_storage`` takes it over first: a
+death after that leaves the storage to ``recover_cpu``): the storage is leaked, as
+the routine may have run -- the free routine runs at most once, never twice.  An
+mbuf whose m_free fails here stays allocated and held by the manager;
 the failure is in the counts (``errors``) and the manager's log.
 
 What is left to ``recover_cpu``: items cached, in the depot, importing without a
@@ -60,6 +71,7 @@ from ..layers import views
 from .alloc import m_free
 from .constants import EXT_CLUSTER, EXT_PACKET, M_EXT, MSIZE, MT_NOTMBUF
 from .header import Mbuf
+from .refs import _forgotten
 from .zones import (BTYPE, EXT_BUF, EXT_OWNER, EXT_REFCNT, EXT_TYPE, FLAGS, M_PKTDAT,
                     PACK_VERIFIED, ctx)
 
@@ -72,7 +84,8 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
     CPU found dead in this round (their copies may be half made or half freed and
     say nothing about a packet's other references).  Returns
     counts: freed (mbufs m_free'd), waiting (packets left to their copies), stale
-    (copies whose reference was gone, freed without a drop), abandoned (set-aside
+    (copies whose reference was gone, and mbufs whose last m_extadd drop was under
+    way, freed without a drop), abandoned (set-aside
     packets whose last copy died freeing them, freed here), unfinished (importing
     packets sent through fini), clusters (left to their mbufs), unnamed (clusters
     no mbuf names, freed here)."""
@@ -164,7 +177,7 @@ def recover_mbufs(arena, cpu: int, dead=()) -> dict:
                 return mine | zone.zidx << 4
             counts["waiting"] += 1           # its copies free it
             return _nobody(zone, tv)
-        if zone.name == "mbuf" and stale(h):
+        if zone.name == "mbuf" and (stale(h) or _forgotten(w, i)):
             counts["stale"] += 1
             mv[h + M_PKTDAT:h + MSIZE] = bytes(MSIZE - M_PKTDAT)
             w[i + FLAGS] &= ~M_EXT

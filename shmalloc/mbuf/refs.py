@@ -4,8 +4,8 @@ shared, dropped and journaled.
 This is the refcount half of FreeBSD's ``mb_dupcl`` (``uipc_mbuf.c``) and
 ``mb_free_ext`` (``kern_mbuf.c``): ``_dupcl`` gives an mbuf one more reference to
 another's storage, ``drop_ref`` takes one away and, with the last, frees the storage
-(a cluster to its zone, m_extadd storage to its free routine, called exactly once, a
-packet with its cluster to the packet zone).
+(a cluster to its zone, m_extadd storage to its free routine, called once -- at most
+once across a crash -- a packet with its cluster to the packet zone).
 
 A reference is counted in a u32 (the cluster's refcount trailer, or an item of
 mbuf_ext_refcnt) whose read-modify-writes happen under the lock of the zone it
@@ -58,13 +58,24 @@ def drop_ref(c, h, i, flags, zidx):
     own reference plus its copies'; the copy that finds 2 under the lock with the
     packet set aside is the last: it takes the count to 1 (the packet's own) and
     frees the packet, keeping M_EXT until then so that recovery finds the packet
-    through it (``workers/mbuf_recovery.py``)."""
+    through it (``mbuf/recovery.py``).
+
+    The last reference to m_extadd storage frees its count and calls the free
+    routine *at most once* across a crash: ``h`` forgets its count first (the
+    mark, ``_forgotten``), and an mbuf so marked is freed without a drop -- by
+    recovery when its CPU died, by this function when an m_free was cut short in
+    this process (a BaseException out of the routine).  Neither can tell whether
+    the routine ran: a CPU killed between the mark and the routine taking its
+    storage (``shmalloc.buffer.free_storage`` takes it over first) leaks the
+    storage, which is preferred to freeing it twice."""
     w, u32 = c.w, c.u32
     typ = w[i + EXT_TYPE]
     owner = w[i + EXT_OWNER]
     if zidx == c.zidx_pack and (typ != EXT_PACKET or owner != h):
         raise MbufError(f"m_free: packet {h} does not hold its own cluster (ext type {typ})")
     r = w[i + EXT_REFCNT] >> 2
+    if not r:                            # _forgotten: its last reference went already
+        return True, None                # (the drop cut short): only h is left to free
     if typ == EXT_PACKET:
         if owner == h:                   # the packet: alone, or set aside for its copies
             if u32[r] == 1 or not _limbo(c, h, i, flags):
@@ -118,6 +129,14 @@ def drop_ref(c, h, i, flags, zidx):
             w[i + FLAGS] &= ~M_EXT       # from here on leaves a cluster of this CPU's
             z.free(cl)                   # that no mbuf names: recovery frees it (never twice)
         elif typ in EXT_EXTADD_TYPES or typ == EXT_EXTREF:
+            # At most once (see ``_forgotten``): the count ours first (a crash
+            # until the mark leaves it named, count 1, held by this CPU: recovery
+            # drops it as any last reference), then the mark, then the count goes
+            # (a crash leaves it held by this CPU, named by no mbuf: the core's
+            # recovery frees it) and the routine runs.
+            if typ != EXT_EXTREF:
+                c.zextref.take_over(r << 2)
+            w[i + EXT_REFCNT] = 0        # the mark: the mbuf forgets its count
             if typ != EXT_EXTREF:        # the caller's counter is left as it is (at 1)
                 u32[r] = 0
                 c.zextref.free(r << 2)
@@ -128,6 +147,19 @@ def drop_ref(c, h, i, flags, zidx):
         else:
             raise MbufError(f"m_free: mbuf {h} has unknown ext type {typ}")
     return True, None
+
+
+def _forgotten(w, i) -> bool:
+    """The mark of a last drop under way or cut short: the mbuf at word ``i`` has
+    M_EXT and no count (EXT_REFCNT 0).  No mbuf carries it otherwise -- a count's
+    address is never 0: an item of mbuf_ext_refcnt, a cluster's refcount trailer,
+    or the caller's counter, all inside the data pages -- but one whose m_ext
+    ``m_free`` zeroed before it cleared M_EXT, which is done with its reference
+    too.  Its reference is gone: the count freed, or about to be by the CPU
+    dropping it, which holds it (never to be dropped again through this mbuf,
+    whose old count may serve other storage meanwhile); the free routine called,
+    or about to be."""
+    return bool(w[i + FLAGS] & M_EXT) and not w[i + EXT_REFCNT]
 
 
 def _free_set_aside(c, owner):
@@ -200,11 +232,15 @@ def _dupcl(c, n, m):
     im = m >> 3
     r = w[im + EXT_REFCNT] >> 2
     typ = w[im + EXT_TYPE]
+    if not r:
+        raise MbufError(f"mbuf {m}: the last reference to its storage was dropped already "
+                        f"(an m_free cut short): it cannot be shared, only freed")
     if u32[r] == 1:                      # ours alone: nobody else can touch it
         if typ == EXT_PACKET:
             _claim(c, n, m)
             u32[r] = 2
         else:
+            disown_storage(c, m)         # shared from now on: the references' (first)
             u32[r] = 2
             _claim(c, n, m)
         return
@@ -219,6 +255,39 @@ def _dupcl(c, n, m):
         u32[r] = rc + 1
     finally:
         lk.release()
+
+
+_ALLOC_NO_CPU = L.TAG_ALLOC | L.NO_CPU << 8
+
+
+def disown_storage(c, m) -> None:
+    """The m_extadd storage of mbuf ``m`` and its count, where a CPU holds them,
+    become held by no CPU: owned through the references from now on, so that the
+    recovery of that CPU, should it die, leaves them to the mbufs that point at
+    them.  ``m_extadd`` does this at once; Buffers keep their storage while the one
+    reference of the CPU that made it names it (its free is then a fast-path free)
+    and call this before a second reference is made (``_dupcl``: from any thread of
+    the process, such as a queue's feeder thread pickling it) or the one they have
+    goes elsewhere (``Buffer.detach``).  Lock: none (the tags of items that only the
+    one reference's holder frees, the caller or a thread of its process)."""
+    w, i = c.w, m >> 3
+    if not w[i + FLAGS] & M_EXT or w[i + EXT_TYPE] not in EXT_EXTADD_TYPES:
+        return
+    core, tags = c.core, c.u32
+    pt = core.pt
+    for x in (w[i + EXT_BUF], w[i + EXT_REFCNT]):
+        try:                             # Keg.tag_index_of, inlined
+            e = pt[x >> 12] if x > 0 else 0
+            if not 1 <= e >> L.KEG_ID_SHIFT <= L.MAX_KEGS:
+                continue
+            keg = core.keg(e >> L.KEG_ID_SHIFT)
+            b = e ^ keg.kid_bits
+            t = (b >> 2) + keg.offmap[x - b]
+        except (IndexError, KeyError, TypeError):
+            continue                     # not an item: the caller's own storage
+        tv = tags[t]
+        if tv & 0xFF0F != _ALLOC_NO_CPU and tv & 0xF == L.TAG_ALLOC:
+            tags[t] = tv | L.NO_CPU << 8
 
 
 def _claim(c, n, m):
