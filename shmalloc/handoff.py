@@ -135,17 +135,10 @@ class Messages:
         return list(groups.values())
 
     def _held_item(self, h):
-        """(zone, tag index) of item ``h`` allocated and held by this CPU.  (The tag
-        index is ``Keg.tag_index_of``'s, inlined: send checks every handle.)"""
+        """(zone, tag index) of item ``h`` allocated and held by this CPU."""
         core = self._core
         try:
-            e = core.pt[h >> L.PAGE_SHIFT] if h >= 0 else 0
-            keg = core._kegs.get(e >> L.KEG_ID_SHIFT)
-            if keg is None:
-                keg = core.keg(e >> L.KEG_ID_SHIFT) if 1 <= e >> L.KEG_ID_SHIFT <= L.MAX_KEGS \
-                    else None
-            b = e ^ keg.kid_bits
-            t = (b >> 2) + keg.offmap[h - b]
+            keg, t = _keg_and_tag(core, h)
         except (IndexError, TypeError, AttributeError, KeyError):
             as_handle(h, "?")
             raise ShmallocError(f"arena {self.name!r}: handle {h} is not an item") from None
@@ -197,14 +190,8 @@ class Messages:
         if h.__class__ is not int:
             h = as_handle(h, "?")
         core = self._core
-        try:                                    # Keg.tag_index_of, inlined (every unpickle)
-            e = core.pt[h >> L.PAGE_SHIFT] if h >= 0 else 0
-            keg = core._kegs.get(e >> L.KEG_ID_SHIFT)
-            if keg is None:
-                keg = core.keg(e >> L.KEG_ID_SHIFT) if 1 <= e >> L.KEG_ID_SHIFT <= L.MAX_KEGS \
-                    else None
-            b = e ^ keg.kid_bits
-            t = (b >> 2) + keg.offmap[h - b]
+        try:
+            keg, t = _keg_and_tag(core, h)
         except (IndexError, TypeError, AttributeError, KeyError):
             raise ShmallocError(f"arena {self.name!r}: claim of handle {h}: not an item") \
                 from None
@@ -280,3 +267,16 @@ class Messages:
             zid = self._core.zone_id(companion)
             if zid >= 0:
                 self._zone_by_id(zid).drain()
+
+
+def _keg_and_tag(core, h: int):
+    """(keg, tag index) of handle ``h``: ``Keg.tag_index_of`` without its keg
+    lookup by name, for the paths that check every handle (``send``, the claim of
+    every unpickled Buffer).  IndexError, TypeError, AttributeError or KeyError
+    when ``h`` is no item of any keg.  Lock: none."""
+    e = core.pt[h >> L.PAGE_SHIFT] if h >= 0 else 0
+    keg = core._kegs.get(e >> L.KEG_ID_SHIFT)
+    if keg is None:
+        keg = core.keg(e >> L.KEG_ID_SHIFT) if 1 <= e >> L.KEG_ID_SHIFT <= L.MAX_KEGS else None
+    b = e ^ keg.kid_bits
+    return keg, (b >> 2) + keg.offmap[h - b]

@@ -285,9 +285,9 @@ def teardown(server) -> None:
 
 
 def setup_client(client, arena: str | None = None, size: int | None = None) -> None:
-    """Set up a Client on the workers' host, so that results it gathers directly
-    from workers (``Client(direct_to_workers=True)``, ``gather(direct=True)``)
-    come by reference."""
+    """Set up a Client on the workers' host, so that the results it gathers
+    directly from the workers (``Client(direct_to_workers=True)``,
+    ``gather(direct=True)``) come by reference."""
     register()
     attach(arena, size)
     advertise(client, collect=False)
